@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# System packages the test suite needs: DCMTK (storescu/storescp/dsrdump) and dicom3tools
+# (dciodvfy). Installs only what is missing; needs root or sudo for apt-get.
+set -euo pipefail
+
+need=()
+command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+[ ${#need[@]} -eq 0 ] && exit 0
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+echo "installing system packages: ${need[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"

@@ -1,0 +1,1 @@
+"""Node host of the CXR node: DICOM SCP, spool, ledger, queue, retrieval, report and delivery."""

@@ -1,0 +1,73 @@
+"""Which received instances the node analyses: a pure function of the dataset header.
+
+Three outcomes: analyse; store but do not analyse (a valid instance the model is not for,
+e.g. a lateral view), with the reason recorded; or refuse with a DICOM failure status
+(the instance is malformed for its SOP class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from pydicom import Dataset
+from pydicom.uid import UID
+
+from dicom_node import status
+
+
+class Verdict(Enum):
+    ANALYSE = "analyse"
+    NOT_ANALYSABLE = "not analysable"
+    REFUSE = "refuse"
+
+
+@dataclass(frozen=True)
+class Check:
+    verdict: Verdict
+    reason: str = ""
+    status: int = status.SUCCESS
+
+
+ANALYSED_MODALITIES = {"CR", "DX", "OT", "XC", ""}
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "TORSO", ""}
+LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
+REQUIRED_UIDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return str(value).strip().upper() if value is not None else ""
+
+
+def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> Check:
+    """Decide what to do with one received instance (header only; pixels are decoded later)."""
+    for keyword in REQUIRED_UIDS:
+        if not str(ds.get(keyword, "")).strip():
+            return Check(Verdict.REFUSE, f"missing {keyword}", status.MISSING_ATTRIBUTE)
+    if str(ds.SOPClassUID) != negotiated_sop_class:
+        return Check(Verdict.REFUSE,
+                     f"SOP Class UID {ds.SOPClassUID} differs from the negotiated "
+                     f"{UID(negotiated_sop_class).name}", status.DATASET_MISMATCH)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return Check(Verdict.REFUSE, "no pixel data", status.DATASET_MISMATCH)
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return Check(Verdict.REFUSE, "Rows/Columns missing or invalid", status.DATASET_MISMATCH)
+    if rows <= 0 or cols <= 0:
+        return Check(Verdict.REFUSE, f"empty image {rows}x{cols}", status.DATASET_MISMATCH)
+    if rows * cols > max_pixels:
+        return Check(Verdict.REFUSE, f"image of {rows}x{cols} exceeds {max_pixels} pixels",
+                      status.DATASET_MISMATCH)
+
+    modality = _text(ds, "Modality")
+    if modality not in ANALYSED_MODALITIES:
+        return Check(Verdict.NOT_ANALYSABLE, f"modality {modality} is not a radiograph")
+    body_part = _text(ds, "BodyPartExamined")
+    if body_part not in CHEST_BODY_PARTS:
+        return Check(Verdict.NOT_ANALYSABLE, f"body part {body_part} is not the chest")
+    view = _text(ds, "ViewPosition")
+    if view in LATERAL_VIEWS:
+        return Check(Verdict.NOT_ANALYSABLE, f"view position {view}: lateral views are not analysed")
+    return Check(Verdict.ANALYSE)

@@ -1,0 +1,263 @@
+"""The job ledger: one row per received SOP Instance UID, the source of truth for every job.
+
+SQLite in WAL mode, one short connection per operation, so the SCP threads and the node
+worker process can share it. Queue messages are only hints: on start-up and periodically the
+node re-enqueues whatever the ledger says is unfinished.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+
+class JobState(StrEnum):
+    RECEIVED = "received"  # spooled, waiting for analysis
+    ANALYSING = "analysing"  # preprocessed, inference queued or running
+    ANALYSED = "analysed"  # SR built and stored, delivery pending
+    DELIVERED = "delivered"  # SR delivered to every destination (or the outbox)
+    FAILED = "failed"  # dead letter: delivery gave up, or analysis failed; an operator can retry
+    REJECTED = "rejected"  # accepted but not analysable (lateral view, wrong modality, ...)
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+UNFINISHED = (JobState.RECEIVED, JobState.ANALYSING)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    sop_class_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    spool_path TEXT,
+    state TEXT NOT NULL,
+    reason TEXT,
+    sr_series_uid TEXT NOT NULL,
+    sr_sop_uid TEXT NOT NULL,
+    probability REAL,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, updated_at);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_id, destination)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    calling_ae: str
+    spool_path: str | None
+    state: JobState
+    reason: str | None
+    sr_series_uid: str
+    sr_sop_uid: str
+    probability: float | None
+    received_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    job_id: str
+    destination: str
+    state: DeliveryState
+    attempts: int
+    last_error: str | None
+    updated_at: float
+
+
+def _job(row: sqlite3.Row) -> Job:
+    data = dict(row)
+    data["state"] = JobState(data["state"])
+    return Job(**data)
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    data = dict(row)
+    data["state"] = DeliveryState(data["state"])
+    return Delivery(**data)
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=30000")
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def add(self, job: Job) -> bool:
+        """Record a new instance; False when its SOP Instance UID is already in the ledger."""
+        with self._connect() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO jobs VALUES "
+                "(:job_id, :sop_instance_uid, :sop_class_uid, :study_instance_uid, "
+                ":series_instance_uid, :calling_ae, :spool_path, :state, :reason, "
+                ":sr_series_uid, :sr_sop_uid, :probability, :received_at, :updated_at)",
+                {**job.__dict__, "state": str(job.state)},
+            )
+            return cur.rowcount == 1
+
+    def get(self, job_id: str) -> Job | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def by_sop_instance(self, sop_instance_uid: str) -> Job | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return _job(row) if row else None
+
+    def set_state(
+        self,
+        job_id: str,
+        state: JobState,
+        reason: str | None = None,
+        probability: float | None = None,
+        only_from: tuple[JobState, ...] | None = None,
+    ) -> bool:
+        """Move a job to `state`; with only_from, only if it is in one of those states."""
+        sql = "UPDATE jobs SET state = ?, reason = ?, updated_at = ?"
+        args: list[object] = [str(state), reason, time.time()]
+        if probability is not None:
+            sql += ", probability = ?"
+            args.append(probability)
+        sql += " WHERE job_id = ?"
+        args.append(job_id)
+        if only_from:
+            sql += f" AND state IN ({','.join('?' * len(only_from))})"
+            args.extend(str(s) for s in only_from)
+        with self._connect() as db:
+            return db.execute(sql, args).rowcount == 1
+
+    def jobs_in(self, states: tuple[JobState, ...], older_than: float | None = None) -> list[Job]:
+        sql = f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(states))})"
+        args: list[object] = [str(s) for s in states]
+        if older_than is not None:
+            sql += " AND updated_at <= ?"
+            args.append(older_than)
+        with self._connect() as db:
+            return [_job(r) for r in db.execute(sql + " ORDER BY received_at", args)]
+
+    # --- deliveries -------------------------------------------------------------------------
+
+    def add_deliveries(self, job_id: str, destinations: list[str]) -> None:
+        now = time.time()
+        with self._connect() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO deliveries (job_id, destination, state, updated_at) "
+                "VALUES (?, ?, ?, ?)",
+                [(job_id, d, str(DeliveryState.PENDING), now) for d in destinations],
+            )
+
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM deliveries WHERE job_id = ?", (job_id,))
+            return [_delivery(r) for r in rows]
+
+    def pending_deliveries(self, older_than: float | None = None) -> list[Delivery]:
+        sql = ("SELECT d.* FROM deliveries d JOIN jobs j USING (job_id) "
+               "WHERE d.state = ? AND j.state = ?")
+        args: list[object] = [str(DeliveryState.PENDING), str(JobState.ANALYSED)]
+        if older_than is not None:
+            sql += " AND d.updated_at <= ?"
+            args.append(older_than)
+        with self._connect() as db:
+            return [_delivery(r) for r in db.execute(sql, args)]
+
+    def record_attempt(self, job_id: str, destination: str, state: DeliveryState,
+                       error: str | None = None) -> Delivery:
+        """Count one delivery attempt and roll the job's state up from its deliveries."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, "
+                "updated_at = ? WHERE job_id = ? AND destination = ?",
+                (str(state), error, now, job_id, destination),
+            )
+            states = {r[0] for r in db.execute(
+                "SELECT state FROM deliveries WHERE job_id = ?", (job_id,))}
+            if states == {str(DeliveryState.DELIVERED)}:
+                db.execute("UPDATE jobs SET state = ?, reason = NULL, updated_at = ? "
+                           "WHERE job_id = ?", (str(JobState.DELIVERED), now, job_id))
+            elif str(DeliveryState.FAILED) in states:
+                db.execute("UPDATE jobs SET state = ?, reason = ?, updated_at = ? "
+                           "WHERE job_id = ?",
+                           (str(JobState.FAILED), f"delivery to {destination} failed: {error}",
+                            now, job_id))
+            row = db.execute("SELECT * FROM deliveries WHERE job_id = ? AND destination = ?",
+                             (job_id, destination)).fetchone()
+            db.execute("COMMIT")
+        return _delivery(row)
+
+    def retry_failed(self, job_id: str) -> list[str]:
+        """Operator retry of a dead-lettered job: its failed deliveries become pending again."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            dests = [r[0] for r in db.execute(
+                "SELECT destination FROM deliveries WHERE job_id = ? AND state = ?",
+                (job_id, str(DeliveryState.FAILED)))]
+            db.execute("UPDATE deliveries SET state = ?, attempts = 0, updated_at = ? "
+                       "WHERE job_id = ? AND state = ?",
+                       (str(DeliveryState.PENDING), now, job_id, str(DeliveryState.FAILED)))
+            if dests:
+                db.execute("UPDATE jobs SET state = ?, reason = NULL, updated_at = ? "
+                           "WHERE job_id = ?", (str(JobState.ANALYSED), now, job_id))
+            db.execute("COMMIT")
+        return dests
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        with self._connect() as db:
+            rows = db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        found = {r[0]: r[1] for r in rows}
+        return {str(s): found.get(str(s), 0) for s in JobState}
+
+    def last_errors(self, limit: int = 10) -> list[Job]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY updated_at DESC LIMIT ?",
+                (str(JobState.FAILED), str(JobState.REJECTED), limit),
+            )
+            return [_job(r) for r in rows]

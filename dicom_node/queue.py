@@ -1,0 +1,67 @@
+"""The Celery application: Redis when CXR_BROKER_URL is set, otherwise an embedded queue.
+
+The embedded queue is kombu's filesystem transport in the data folder: no external service,
+the same tasks and the same worker code path as with Redis. Messages are only hints; the
+ledger is the source of truth (see `dicom_node.recovery`).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from dicom_node.settings import Settings
+
+NODE_QUEUE = "node"
+INFER_QUEUE = "infer"
+
+PREPARE = "cxr.prepare"
+INFER = "cxr.infer"
+FINALIZE = "cxr.finalize"
+DELIVER = "cxr.deliver"
+
+ROUTES = {
+    PREPARE: {"queue": NODE_QUEUE},
+    INFER: {"queue": INFER_QUEUE},
+    FINALIZE: {"queue": NODE_QUEUE},
+    DELIVER: {"queue": NODE_QUEUE},
+}
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("cxr_node")
+    conf: dict[str, object] = {
+        "task_routes": ROUTES,
+        "task_default_queue": NODE_QUEUE,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        # A job is acknowledged only when done, and redelivered if its worker dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+    }
+    if settings.embedded:
+        folder = settings.queue_dir / "messages"
+        folder.mkdir(parents=True, exist_ok=True)
+        conf["broker_url"] = "filesystem://"
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "control_folder": str(settings.queue_dir / "control"),
+            "store_processed": False,
+        }
+        conf["worker_enable_remote_control"] = False
+    else:
+        conf["broker_url"] = settings.broker_url
+        # Tasks take seconds; a task unacknowledged for this long is assumed lost and
+        # redelivered (celery#5306). Tasks are idempotent, so a redelivery is harmless.
+        conf["broker_transport_options"] = {
+            "visibility_timeout": settings.visibility_timeout_s,
+        }
+    app.conf.update(conf)
+    return app

@@ -1,0 +1,156 @@
+"""The one settings object of the node and its workers.
+
+Read from environment variables (prefix CXR_) and an optional TOML file named by CXR_CONFIG;
+environment variables win. Built once in the CLI and passed down; nothing reads it globally.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BUNDLE = REPO_ROOT / "models" / "default"
+PLUMBING_BUNDLE = REPO_ROOT / "tests" / "data" / "plumbing-bundle"
+
+_DEST_RE = re.compile(r"^\s*([^@\s]{1,16})@([^:\s]+):(\d{1,5})\s*$")
+
+
+class Destination(BaseModel, frozen=True):
+    """A DICOM peer that receives the results (C-STORE SCP)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        match = _DEST_RE.match(text)
+        if not match:
+            raise ValueError(f"destination {text!r} is not AE@host:port")
+        return cls(ae_title=match[1], host=match[2], port=int(match[3]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _default_bundle() -> Path:
+    return DEFAULT_BUNDLE if (DEFAULT_BUNDLE / "manifest.json").is_file() else PLUMBING_BUNDLE
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
+
+    ae_title: str = Field(default="CXRNODE", max_length=16, description="the node's AE title")
+    port: int = Field(default=11112, ge=1, le=65535, description="DICOM listening port")
+    bind: str = Field(default="0.0.0.0", description="address the SCP listens on")
+    data_dir: Path = Field(
+        default=Path("var"), description="spool, ledger, results, outbox, queue and logs"
+    )
+    bundle: Path = Field(default_factory=_default_bundle, description="model bundle folder")
+    broker_url: str | None = Field(
+        default=None, description="unset: embedded queue; e.g. redis://127.0.0.1:6379/0"
+    )
+    destinations: Annotated[list[Destination], NoDecode] = Field(
+        default_factory=list, description="comma-separated AE@host:port; none: the outbox folder"
+    )
+    allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated calling AE titles; empty: any"
+    )
+    worker_concurrency: int = Field(default=2, ge=1, description="threads per worker process")
+    onnx_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: auto")
+    similar_k: int = Field(default=4, ge=0, le=50, description="similar items in the SR; 0: none")
+    similar_labels: bool = Field(default=True, description="show labels of similar items in the SR")
+    delivery_attempts: int = Field(default=6, ge=1, description="C-STORE tries per destination")
+    delivery_backoff_s: float = Field(
+        default=5.0, gt=0, description="first retry delay; doubles each try, capped at 10 min"
+    )
+    visibility_timeout_s: int = Field(
+        default=1800, ge=60, description="Redis: an unacknowledged task is redelivered after this"
+    )
+    max_pixels: int = Field(default=100_000_000, description="refuse images with more pixels")
+    min_free_disk_mb: int = Field(
+        default=500, ge=0, description="refuse new instances (0xA700) below this free space"
+    )
+    log_level: str = Field(default="INFO")
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, value: Any) -> Any:
+        value = _split_csv(value)
+        if isinstance(value, list):
+            return [Destination.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("allowed_calling_aes", mode="before")
+    @classmethod
+    def _parse_aes(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("CXR_CONFIG")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"CXR_CONFIG={config_file} does not exist")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    # Derived locations, all under data_dir.
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "ledger.sqlite3"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url
+
+    def make_dirs(self) -> None:
+        for path in (self.spool_dir, self.results_dir, self.outbox_dir, self.queue_dir,
+                     self.log_dir):
+            path.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,31 @@
+"""Durable writes: an accepted instance is on disk before the sender hears "success"."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def write_durably(path: Path, data: bytes | memoryview) -> None:
+    """Write to a temporary name, fsync, rename into place, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+from pydicom import Dataset
+
+from dicom_node import status
+from dicom_node.checks import Verdict, check_instance
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def header(**extra: object) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CR
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.5"
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = 100, 80
+    ds.PixelData = b"\0" * 16000
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def test_frontal_chest_is_analysed() -> None:
+    assert check_instance(header(BodyPartExamined="CHEST", ViewPosition="PA"), CR, 10**8).verdict \
+        is Verdict.ANALYSE
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ({"ViewPosition": "LL"}, "lateral"),
+    ({"BodyPartExamined": "KNEE"}, "body part KNEE"),
+    ({"Modality": "CT"}, "modality CT"),
+])
+def test_not_analysable_is_accepted_with_reason(extra: dict[str, object], reason: str) -> None:
+    check = check_instance(header(**extra), CR, 10**8)
+    assert check.verdict is Verdict.NOT_ANALYSABLE
+    assert reason in check.reason
+    assert check.status == status.SUCCESS
+
+
+def test_missing_pixel_data_is_refused() -> None:
+    ds = header()
+    del ds.PixelData
+    check = check_instance(ds, CR, 10**8)
+    assert (check.verdict, check.status) == (Verdict.REFUSE, status.DATASET_MISMATCH)
+
+
+def test_absurd_dimensions_are_refused() -> None:
+    check = check_instance(header(Rows=60000, Columns=60000), CR, 10**8)
+    assert check.verdict is Verdict.REFUSE and "60000x60000" in check.reason
+
+
+def test_sop_class_must_match_the_negotiated_one() -> None:
+    check = check_instance(header(), "1.2.840.10008.5.1.4.1.1.7", 10**8)
+    assert check.verdict is Verdict.REFUSE and check.status == status.DATASET_MISMATCH
+
+
+def test_missing_uid_is_refused() -> None:
+    ds = header()
+    del ds.StudyInstanceUID
+    check = check_instance(ds, CR, 10**8)
+    assert check.status == status.MISSING_ATTRIBUTE and "StudyInstanceUID" in check.reason

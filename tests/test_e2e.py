@@ -1,0 +1,175 @@
+"""End to end with real peers: DCMTK storescu -> the node -> DCMTK storescp receives the SR."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicom_node.ledger import JobState, Ledger
+from dicom_node.report import sr_summary
+from tests.conftest import POOL_DIR, NodeProcess, Peer, require_tool, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# Distinctive patient identity: none of it may reach a log line.
+PHI_NAME = "Zyqoxwelt^Marguerite"
+PHI_ID = "PHI4471982"
+
+
+def storescu(node: NodeProcess, files: list[Path], calling: str = "MODALITY") -> subprocess.CompletedProcess[str]:
+    exe = require_tool("storescu")
+    # +r +sd: send folders too; -xs would only propose JPEG: by default storescu proposes the
+    # file's own transfer syntax plus uncompressed ones.
+    return subprocess.run(
+        [exe, "-aet", calling, "-aec", "CXRNODE", "127.0.0.1", str(node.port),
+         *map(str, files)], capture_output=True, text=True, timeout=120,
+    )
+
+
+def with_identity(source: Path, target: Path, name: str, pid: str) -> Path:
+    ds = dcmread(source)
+    ds.PatientName = name
+    ds.PatientID = pid
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(target)
+    return target
+
+
+def pool_png_as_dicom(png: Path, target: Path) -> Path:
+    """A real pool image wrapped as a DX for presentation (synthetic header, Test^Patient)."""
+    import cv2
+    from pydicom.dataset import FileMetaDataset
+
+    pixels = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID = "Test^Patient", png.stem[:16]
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def assert_delivered(node: NodeProcess, pacs: Peer, sent_uids: set[str]) -> list[Dataset]:
+    wait_for(lambda: len(pacs.received()) >= len(sent_uids), 240,
+             f"{len(sent_uids)} SRs at the destination")
+    srs = [dcmread(p) for p in pacs.received()]
+    referenced = [sr_summary(sr)["referenced_sop_instance_uids"] for sr in srs]
+    assert sorted(uid for refs in referenced for uid in refs) == sorted(sent_uids)
+    for sr in srs:
+        summary = sr_summary(sr)
+        assert 0.0 <= summary["probability"] <= 1.0
+        assert sr.Modality == "SR"
+    ledger = Ledger(node.data_dir / "ledger.sqlite3")
+    wait_for(lambda: ledger.counts()["delivered"] == len(sent_uids), 30, "ledger: delivered")
+    return srs
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    exe = require_tool("dciodvfy")
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_storescu_to_sr_embedded_queue(
+    start_node: Callable[..., NodeProcess], storescp: Peer, chest_cr: Path, chest_cr_j2k: Path,
+    tmp_path: Path,
+) -> None:
+    phi_file = with_identity(chest_cr, tmp_path / "phi.dcm", PHI_NAME, PHI_ID)
+    files = [chest_cr, chest_cr_j2k, phi_file]
+    if (POOL_DIR / "dicom").is_dir():
+        files += sorted((POOL_DIR / "dicom").glob("*.dcm"))  # includes copies of the RG1 pair
+        pngs = sorted((POOL_DIR / "images").glob("*.png"))[:3]
+        files += [pool_png_as_dicom(p, tmp_path / f"pool{i}.dcm") for i, p in enumerate(pngs)]
+    sent = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+
+    node = start_node(destinations=storescp.address)
+    result = storescu(node, files)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    srs = assert_delivered(node, storescp, sent)
+    by_ref = {sr_summary(sr)["referenced_sop_instance_uids"][0]: sr for sr in srs}
+    source = dcmread(chest_cr, stop_before_pixels=True)
+    sr = by_ref[str(source.SOPInstanceUID)]
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    for path in storescp.received():
+        assert dciodvfy_errors(path) == [], path
+
+    # duplicates were not analysed twice: one ledger row per SOP Instance UID
+    assert sum(Ledger(node.data_dir / "ledger.sqlite3").counts().values()) == len(sent)
+
+    status = node.cli("status")
+    assert status.returncode == 0 and "delivered" in status.stdout
+
+    logs = node.logs()
+    assert "job " in logs  # the logs are there, and say something
+    for secret in (PHI_NAME, PHI_NAME.replace("^", " "), PHI_ID, "CompressedSamples"):
+        assert secret not in logs, f"patient data in the logs: {secret}"
+
+
+def test_no_destination_goes_to_outbox(
+    start_node: Callable[..., NodeProcess], chest_cr: Path,
+) -> None:
+    node = start_node()
+    assert storescu(node, [chest_cr]).returncode == 0
+    outbox = node.data_dir / "outbox"
+    wait_for(lambda: len(list(outbox.glob("*.dcm"))) == 1, 240, "the SR in the outbox")
+    summary = sr_summary(dcmread(next(outbox.glob("*.dcm"))))
+    assert summary["referenced_sop_instance_uids"] == [
+        str(dcmread(chest_cr, stop_before_pixels=True).SOPInstanceUID)]
+
+
+def test_lateral_view_is_stored_not_analysed(
+    start_node: Callable[..., NodeProcess], storescp: Peer, chest_cr: Path, tmp_path: Path,
+) -> None:
+    ds = dcmread(chest_cr)
+    ds.ViewPosition = "LL"
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    lateral = tmp_path / "lateral.dcm"
+    ds.save_as(lateral)
+    node = start_node(destinations=storescp.address)
+    assert storescu(node, [lateral]).returncode == 0  # accepted: success status
+    ledger = Ledger(node.data_dir / "ledger.sqlite3")
+    job = ledger.by_sop_instance(str(ds.SOPInstanceUID))
+    assert job is not None and job.state is JobState.REJECTED
+    assert "lateral" in (job.reason or "")
+    assert "lateral views are not analysed" in node.logs()
+    assert storescp.received() == []
+
+
+def test_storescu_to_sr_with_redis_and_separate_worker(
+    start_node: Callable[..., NodeProcess], storescp: Peer, chest_cr: Path, chest_cr_j2k: Path,
+) -> None:
+    import redis
+
+    url = os.environ.get("CXR_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+    try:
+        redis.Redis.from_url(url).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {url}: {exc}")
+    node = start_node(worker=True, broker_url=url, destinations=storescp.address)
+    files = [chest_cr, chest_cr_j2k]
+    assert storescu(node, files).returncode == 0
+    sent = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    assert_delivered(node, storescp, sent)
+    worker_log = (node.log_path.parent / "worker.stderr").read_text()
+    assert "cxr.infer" in worker_log  # inference ran in the separate worker process

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dicom_node.ledger import DeliveryState, Job, JobState, Ledger
+from dicom_node.recovery import sweep
+
+
+def make_job(job_id: str, sop: str, state: JobState = JobState.RECEIVED) -> Job:
+    now = time.time()
+    return Job(job_id=job_id, sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+               study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", calling_ae="MOD",
+               spool_path=f"/spool/{job_id}.dcm", state=state, reason=None,
+               sr_series_uid="1.2.9", sr_sop_uid=f"1.2.9.{job_id}", probability=None,
+               received_at=now, updated_at=now)
+
+
+def test_same_sop_instance_is_recorded_once(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    assert ledger.add(make_job("a", "1.2.3.4.5"))
+    assert not ledger.add(make_job("b", "1.2.3.4.5"))
+    assert ledger.by_sop_instance("1.2.3.4.5").job_id == "a"  # type: ignore[union-attr]
+    assert ledger.get("b") is None
+    assert ledger.counts()["received"] == 1
+
+
+def test_state_change_guarded_by_current_state(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.add(make_job("a", "1.1"))
+    assert ledger.set_state("a", JobState.ANALYSED, only_from=(JobState.ANALYSING,)) is False
+    assert ledger.set_state("a", JobState.ANALYSING, only_from=(JobState.RECEIVED,)) is True
+    assert ledger.get("a").state is JobState.ANALYSING  # type: ignore[union-attr]
+
+
+def test_deliveries_roll_up_to_job_state(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.add(make_job("a", "1.1", JobState.ANALYSED))
+    ledger.add_deliveries("a", ["P1@h:1", "P2@h:2"])
+    ledger.record_attempt("a", "P1@h:1", DeliveryState.DELIVERED)
+    assert ledger.get("a").state is JobState.ANALYSED  # type: ignore[union-attr]
+    ledger.record_attempt("a", "P2@h:2", DeliveryState.PENDING, "refused")
+    ledger.record_attempt("a", "P2@h:2", DeliveryState.FAILED, "refused")
+    job = ledger.get("a")
+    assert job is not None and job.state is JobState.FAILED and "P2@h:2" in (job.reason or "")
+    assert [d.attempts for d in ledger.deliveries("a") if d.destination == "P2@h:2"] == [2]
+    # an operator retry puts it back in the queue, and success then completes it
+    assert ledger.retry_failed("a") == ["P2@h:2"]
+    assert ledger.get("a").state is JobState.ANALYSED  # type: ignore[union-attr]
+    ledger.record_attempt("a", "P2@h:2", DeliveryState.DELIVERED)
+    assert ledger.get("a").state is JobState.DELIVERED  # type: ignore[union-attr]
+
+
+def test_sweep_requeues_unfinished_work_only(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.add(make_job("r", "1.1", JobState.RECEIVED))
+    ledger.add(make_job("x", "1.2", JobState.ANALYSING))
+    ledger.add(make_job("d", "1.3", JobState.DELIVERED))
+    ledger.add(make_job("j", "1.4", JobState.REJECTED))
+    ledger.add(make_job("a", "1.5", JobState.ANALYSED))
+    ledger.add_deliveries("a", ["outbox"])
+    prepared: list[str] = []
+    delivered: list[tuple[str, str]] = []
+    count = sweep(ledger, prepared.append, lambda j, d: delivered.append((j, d)), older_than_s=0)
+    assert sorted(prepared) == ["r", "x"]
+    assert delivered == [("a", "outbox")]
+    assert count == 3
+    # recent work is left alone by the periodic sweep
+    assert sweep(ledger, prepared.append, lambda j, d: None, older_than_s=3600) == 0

@@ -1,0 +1,142 @@
+"""The model bundle contract (DESIGN.md): manifest schema, loading and validation.
+
+A bundle is a folder written by `training/` export. Both the node host (preprocessing
+parameters, reference index) and the workers (ONNX models) load it through `load_bundle`,
+which refuses a bundle whose schema version, class map, preprocessing or checksums do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from worker.classes import CLASS_MAP
+from worker.preprocess import PreprocessParams
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class BundleError(Exception):
+    """The bundle cannot be used; the message says why."""
+
+
+class FileRef(BaseModel):
+    file: str
+    sha256: str
+
+
+class MemberSpec(FileRef):
+    name: str
+    architecture: str
+    input_size: int = Field(description="H = W of the classifier input")
+    embedding_dim: int
+    validation_metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class SegmentationSpec(FileRef):
+    architecture: str = "unet"
+    input_size: int
+    validation_metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class IndexSpec(BaseModel):
+    index: FileRef
+    items: FileRef = Field(description="JSON lines, one row per index label: id, label, source")
+    dim: int
+    space: str = "cosine"
+    count: int
+    k: int = 4
+    ef_search: int = 64
+    m: int = 16
+    ef_construction: int = 200
+
+
+class Manifest(BaseModel):
+    schema_version: int
+    name: str
+    version: str
+    created: datetime
+    device_uid: str = Field(description="DICOM UID of this model version (new per version)")
+    random_weights: bool = Field(
+        default=False, description="True for plumbing bundles: untrained, scores mean nothing"
+    )
+    class_map: list[str]
+    threshold: float = Field(ge=0.0, le=1.0)
+    preprocessing: PreprocessParams
+    members: list[MemberSpec] = Field(min_length=1)
+    segmentation: SegmentationSpec
+    index: IndexSpec
+    embedding_member: str
+    training_data: dict[str, object] = Field(default_factory=dict)
+    config: dict[str, object] = Field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Bundle:
+    """A validated bundle on disk: its manifest, folder and fingerprint."""
+
+    def __init__(self, root: Path, manifest: Manifest, fingerprint: str) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.fingerprint = fingerprint
+
+    def path(self, ref: FileRef) -> Path:
+        return self.root / ref.file
+
+    @property
+    def member_by_name(self) -> dict[str, MemberSpec]:
+        return {m.name: m for m in self.manifest.members}
+
+
+def load_bundle(root: Path, verify_checksums: bool = True) -> Bundle:
+    """Read and check a bundle; raise BundleError with the reason when it must not be used."""
+    root = Path(root)
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(f"no {MANIFEST_NAME} in {root}")
+    raw = manifest_path.read_bytes()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path} is not JSON: {exc}") from exc
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle schema version {data.get('schema_version')!r} is not the supported "
+            f"{SCHEMA_VERSION}"
+        )
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise BundleError(f"invalid manifest: {exc}") from exc
+    if manifest.class_map != CLASS_MAP:
+        raise BundleError(f"class map {manifest.class_map} does not match the expected {CLASS_MAP}")
+    names = [m.name for m in manifest.members]
+    if len(set(names)) != len(names):
+        raise BundleError(f"duplicate member names: {names}")
+    if manifest.embedding_member not in names:
+        raise BundleError(f"embedding member {manifest.embedding_member!r} is not a member")
+    if verify_checksums:
+        refs: list[FileRef] = [*manifest.members, manifest.segmentation]
+        refs += [manifest.index.index, manifest.index.items]
+        for ref in refs:
+            path = root / ref.file
+            if not path.is_file():
+                raise BundleError(f"missing bundle file {ref.file}")
+            actual = sha256_file(path)
+            if actual != ref.sha256:
+                raise BundleError(f"checksum mismatch for {ref.file}: manifest {ref.sha256[:12]}..., "
+                                  f"file {actual[:12]}...")
+    fingerprint = hashlib.sha256(raw).hexdigest()
+    return Bundle(root, manifest, fingerprint)

@@ -1,0 +1,60 @@
+"""Typed payloads that cross a process boundary (Celery tasks between node host and workers)."""
+
+from __future__ import annotations
+
+import base64
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, Field
+
+
+def encode_png(image: np.ndarray) -> str:
+    """Lossless, compact transport of a uint8 image: PNG, base64 text (JSON-safe)."""
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:  # pragma: no cover - cv2 only fails on unsupported dtypes
+        raise ValueError("PNG encoding failed")
+    return base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+def decode_png(text: str) -> np.ndarray:
+    raw = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
+    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError("payload image is not a PNG")
+    return image
+
+
+class InferRequest(BaseModel):
+    """Node host -> worker (queue "infer"): the preprocessed image, never the DICOM dataset."""
+
+    job_id: str
+    bundle_fingerprint: str = Field(description="sha256 of the manifest the node preprocessed for")
+    image_png: str = Field(description="base64 PNG of the preprocessed uint8 image, S x S")
+
+
+class SimilarItem(BaseModel):
+    """One neighbour found by retrieval."""
+
+    kind: str = Field(description="'reference' (bundle reference set) or 'hospital'")
+    item_id: str
+    label: str | None = None
+    source: str | None = None
+    distance: float
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+class InferResult(BaseModel):
+    """Worker -> node host (queue "node")."""
+
+    job_id: str
+    bundle_name: str
+    bundle_version: str
+    device_uid: str
+    probability: float = Field(ge=0.0, le=1.0, description="ensemble probability of COVID-19")
+    member_probabilities: dict[str, float]
+    embedding: list[float]
+    lung_mask_png: str = Field(description="base64 PNG of the lung probability map (uint8)")
+    inference_ms: float
