@@ -23,4 +23,5 @@ CLASS_MAP: list[str] = [c.label for c in CxrClass]
 POSITIVE_CLASS = CxrClass.COVID19
 
 #: SNOMED CT concept of the finding reported in the SR.
-COVID19_SNOMED = ("840539006", "SCT", "Disease caused by severe acute respiratory syndrome coronavirus 2")
+# Code meaning: the SNOMED CT synonym, since the FSN is longer than a DICOM Code Meaning (64).
+COVID19_SNOMED = ("840539006", "SCT", "COVID-19")

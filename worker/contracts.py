@@ -44,6 +44,7 @@ class SimilarItem(BaseModel):
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
+    sop_class_uid: str | None = None
 
 
 class InferResult(BaseModel):

@@ -1,0 +1,305 @@
+"""The SR built for a real chest CR (pydicom-data RG1_UNCI.dcm), written out and read back."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.data import get_testdata_file
+
+from dicom_node.report import (
+    COMPREHENSIVE_SR,
+    NOT_FOR_DIAGNOSTIC_USE,
+    PLUMBING_WARNING,
+    ReportOptions,
+    ReportUids,
+    build_sr,
+    sr_summary,
+)
+from worker.bundle import FileRef, IndexSpec, Manifest, MemberSpec, SegmentationSpec
+from worker.classes import CLASS_MAP
+from worker.contracts import InferResult, SimilarItem
+from worker.preprocess import PreprocessParams
+
+DEVICE_UID = "1.2.826.0.1.3680043.8.498.4242.1"
+HOSPITAL_STUDY = "1.2.826.0.1.3680043.8.498.7001"
+HOSPITAL_SERIES = "1.2.826.0.1.3680043.8.498.7001.1"
+HOSPITAL_SOP = "1.2.826.0.1.3680043.8.498.7001.1.1"
+SHA = "0" * 64
+
+
+@pytest.fixture(scope="module")
+def source() -> Dataset:
+    return pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"), stop_before_pixels=True)
+
+
+@pytest.fixture(scope="module")
+def manifest() -> Manifest:
+    members = [
+        MemberSpec(
+            file=f"{name}.onnx",
+            sha256=SHA,
+            name=name,
+            architecture=name,
+            input_size=224,
+            embedding_dim=128,
+        )
+        for name in ("resnet34", "vgg16")
+    ]
+    return Manifest(
+        schema_version=1,
+        name="cxr-covid-ensemble",
+        version="2024.06.1",
+        created=datetime(2024, 6, 1, 12, 0, 0),
+        device_uid=DEVICE_UID,
+        class_map=list(CLASS_MAP),
+        threshold=0.5,
+        preprocessing=PreprocessParams(),
+        members=members,
+        segmentation=SegmentationSpec(file="segmentation.onnx", sha256=SHA, input_size=256),
+        index=IndexSpec(
+            index=FileRef(file="index.bin", sha256=SHA),
+            items=FileRef(file="index.jsonl", sha256=SHA),
+            dim=128,
+            count=10,
+        ),
+        embedding_member="resnet34",
+    )
+
+
+def make_result(manifest: Manifest, probability: float) -> InferResult:
+    return InferResult(
+        job_id="job-1",
+        bundle_name=manifest.name,
+        bundle_version=manifest.version,
+        device_uid=manifest.device_uid,
+        probability=probability,
+        member_probabilities={"resnet34": probability - 0.03, "vgg16": probability + 0.03},
+        embedding=[0.0] * 8,
+        lung_mask_png="",
+        inference_ms=12.5,
+    )
+
+
+SIMILAR = [
+    SimilarItem(
+        kind="reference", item_id="covidx-00421", label="covid", source="covidx", distance=0.081
+    ),
+    SimilarItem(
+        kind="hospital",
+        item_id="job-0042",
+        label="pcr-positive",
+        distance=0.113,
+        study_instance_uid=HOSPITAL_STUDY,
+        series_instance_uid=HOSPITAL_SERIES,
+        sop_instance_uid=HOSPITAL_SOP,
+    ),
+]
+UIDS = ReportUids(
+    series_instance_uid="1.2.826.0.1.3680043.8.498.9901",
+    sop_instance_uid="1.2.826.0.1.3680043.8.498.9901.1",
+)
+
+
+def write_and_read(ds: Dataset, path: Path) -> Dataset:
+    ds.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
+def build(
+    source: Dataset,
+    manifest: Manifest,
+    tmp_path: Path,
+    probability: float = 0.83,
+    similar: list[SimilarItem] | None = None,
+    **options: bool,
+) -> Dataset:
+    sr = build_sr(
+        source,
+        make_result(manifest, probability),
+        manifest,
+        SIMILAR if similar is None else similar,
+        UIDS,
+        ReportOptions(**options),
+    )
+    return write_and_read(sr, tmp_path / "sr.dcm")
+
+
+def all_text(ds: Dataset) -> list[str]:
+    found: list[str] = []
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            if item.ValueType == "TEXT":
+                found.append(str(item.TextValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(ds.ContentSequence)
+    return found
+
+
+def test_same_study_new_series(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    sr = build(source, manifest, tmp_path)
+    assert sr.SOPClassUID == COMPREHENSIVE_SR
+    assert sr.Modality == "SR"
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.PatientID == source.PatientID
+    assert sr.PatientName == source.PatientName
+    assert sr.SeriesInstanceUID == UIDS.series_instance_uid != source.SeriesInstanceUID
+    assert sr.SOPInstanceUID == UIDS.sop_instance_uid
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.CompletionFlag == "COMPLETE"
+    assert NOT_FOR_DIAGNOSTIC_USE in all_text(sr)
+
+
+def test_source_image_is_referenced(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    sr = build(source, manifest, tmp_path)
+    assert sr_summary(sr)["referenced_sop_instance_uids"] == [source.SOPInstanceUID]
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == source.StudyInstanceUID
+    assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+
+
+@pytest.mark.parametrize(("probability", "present"), [(0.83, True), (0.2, False), (0.5, True)])
+def test_probability_and_finding(
+    source: Dataset, manifest: Manifest, tmp_path: Path, probability: float, present: bool
+) -> None:
+    summary = sr_summary(build(source, manifest, tmp_path, probability=probability))
+    assert summary["probability"] == pytest.approx(probability)
+    assert summary["finding_present"] is present
+
+
+def test_member_probabilities_optional(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    with_members = sr_summary(build(source, manifest, tmp_path))
+    assert with_members["member_probabilities"] == pytest.approx({"resnet34": 0.80, "vgg16": 0.86})
+    without = sr_summary(build(source, manifest, tmp_path, include_member_probabilities=False))
+    assert without["member_probabilities"] == {}
+    assert without["probability"] == pytest.approx(0.83)
+
+
+def test_device_identity(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    sr = build(source, manifest, tmp_path)
+    assert sr_summary(sr)["device_uid"] == DEVICE_UID
+    ours = [e for e in sr.ContributingEquipmentSequence if e.get("DeviceUID") == DEVICE_UID]
+    assert len(ours) == 1
+    assert ours[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert ours[0].SoftwareVersions == manifest.version
+    assert ours[0].ManufacturerModelName == manifest.name
+    assert sr.SoftwareVersions == manifest.version
+
+
+def test_similar_items(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    sr = build(source, manifest, tmp_path)
+    summary = sr_summary(sr)
+    assert summary["similar_ids"] == ["covidx-00421", "job-0042"]
+    assert summary["pertinent_study_uids"] == [HOSPITAL_STUDY]
+    other = sr.PertinentOtherEvidenceSequence[0]
+    assert other.ReferencedSeriesSequence[0].SeriesInstanceUID == HOSPITAL_SERIES
+    sop = other.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert sop.ReferencedSOPInstanceUID == HOSPITAL_SOP
+    texts = all_text(sr)
+    assert "covid" in texts and "pcr-positive" in texts and "covidx" in texts
+
+
+def test_similar_labels_can_be_left_out(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    sr = build(source, manifest, tmp_path, include_similar_labels=False)
+    texts = all_text(sr)
+    assert "pcr-positive" not in texts and "covid" not in texts
+    assert sr_summary(sr)["similar_ids"] == ["covidx-00421", "job-0042"]
+
+
+def test_include_similar_false(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    sr = build(source, manifest, tmp_path, include_similar=False)
+    summary = sr_summary(sr)
+    assert summary["similar_ids"] == []
+    assert summary["pertinent_study_uids"] == []
+    assert "PertinentOtherEvidenceSequence" not in sr
+
+
+def test_source_itself_is_not_its_own_neighbour(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    itself = SimilarItem(
+        kind="hospital",
+        item_id="job-1",
+        distance=0.0,
+        study_instance_uid=source.StudyInstanceUID,
+        series_instance_uid=source.SeriesInstanceUID,
+        sop_instance_uid=source.SOPInstanceUID,
+    )
+    sr = build(source, manifest, tmp_path, similar=[itself, *SIMILAR])
+    assert sr_summary(sr)["similar_ids"] == ["covidx-00421", "job-0042"]
+
+
+def test_plumbing_bundle_is_flagged(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    assert sr_summary(build(source, manifest, tmp_path))["plumbing_bundle"] is False
+    plumbing = manifest.model_copy(update={"random_weights": True})
+    sr = build(source, plumbing, tmp_path)
+    assert PLUMBING_WARNING in all_text(sr)
+    assert sr_summary(sr)["plumbing_bundle"] is True
+    assert "PLUMBING" in sr.SeriesDescription
+
+
+def test_redone_job_keeps_uids(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    first = sr_summary(build(source, manifest, tmp_path))
+    again = build(source, manifest, tmp_path)
+    assert again.SOPInstanceUID == UIDS.sop_instance_uid
+    assert sr_summary(again) == first
+
+
+def test_missing_type2_attributes_tolerated(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    sparse = copy.deepcopy(source)
+    for keyword in ("PatientBirthDate", "AccessionNumber", "ReferringPhysicianName", "StudyID"):
+        del sparse[keyword]
+    sr = build(sparse, manifest, tmp_path)
+    assert sr.PatientBirthDate == "" and sr.AccessionNumber == ""
+    assert "PatientBirthDate" in source  # the caller's dataset is untouched
+
+
+def test_source_without_uids_is_refused(source: Dataset, manifest: Manifest) -> None:
+    broken = copy.deepcopy(source)
+    del broken.StudyInstanceUID
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        build_sr(broken, make_result(manifest, 0.5), manifest, [], UIDS, ReportOptions())
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    shutil.which("dciodvfy") is None,
+    reason="dciodvfy (dicom3tools) not installed: apt-get install dicom3tools",
+)
+def test_dciodvfy_reports_no_error(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    build(source, manifest.model_copy(update={"random_weights": True}), tmp_path)
+    run = subprocess.run(
+        ["dciodvfy", str(tmp_path / "sr.dcm")], capture_output=True, text=True, timeout=60
+    )
+    output = run.stdout + run.stderr
+    assert "ComprehensiveSR" in output  # it recognised the IOD
+    assert [line for line in output.splitlines() if "Error" in line] == [], output
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    shutil.which("dsrdump") is None or shutil.which("dsr2html") is None,
+    reason="DCMTK dsrdump/dsr2html not installed: apt-get install dcmtk",
+)
+def test_dcmtk_reads_it(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    build(source, manifest, tmp_path)
+    path = str(tmp_path / "sr.dcm")
+    dump = subprocess.run(["dsrdump", path], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    assert "COVID" in dump.stdout and "0.83" in dump.stdout
+    assert "Present" in dump.stdout
+    html = subprocess.run(["dsr2html", path], capture_output=True, text=True, timeout=60)
+    assert html.returncode == 0, html.stderr
+    assert "COVID-19" in html.stdout
