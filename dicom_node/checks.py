@@ -46,9 +46,12 @@ def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> C
         if not str(ds.get(keyword, "")).strip():
             return Check(Verdict.REFUSE, f"missing {keyword}", status.MISSING_ATTRIBUTE)
     if str(ds.SOPClassUID) != negotiated_sop_class:
-        return Check(Verdict.REFUSE,
-                     f"SOP Class UID {ds.SOPClassUID} differs from the negotiated "
-                     f"{UID(negotiated_sop_class).name}", status.DATASET_MISMATCH)
+        return Check(
+            Verdict.REFUSE,
+            f"SOP Class UID {ds.SOPClassUID} differs from the negotiated "
+            f"{UID(negotiated_sop_class).name}",
+            status.DATASET_MISMATCH,
+        )
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         return Check(Verdict.REFUSE, "no pixel data", status.DATASET_MISMATCH)
     try:
@@ -58,8 +61,11 @@ def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> C
     if rows <= 0 or cols <= 0:
         return Check(Verdict.REFUSE, f"empty image {rows}x{cols}", status.DATASET_MISMATCH)
     if rows * cols > max_pixels:
-        return Check(Verdict.REFUSE, f"image of {rows}x{cols} exceeds {max_pixels} pixels",
-                      status.DATASET_MISMATCH)
+        return Check(
+            Verdict.REFUSE,
+            f"image of {rows}x{cols} exceeds {max_pixels} pixels",
+            status.DATASET_MISMATCH,
+        )
 
     modality = _text(ds, "Modality")
     if modality not in ANALYSED_MODALITIES:
@@ -69,5 +75,7 @@ def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> C
         return Check(Verdict.NOT_ANALYSABLE, f"body part {body_part} is not the chest")
     view = _text(ds, "ViewPosition")
     if view in LATERAL_VIEWS:
-        return Check(Verdict.NOT_ANALYSABLE, f"view position {view}: lateral views are not analysed")
+        return Check(
+            Verdict.NOT_ANALYSABLE, f"view position {view}: lateral views are not analysed"
+        )
     return Check(Verdict.ANALYSE)

@@ -11,8 +11,10 @@ from rich.table import Table
 
 from dicom_node.settings import Settings
 
-app = typer.Typer(help="CXR node: a DICOM node that scores chest X-rays (research use only).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="CXR node: a DICOM node that scores chest X-rays (research use only).",
+    no_args_is_help=True,
+)
 console = Console()
 
 
@@ -26,7 +28,7 @@ def _settings() -> Settings:
 
 @app.command()
 def serve() -> None:
-    """Run the node: SCP, queue and the node-side worker (and inference, with the embedded queue)."""
+    """Run the node: SCP, queue, node-side worker (and inference with the embedded queue)."""
     from dicom_node.service import serve as run
 
     run(_settings())
@@ -37,7 +39,7 @@ def worker(
     queues: Annotated[str, typer.Option(help="comma-separated queues")] = "infer",
     name: Annotated[str, typer.Option(help="worker name")] = "infer",
 ) -> None:
-    """Run a Celery worker (default: inference, queue "infer"; needs CXR_BROKER_URL to scale out)."""
+    """Run a Celery worker (default: inference, queue "infer"; scales out with Redis)."""
     from dicom_node.service import run_worker
 
     run_worker(_settings(), [q.strip() for q in queues.split(",") if q.strip()], name)
@@ -52,11 +54,12 @@ def echo(
 ) -> None:
     """C-ECHO a DICOM peer (by default this node)."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+
+    from dicom_node.scp import VERIFICATION
 
     settings = _settings()
     ae = AE(ae_title=aet)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(host, port or settings.port, ae_title=aec or settings.ae_title)
     if not assoc.is_established:
         console.print("[red]association failed[/red]")
@@ -82,8 +85,9 @@ def send(
     from dicom_node.settings import Destination
 
     settings = _settings()
-    destination = Destination(ae_title=aec or settings.ae_title, host=host,
-                              port=port or settings.port)
+    destination = Destination(
+        ae_title=aec or settings.ae_title, host=host, port=port or settings.port
+    )
     failed = 0
     for path in files:
         try:

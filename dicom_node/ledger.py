@@ -194,8 +194,10 @@ class Ledger:
             return [_delivery(r) for r in rows]
 
     def pending_deliveries(self, older_than: float | None = None) -> list[Delivery]:
-        sql = ("SELECT d.* FROM deliveries d JOIN jobs j USING (job_id) "
-               "WHERE d.state = ? AND j.state = ?")
+        sql = (
+            "SELECT d.* FROM deliveries d JOIN jobs j USING (job_id) "
+            "WHERE d.state = ? AND j.state = ?"
+        )
         args: list[object] = [str(DeliveryState.PENDING), str(JobState.ANALYSED)]
         if older_than is not None:
             sql += " AND d.updated_at <= ?"
@@ -203,8 +205,9 @@ class Ledger:
         with self._connect() as db:
             return [_delivery(r) for r in db.execute(sql, args)]
 
-    def record_attempt(self, job_id: str, destination: str, state: DeliveryState,
-                       error: str | None = None) -> Delivery:
+    def record_attempt(
+        self, job_id: str, destination: str, state: DeliveryState, error: str | None = None
+    ) -> Delivery:
         """Count one delivery attempt and roll the job's state up from its deliveries."""
         now = time.time()
         with self._connect() as db:
@@ -214,18 +217,28 @@ class Ledger:
                 "updated_at = ? WHERE job_id = ? AND destination = ?",
                 (str(state), error, now, job_id, destination),
             )
-            states = {r[0] for r in db.execute(
-                "SELECT state FROM deliveries WHERE job_id = ?", (job_id,))}
+            states = {
+                r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id = ?", (job_id,))
+            }
             if states == {str(DeliveryState.DELIVERED)}:
-                db.execute("UPDATE jobs SET state = ?, reason = NULL, updated_at = ? "
-                           "WHERE job_id = ?", (str(JobState.DELIVERED), now, job_id))
+                db.execute(
+                    "UPDATE jobs SET state = ?, reason = NULL, updated_at = ? WHERE job_id = ?",
+                    (str(JobState.DELIVERED), now, job_id),
+                )
             elif str(DeliveryState.FAILED) in states:
-                db.execute("UPDATE jobs SET state = ?, reason = ?, updated_at = ? "
-                           "WHERE job_id = ?",
-                           (str(JobState.FAILED), f"delivery to {destination} failed: {error}",
-                            now, job_id))
-            row = db.execute("SELECT * FROM deliveries WHERE job_id = ? AND destination = ?",
-                             (job_id, destination)).fetchone()
+                db.execute(
+                    "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE job_id = ?",
+                    (
+                        str(JobState.FAILED),
+                        f"delivery to {destination} failed: {error}",
+                        now,
+                        job_id,
+                    ),
+                )
+            row = db.execute(
+                "SELECT * FROM deliveries WHERE job_id = ? AND destination = ?",
+                (job_id, destination),
+            ).fetchone()
             db.execute("COMMIT")
         return _delivery(row)
 
@@ -234,15 +247,23 @@ class Ledger:
         now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            dests = [r[0] for r in db.execute(
-                "SELECT destination FROM deliveries WHERE job_id = ? AND state = ?",
-                (job_id, str(DeliveryState.FAILED)))]
-            db.execute("UPDATE deliveries SET state = ?, attempts = 0, updated_at = ? "
-                       "WHERE job_id = ? AND state = ?",
-                       (str(DeliveryState.PENDING), now, job_id, str(DeliveryState.FAILED)))
+            dests = [
+                r[0]
+                for r in db.execute(
+                    "SELECT destination FROM deliveries WHERE job_id = ? AND state = ?",
+                    (job_id, str(DeliveryState.FAILED)),
+                )
+            ]
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = 0, updated_at = ? "
+                "WHERE job_id = ? AND state = ?",
+                (str(DeliveryState.PENDING), now, job_id, str(DeliveryState.FAILED)),
+            )
             if dests:
-                db.execute("UPDATE jobs SET state = ?, reason = NULL, updated_at = ? "
-                           "WHERE job_id = ?", (str(JobState.ANALYSED), now, job_id))
+                db.execute(
+                    "UPDATE jobs SET state = ?, reason = NULL, updated_at = ? WHERE job_id = ?",
+                    (str(JobState.ANALYSED), now, job_id),
+                )
             db.execute("COMMIT")
         return dests
 

@@ -71,18 +71,21 @@ def prepare(node: NodeRuntime, job_id: str) -> InferRequest | None:
         return None
     image = preprocess(display, node.bundle.manifest.preprocessing)
     node.ledger.set_state(job_id, JobState.ANALYSING, only_from=UNFINISHED)
-    return InferRequest(job_id=job_id, bundle_fingerprint=node.bundle.fingerprint,
-                        image_png=encode_png(image))
+    return InferRequest(
+        job_id=job_id, bundle_fingerprint=node.bundle.fingerprint, image_png=encode_png(image)
+    )
 
 
 def analysis_failed(node: NodeRuntime, job_id: str, error: str) -> None:
-    node.ledger.set_state(job_id, JobState.FAILED, f"analysis failed: {error}",
-                          only_from=UNFINISHED)
+    node.ledger.set_state(
+        job_id, JobState.FAILED, f"analysis failed: {error}", only_from=UNFINISHED
+    )
     log.error("job %s: analysis failed: %s", job_id, error)
 
 
-def build_report(node: NodeRuntime, source: Dataset, result: InferResult, sr_series_uid: str,
-                 sr_sop_uid: str) -> Dataset:
+def build_report(
+    node: NodeRuntime, source: Dataset, result: InferResult, sr_series_uid: str, sr_sop_uid: str
+) -> Dataset:
     similar = node.reference_index.query(result.embedding, node.settings.similar_k)
     options = ReportOptions(
         include_similar=node.settings.similar_k > 0,
@@ -103,12 +106,22 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
     sr.save_as(buffer, enforce_file_format=True)
     write_durably(node.result_path(job.job_id), buffer.getvalue())
     node.ledger.add_deliveries(job.job_id, node.destinations)
-    node.ledger.set_state(job.job_id, JobState.ANALYSED, probability=result.probability,
-                          only_from=UNFINISHED)
-    log.info("job %s: analysed, p=%.3f, bundle %s %s, %.0f ms inference", job.job_id,
-             result.probability, result.bundle_name, result.bundle_version, result.inference_ms)
-    return [d.destination for d in node.ledger.deliveries(job.job_id)
-            if d.state is DeliveryState.PENDING]
+    node.ledger.set_state(
+        job.job_id, JobState.ANALYSED, probability=result.probability, only_from=UNFINISHED
+    )
+    log.info(
+        "job %s: analysed, p=%.3f, bundle %s %s, %.0f ms inference",
+        job.job_id,
+        result.probability,
+        result.bundle_name,
+        result.bundle_version,
+        result.inference_ms,
+    )
+    return [
+        d.destination
+        for d in node.ledger.deliveries(job.job_id)
+        if d.state is DeliveryState.PENDING
+    ]
 
 
 @dataclass(frozen=True)
@@ -119,8 +132,11 @@ class DeliveryOutcome:
 
 def deliver(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome:
     """One delivery attempt; says whether and when to try again."""
-    pending = [d for d in node.ledger.deliveries(job_id)
-               if d.destination == destination and d.state is DeliveryState.PENDING]
+    pending = [
+        d
+        for d in node.ledger.deliveries(job_id)
+        if d.destination == destination and d.state is DeliveryState.PENDING
+    ]
     if not pending:
         return DeliveryOutcome(delivered=False)
     path = node.result_path(job_id)
@@ -136,12 +152,23 @@ def deliver(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome
         state = DeliveryState.FAILED if final else DeliveryState.PENDING
         node.ledger.record_attempt(job_id, destination, state, error)
         if final:
-            log.error("job %s: delivery to %s failed after %d attempts, dead-lettered: %s",
-                      job_id, destination, attempts, error)
+            log.error(
+                "job %s: delivery to %s failed after %d attempts, dead-lettered: %s",
+                job_id,
+                destination,
+                attempts,
+                error,
+            )
             return DeliveryOutcome(delivered=False)
         delay = backoff_seconds(attempts, node.settings.delivery_backoff_s)
-        log.warning("job %s: delivery to %s failed (attempt %d), retry in %.0f s: %s",
-                    job_id, destination, attempts, delay, error)
+        log.warning(
+            "job %s: delivery to %s failed (attempt %d), retry in %.0f s: %s",
+            job_id,
+            destination,
+            attempts,
+            delay,
+            error,
+        )
         return DeliveryOutcome(delivered=False, retry_in=delay)
     node.ledger.record_attempt(job_id, destination, DeliveryState.DELIVERED)
     log.info("job %s: SR delivered to %s", job_id, destination)

@@ -16,8 +16,12 @@ from dicom_node.ledger import UNFINISHED, Ledger
 log = logging.getLogger(__name__)
 
 
-def sweep(ledger: Ledger, enqueue_prepare: Callable[[str], None],
-          enqueue_deliver: Callable[[str, str], None], older_than_s: float) -> int:
+def sweep(
+    ledger: Ledger,
+    enqueue_prepare: Callable[[str], None],
+    enqueue_deliver: Callable[[str, str], None],
+    older_than_s: float,
+) -> int:
     """Enqueue unfinished jobs and pending deliveries not updated for older_than_s seconds."""
     cutoff = time.time() - older_than_s
     count = 0

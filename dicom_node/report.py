@@ -75,9 +75,10 @@ from highdicom.sr import (
     TrackingIdentifier,
     UIDRefContentItem,
 )
-from pydicom import Dataset
+from pydicom import Dataset, config
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
 
 from worker.bundle import Manifest
 from worker.classes import COVID19_SNOMED
@@ -246,10 +247,25 @@ def _evidence_header(source: Dataset) -> Dataset:
     if missing:
         raise ValueError(f"source header lacks {', '.join(missing)}")
     header = copy.deepcopy(source)
+    _drop_invalid_values(header)
     for keyword in _TYPE2_EVIDENCE:
         if keyword not in header:
             setattr(header, keyword, None)
     return header
+
+
+def _drop_invalid_values(header: Dataset) -> None:
+    """Strict writing: a value the source got wrong (e.g. Patient's Age "68" instead of
+    "068Y") is not copied into the SR; UIDs are kept as sent, since they identify the source."""
+    for element in list(header):
+        if element.VR in ("SQ", "UI", "OB", "OW", "UN") or element.value in (None, ""):
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        try:
+            for value in values:
+                validate_value(element.VR, value, config.RAISE)
+        except (ValueError, TypeError):
+            del header[element.tag]
 
 
 def _measurement_group(

@@ -21,8 +21,10 @@ class ReferenceIndex:
         with bundle.path(spec.items).open(encoding="utf-8") as fh:
             self.items: list[dict[str, str]] = [json.loads(line) for line in fh if line.strip()]
         if len(self.items) != self.index.get_current_count():
-            raise ValueError(f"index holds {self.index.get_current_count()} vectors but "
-                             f"{len(self.items)} item rows")
+            raise ValueError(
+                f"index holds {self.index.get_current_count()} vectors but "
+                f"{len(self.items)} item rows"
+            )
 
     def query(self, embedding: list[float] | np.ndarray, k: int) -> list[SimilarItem]:
         k = min(k, len(self.items))
@@ -31,8 +33,12 @@ class ReferenceIndex:
         vector = np.asarray(embedding, dtype=np.float32).reshape(1, -1)
         labels, distances = self.index.knn_query(vector, k=k)
         return [
-            SimilarItem(kind="reference", item_id=str(self.items[i]["id"]),
-                        label=self.items[i].get("label"), source=self.items[i].get("source"),
-                        distance=float(d))
+            SimilarItem(
+                kind="reference",
+                item_id=str(self.items[i]["id"]),
+                label=self.items[i].get("label"),
+                source=self.items[i].get("source"),
+                distance=float(d),
+            )
             for i, d in zip(labels[0], distances[0], strict=True)
         ]

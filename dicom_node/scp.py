@@ -14,12 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.uid import (
+    JPEG2000,
     UID,
+    ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -28,17 +31,11 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    SecondaryCaptureImageStorage,
     generate_uid,
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
-    Verification,
-)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import status
@@ -48,6 +45,8 @@ from dicom_node.settings import Settings
 from dicom_node.spool import free_bytes, write_durably
 
 log = logging.getLogger(__name__)
+
+VERIFICATION = UID("1.2.840.10008.1.1")
 
 # Identifiers (which can hold patient data) never go to pynetdicom's log.
 _config.LOG_REQUEST_IDENTIFIERS = False
@@ -100,26 +99,41 @@ class StoreHandler:
             ds.file_meta = event.file_meta
             sop_uid = str(ds.get("SOPInstanceUID", "")).strip()
         except Exception as exc:
-            log.warning("C-STORE from %s refused: data set cannot be parsed (%s)",
-                        calling_ae, type(exc).__name__)
+            log.warning(
+                "C-STORE from %s refused: data set cannot be parsed (%s)",
+                calling_ae,
+                type(exc).__name__,
+            )
             return status.CANNOT_UNDERSTAND
 
         check = check_instance(ds, str(event.context.abstract_syntax), self.settings.max_pixels)
         if check.verdict is Verdict.REFUSE:
-            log.warning("C-STORE sop=%s from %s refused with 0x%04X: %s",
-                        sop_uid or "?", calling_ae, check.status, check.reason)
+            log.warning(
+                "C-STORE sop=%s from %s refused with 0x%04X: %s",
+                sop_uid or "?",
+                calling_ae,
+                check.status,
+                check.reason,
+            )
             return check.status
 
         existing = self.ledger.by_sop_instance(sop_uid)
         if existing is not None:
-            log.info("C-STORE sop=%s duplicate of job %s (%s): not analysed again",
-                     sop_uid, existing.job_id, existing.state)
+            log.info(
+                "C-STORE sop=%s duplicate of job %s (%s): not analysed again",
+                sop_uid,
+                existing.job_id,
+                existing.state,
+            )
             return status.SUCCESS
 
         min_free = self.settings.min_free_disk_mb * 1024 * 1024
         if min_free and free_bytes(self.settings.spool_dir) < min_free:
-            log.error("C-STORE sop=%s refused with 0x%04X: free disk below threshold",
-                      sop_uid, status.OUT_OF_RESOURCES)
+            log.error(
+                "C-STORE sop=%s refused with 0x%04X: free disk below threshold",
+                sop_uid,
+                status.OUT_OF_RESOURCES,
+            )
             return status.OUT_OF_RESOURCES
 
         job_id = uuid.uuid4().hex[:16]
@@ -127,8 +141,12 @@ class StoreHandler:
         try:
             write_durably(spool_path, event.encoded_dataset(include_meta=True))
         except OSError as exc:
-            log.error("C-STORE sop=%s refused with 0x%04X: spool write failed (%s)",
-                      sop_uid, status.OUT_OF_RESOURCES, exc.strerror)
+            log.error(
+                "C-STORE sop=%s refused with 0x%04X: spool write failed (%s)",
+                sop_uid,
+                status.OUT_OF_RESOURCES,
+                exc.strerror,
+            )
             return status.OUT_OF_RESOURCES
 
         analyse = check.verdict is Verdict.ANALYSE
@@ -158,13 +176,26 @@ class StoreHandler:
             try:
                 self.enqueue(job_id)
             except Exception as exc:  # the ledger keeps it; the sweep enqueues it later
-                log.warning("job %s: enqueue failed (%s); the recovery sweep will retry",
-                            job_id, type(exc).__name__)
-            log.info("job %s: received sop=%s from %s in %.0f ms", job_id, sop_uid, calling_ae,
-                     (time.perf_counter() - started) * 1000)
+                log.warning(
+                    "job %s: enqueue failed (%s); the recovery sweep will retry",
+                    job_id,
+                    type(exc).__name__,
+                )
+            log.info(
+                "job %s: received sop=%s from %s in %.0f ms",
+                job_id,
+                sop_uid,
+                calling_ae,
+                (time.perf_counter() - started) * 1000,
+            )
         else:
-            log.info("job %s: received sop=%s from %s, not analysed: %s", job_id, sop_uid,
-                     calling_ae, check.reason)
+            log.info(
+                "job %s: received sop=%s from %s, not analysed: %s",
+                job_id,
+                sop_uid,
+                calling_ae,
+                check.reason,
+            )
         return status.SUCCESS
 
 
@@ -176,7 +207,7 @@ def handle_echo(event: Event) -> int:
 def make_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs for 10 MB radiographs
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     for sop_class in STORAGE_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     if settings.allowed_calling_aes:
@@ -190,10 +221,11 @@ def start_scp(settings: Settings, ledger: Ledger, enqueue: Enqueue) -> ThreadedA
     settings.make_dirs()
     handler = StoreHandler(settings, ledger, enqueue)
     ae = make_ae(settings)
-    server = ae.start_server(
+    server: ThreadedAssociationServer | None = ae.start_server(
         (settings.bind, settings.port),
         block=False,
         evt_handlers=[(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, handle_echo)],
     )
+    assert server is not None  # block=False always returns the server
     log.info("SCP %s listening on %s:%d", settings.ae_title, settings.bind, settings.port)
     return server

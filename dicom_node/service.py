@@ -52,8 +52,16 @@ def _spawn_worker(settings: Settings, queues: list[str]) -> subprocess.Popen[byt
     env = dict(os.environ)
     env["CXR_DATA_DIR"] = str(settings.data_dir.resolve())
     env["CXR_BUNDLE"] = str(settings.bundle.resolve())
-    cmd = [sys.executable, "-m", "dicom_node.cli", "worker", "--queues", ",".join(queues),
-           "--name", "node"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dicom_node.cli",
+        "worker",
+        "--queues",
+        ",".join(queues),
+        "--name",
+        "node",
+    ]
     return subprocess.Popen(cmd, env=env)
 
 
@@ -62,9 +70,13 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     settings.make_dirs()
     setup_logging(settings.log_level, settings.log_dir / "node.log")
     bundle = load_bundle(settings.bundle)  # fail fast, with the reason, on a bad bundle
-    log.info("bundle %s %s (%d members)%s", bundle.manifest.name, bundle.manifest.version,
-             len(bundle.manifest.members),
-             " - RANDOM WEIGHTS, plumbing only" if bundle.manifest.random_weights else "")
+    log.info(
+        "bundle %s %s (%d members)%s",
+        bundle.manifest.name,
+        bundle.manifest.version,
+        len(bundle.manifest.members),
+        " - RANDOM WEIGHTS, plumbing only" if bundle.manifest.random_weights else "",
+    )
     ledger = Ledger(settings.ledger_path)
     app = make_celery(settings)
 

@@ -151,6 +151,11 @@ class Settings(BaseSettings):
         return not self.broker_url
 
     def make_dirs(self) -> None:
-        for path in (self.spool_dir, self.results_dir, self.outbox_dir, self.queue_dir,
-                     self.log_dir):
+        for path in (
+            self.spool_dir,
+            self.results_dir,
+            self.outbox_dir,
+            self.queue_dir,
+            self.log_dir,
+        ):
             path.mkdir(parents=True, exist_ok=True)

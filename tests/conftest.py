@@ -26,7 +26,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -38,7 +40,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed (make test installs it: deploy/install-system-deps.sh)")
+        pytest.skip(
+            f"{name} is not installed (make test installs it: deploy/install-system-deps.sh)"
+        )
     return path
 
 
@@ -95,7 +99,8 @@ def storescp(tmp_path: Path) -> Iterator[Peer]:
     port = free_port()
     proc = subprocess.Popen(
         [exe, "--aetitle", "PACS", "--output-directory", str(folder), str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     wait_for(lambda: _port_open(port), 10, "storescp to listen")
     yield Peer("PACS", port, folder, proc)
@@ -124,21 +129,28 @@ class NodeProcess:
         return text
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], env=self.env,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
 
 def node_env(data_dir: Path, port: int, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update({
-        "CXR_PORT": str(port),
-        "CXR_BIND": "127.0.0.1",
-        "CXR_DATA_DIR": str(data_dir),
-        "CXR_BUNDLE": str(PLUMBING_BUNDLE),
-        "CXR_DELIVERY_BACKOFF_S": "1",
-        "CXR_LOG_LEVEL": "INFO",
-        "CXR_MIN_FREE_DISK_MB": "0",
-    })
+    env.update(
+        {
+            "CXR_PORT": str(port),
+            "CXR_BIND": "127.0.0.1",
+            "CXR_DATA_DIR": str(data_dir),
+            "CXR_BUNDLE": str(PLUMBING_BUNDLE),
+            "CXR_DELIVERY_BACKOFF_S": "1",
+            "CXR_LOG_LEVEL": "INFO",
+            "CXR_MIN_FREE_DISK_MB": "0",
+        }
+    )
     env.update({f"CXR_{k.upper()}": v for k, v in overrides.items()})
     return env
 
@@ -154,16 +166,28 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
         env = node_env(data_dir, port, **overrides)
         log_path = tmp_path / f"node-{len(started)}.stderr"
         with log_path.open("wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve"], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node.cli", "serve"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
         node = NodeProcess(port, data_dir, env, proc, log_path)
         started.append(node)
         if worker:
             wlog = (tmp_path / "worker.stderr").open("wb")
-            node.extra.append(subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.cli", "worker"], env=env, stdout=wlog,
-                stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True))
+            node.extra.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "dicom_node.cli", "worker"],
+                    env=env,
+                    stdout=wlog,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                    start_new_session=True,
+                )
+            )
         wait_for(lambda: proc.poll() is not None or _port_open(port), 60, "the node to listen")
         assert proc.poll() is None, f"node exited: {log_path.read_text()}"
         return node
@@ -176,10 +200,10 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
         for proc in [node.process, *node.extra]:
             try:
                 proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as exc:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                raise AssertionError("a node process did not stop within 40 s of SIGTERM")
+                raise AssertionError("a node process did not stop within 40 s of SIGTERM") from exc
             # nothing the node started may outlive it
             try:
                 os.killpg(proc.pid, 0)

@@ -24,15 +24,20 @@ def header(**extra: object) -> Dataset:
 
 
 def test_frontal_chest_is_analysed() -> None:
-    assert check_instance(header(BodyPartExamined="CHEST", ViewPosition="PA"), CR, 10**8).verdict \
+    assert (
+        check_instance(header(BodyPartExamined="CHEST", ViewPosition="PA"), CR, 10**8).verdict
         is Verdict.ANALYSE
+    )
 
 
-@pytest.mark.parametrize(("extra", "reason"), [
-    ({"ViewPosition": "LL"}, "lateral"),
-    ({"BodyPartExamined": "KNEE"}, "body part KNEE"),
-    ({"Modality": "CT"}, "modality CT"),
-])
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"ViewPosition": "LL"}, "lateral"),
+        ({"BodyPartExamined": "KNEE"}, "body part KNEE"),
+        ({"Modality": "CT"}, "modality CT"),
+    ],
+)
 def test_not_analysable_is_accepted_with_reason(extra: dict[str, object], reason: str) -> None:
     check = check_instance(header(**extra), CR, 10**8)
     assert check.verdict is Verdict.NOT_ANALYSABLE

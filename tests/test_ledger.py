@@ -9,11 +9,22 @@ from dicom_node.recovery import sweep
 
 def make_job(job_id: str, sop: str, state: JobState = JobState.RECEIVED) -> Job:
     now = time.time()
-    return Job(job_id=job_id, sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-               study_instance_uid="1.2.3", series_instance_uid="1.2.3.4", calling_ae="MOD",
-               spool_path=f"/spool/{job_id}.dcm", state=state, reason=None,
-               sr_series_uid="1.2.9", sr_sop_uid=f"1.2.9.{job_id}", probability=None,
-               received_at=now, updated_at=now)
+    return Job(
+        job_id=job_id,
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4",
+        calling_ae="MOD",
+        spool_path=f"/spool/{job_id}.dcm",
+        state=state,
+        reason=None,
+        sr_series_uid="1.2.9",
+        sr_sop_uid=f"1.2.9.{job_id}",
+        probability=None,
+        received_at=now,
+        updated_at=now,
+    )
 
 
 def test_same_sop_instance_is_recorded_once(tmp_path: Path) -> None:

@@ -19,8 +19,10 @@ def test_env_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CXR_ALLOWED_CALLING_AES", "CR01,DX02")
     monkeypatch.setenv("CXR_BROKER_URL", "redis://127.0.0.1:6379/0")
     s = Settings()
-    assert s.destinations == [Destination(ae_title="PACS", host="10.0.0.5", port=104),
-                              Destination(ae_title="VIEW", host="viewer", port=11112)]
+    assert s.destinations == [
+        Destination(ae_title="PACS", host="10.0.0.5", port=104),
+        Destination(ae_title="VIEW", host="viewer", port=11112),
+    ]
     assert s.allowed_calling_aes == ["CR01", "DX02"]
     assert not s.embedded
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from worker.classes import CLASS_MAP
-from worker.preprocess import PreprocessParams
+from worker.preprocess import PREPROCESS_VERSION, PreprocessParams
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -26,7 +26,7 @@ class BundleError(Exception):
 
 
 class FileRef(BaseModel):
-    file: str
+    file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="a name in the bundle")
     sha256: str
 
 
@@ -127,6 +127,16 @@ def load_bundle(root: Path, verify_checksums: bool = True) -> Bundle:
         raise BundleError(f"duplicate member names: {names}")
     if manifest.embedding_member not in names:
         raise BundleError(f"embedding member {manifest.embedding_member!r} is not a member")
+    embedding_dim = {m.name: m.embedding_dim for m in manifest.members}[manifest.embedding_member]
+    if manifest.index.dim != embedding_dim:
+        raise BundleError(
+            f"index dim {manifest.index.dim} differs from the embedding member's {embedding_dim}"
+        )
+    if manifest.preprocessing.version != PREPROCESS_VERSION:
+        raise BundleError(
+            f"bundle preprocessing version {manifest.preprocessing.version} is not "
+            f"this code's {PREPROCESS_VERSION}"
+        )
     if verify_checksums:
         refs: list[FileRef] = [*manifest.members, manifest.segmentation]
         refs += [manifest.index.index, manifest.index.items]
@@ -136,7 +146,9 @@ def load_bundle(root: Path, verify_checksums: bool = True) -> Bundle:
                 raise BundleError(f"missing bundle file {ref.file}")
             actual = sha256_file(path)
             if actual != ref.sha256:
-                raise BundleError(f"checksum mismatch for {ref.file}: manifest {ref.sha256[:12]}..., "
-                                  f"file {actual[:12]}...")
+                raise BundleError(
+                    f"checksum mismatch for {ref.file}: manifest "
+                    f"{ref.sha256[:12]}..., file {actual[:12]}..."
+                )
     fingerprint = hashlib.sha256(raw).hexdigest()
     return Bundle(root, manifest, fingerprint)

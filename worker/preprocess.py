@@ -12,13 +12,17 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, Field
 
+#: Bumped whenever `preprocess` changes its output; a bundle made for another version is refused.
+PREPROCESS_VERSION = 1
+
 
 class PreprocessParams(BaseModel):
-    version: int = 1
+    version: int = PREPROCESS_VERSION
     size: int = Field(default=256, ge=32, le=2048, description="side of the square output")
     crop_dark_threshold: int = Field(default=24, description="a pixel below this is background")
     crop_content_fraction: float = Field(
-        default=0.5, description="a border row/column is cropped while fewer of its pixels are content"
+        default=0.5,
+        description="a border row/column is cropped while fewer of its pixels are content",
     )
     crop_max_fraction: float = Field(default=0.25, description="never crop more per side")
     clahe_clip: float = 2.0
@@ -36,8 +40,6 @@ def _content_span(profile: np.ndarray, min_fraction: float, max_crop: int) -> tu
     stop = n
     while n - stop < max_crop and profile[stop - 1] < min_fraction:
         stop -= 1
-    if stop - start < n // 4:  # nothing looks like an image: keep it whole
-        return 0, n
     return start, stop
 
 
@@ -45,10 +47,12 @@ def crop_borders(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
     """Remove dark borders and margins that hold only burned-in text or markers."""
     content = image >= params.crop_dark_threshold
     h, w = image.shape
-    r0, r1 = _content_span(content.mean(axis=1), params.crop_content_fraction,
-                           int(h * params.crop_max_fraction))
-    c0, c1 = _content_span(content.mean(axis=0), params.crop_content_fraction,
-                           int(w * params.crop_max_fraction))
+    r0, r1 = _content_span(
+        content.mean(axis=1), params.crop_content_fraction, int(h * params.crop_max_fraction)
+    )
+    c0, c1 = _content_span(
+        content.mean(axis=0), params.crop_content_fraction, int(w * params.crop_max_fraction)
+    )
     return image[r0:r1, c0:c1]
 
 
@@ -56,14 +60,16 @@ def pad_square(image: np.ndarray) -> np.ndarray:
     h, w = image.shape
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
-    return cv2.copyMakeBorder(image, top, side - h - top, left, side - w - left,
-                              cv2.BORDER_CONSTANT, value=0)
+    return cv2.copyMakeBorder(
+        image, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=0
+    )
 
 
 def preprocess(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
     """Display image -> square, resized, contrast-equalised uint8 image of params.size."""
     if image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY if image.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
+        code = cv2.COLOR_BGR2GRAY if image.shape[2] == 3 else cv2.COLOR_BGRA2GRAY
+        image = cv2.cvtColor(image, code)
     if image.ndim != 2 or image.size == 0:
         raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
     if image.dtype != np.uint8:
@@ -71,8 +77,9 @@ def preprocess(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
     square = pad_square(crop_borders(image, params))
     interpolation = cv2.INTER_AREA if square.shape[0] > params.size else cv2.INTER_LINEAR
     resized = cv2.resize(square, (params.size, params.size), interpolation=interpolation)
-    clahe = cv2.createCLAHE(clipLimit=params.clahe_clip,
-                            tileGridSize=(params.clahe_tile, params.clahe_tile))
+    clahe = cv2.createCLAHE(
+        clipLimit=params.clahe_clip, tileGridSize=(params.clahe_tile, params.clahe_tile)
+    )
     return clahe.apply(resized)
 
 

@@ -1,0 +1,213 @@
+"""The networks of the paper: ensemble members (CNN backbone + 3-layer head) and the lung U-Net.
+
+Every backbone comes from torchvision with `weights=None`: nothing is downloaded, the weights
+are either random (plumbing bundles) or trained here. Members take 3 channels, in the order of
+`worker.inference.MEMBER_CHANNELS` (image, lung probability, zeros), so the stock 3-channel
+stems are used unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torchvision
+from torch import nn
+
+from worker.classes import CxrClass
+
+#: The paper's fully connected head: hidden widths, the last one being the embedding.
+PAPER_HEAD: tuple[int, int, int] = (1024, 512, 256)
+
+#: Backbone families this module knows how to cut into a feature extractor.
+_FAMILIES = ("resnet", "vgg", "densenet", "efficientnet", "mobilenet", "shufflenet")
+
+
+def _linear_in(module: nn.Module) -> int:
+    """in_features of the first Linear of a classifier: the width of the pooled features."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            return m.in_features
+    raise ValueError(f"no Linear layer in {type(module).__name__}")
+
+
+def _child(net: nn.Module, name: str) -> nn.Module:
+    module = getattr(net, name)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{type(net).__name__}.{name} is not a module")
+    return module
+
+
+def _family(architecture: str) -> str:
+    for family in _FAMILIES:
+        if architecture.startswith(family):
+            return family
+    raise ValueError(
+        f"unsupported architecture {architecture!r}; supported families: {', '.join(_FAMILIES)}"
+    )
+
+
+def backbone_features(architecture: str) -> tuple[nn.Module, int]:
+    """A torchvision model cut before its pooling/classifier: [N,3,H,W] -> [N,C,h,w], and C."""
+    family = _family(architecture)
+    if architecture not in torchvision.models.list_models():
+        raise ValueError(f"torchvision has no model {architecture!r}")
+    net = torchvision.models.get_model(architecture, weights=None)
+    if family == "resnet":
+        stages: tuple[str, ...] = (
+            "conv1",
+            "bn1",
+            "relu",
+            "maxpool",
+            "layer1",
+            "layer2",
+            "layer3",
+            "layer4",
+        )
+        body: nn.Module = nn.Sequential(*(_child(net, n) for n in stages))
+        return body, _linear_in(_child(net, "fc"))
+    if family == "shufflenet":
+        stages = ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")
+        return nn.Sequential(*(_child(net, n) for n in stages)), _linear_in(_child(net, "fc"))
+    if family == "densenet":
+        # DenseNet.forward applies a ReLU after its features; keep it.
+        body = nn.Sequential(_child(net, "features"), nn.ReLU(inplace=True))
+        return body, _linear_in(_child(net, "classifier"))
+    features = _child(net, "features")
+    if family == "vgg":
+        convs = [m for m in features.modules() if isinstance(m, nn.Conv2d)]
+        return features, convs[-1].out_channels
+    # efficientnet, mobilenet: the classifier's first Linear reads the pooled features.
+    return features, _linear_in(_child(net, "classifier"))
+
+
+class Classifier(nn.Module):
+    """Backbone -> global average pooling -> Linear-ReLU x 3 (last = embedding) -> Linear(2)."""
+
+    def __init__(self, architecture: str, head: tuple[int, int, int] = PAPER_HEAD) -> None:
+        super().__init__()
+        self.architecture = architecture
+        self.head_widths = head
+        self.features, self.feature_dim = backbone_features(architecture)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        widths = (self.feature_dim, *head)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for w_in, w_out in itertools.pairwise(widths):
+            layers += [nn.Linear(w_in, w_out), nn.ReLU(inplace=True)]
+        self.head = nn.Sequential(*layers)
+        self.embedding_dim = head[-1]
+        self.logits = nn.Linear(self.embedding_dim, len(CxrClass))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N,3,H,W] -> (logits [N,2] in CxrClass order, embedding [N,D])."""
+        embedding = self.head(self.pool(self.features(x)))
+        return self.logits(embedding), embedding
+
+
+def build_classifier(architecture: str, head: tuple[int, int, int] = PAPER_HEAD) -> Classifier:
+    """A randomly initialised member; `head` defaults to the paper's (1024, 512, 256)."""
+    return Classifier(architecture, head)
+
+
+class ClassifierExport(nn.Module):
+    """What a member .onnx computes: (P(COVID-19) [N], embedding [N,D])."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, embedding = self.classifier(x)
+        probability = torch.softmax(logits, dim=1)[:, int(CxrClass.COVID19)]
+        return probability, embedding
+
+
+class _DoubleConv(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net for lung segmentation: [N,1,S,S] -> logits [N,1,S,S]; S a multiple of 2**depth.
+
+    Widths double at each of `depth` downsamplings. base_width=16 at depth 4 has about 1.9 M
+    parameters, 26 about 5.1 M (the paper's size); tests use 4 (about 0.12 M).
+    """
+
+    def __init__(self, base_width: int = 16, depth: int = 4, in_channels: int = 1) -> None:
+        super().__init__()
+        if base_width < 1 or depth < 1:
+            raise ValueError("base_width and depth must be positive")
+        self.base_width = base_width
+        self.depth = depth
+        widths = [base_width * 2**i for i in range(depth + 1)]
+        self.encoders = nn.ModuleList(
+            [_DoubleConv(in_channels, widths[0])]
+            + [_DoubleConv(widths[i - 1], widths[i]) for i in range(1, depth + 1)]
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+            for i in reversed(range(depth))
+        )
+        self.decoders = nn.ModuleList(
+            _DoubleConv(2 * widths[i], widths[i]) for i in reversed(range(depth))
+        )
+        self.out = nn.Conv2d(widths[0], 1, 1)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2**self.depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips: list[torch.Tensor] = []
+        for i, encoder in enumerate(self.encoders):
+            x = encoder(x if i == 0 else self.pool(x))
+            skips.append(x)
+        x = skips.pop()
+        for up, decoder in zip(self.ups, self.decoders, strict=True):
+            x = decoder(torch.cat([skips.pop(), up(x)], dim=1))
+        return self.out(x)
+
+
+class UNetExport(nn.Module):
+    """What segmentation.onnx computes: lung probability [N,1,S,S]."""
+
+    def __init__(self, unet: UNet) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.unet(x))
+
+
+def calibrate_batchnorm(module: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> None:
+    """Set every BatchNorm's running statistics to those of `inputs`; no weight changes.
+
+    A randomly initialised network in eval mode (running mean 0, variance 1) maps all inputs
+    to nearly the same output. With statistics from real-looking inputs, each layer is
+    normalised again and outputs vary with the input, which the plumbing tests need.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over all batches
+    module.train()
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], batch_size):
+            module(inputs[start : start + batch_size])
+    module.eval()
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

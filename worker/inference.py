@@ -1,0 +1,191 @@
+"""ONNX inference for a model bundle: segment -> classify with the ensemble -> embedding.
+
+Loaded once per worker process (`get_ensemble`). Pure compute: a preprocessed uint8 image in,
+probabilities, the retrieval embedding and the lung probability map out. No torch here; the
+assembly of the classifier input (`member_input`) is also what `training/` uses to compute the
+reference embeddings, so training and serving feed the members the same channels.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+from worker.bundle import Bundle, BundleError, load_bundle
+from worker.contracts import InferRequest, InferResult, decode_png, encode_png
+from worker.preprocess import to_model_input
+
+#: Channel order of every ensemble member's input. Part of the bundle contract.
+MEMBER_CHANNELS: tuple[str, str, str] = ("image", "lung", "zeros")
+INPUT_NAME = "image"
+MEMBER_OUTPUTS: tuple[str, str] = ("probability", "embedding")
+SEGMENTATION_OUTPUT = "lung"
+
+
+def resize_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """float32 [N,C,H,W] -> [N,C,size,size] (area when shrinking, bilinear when enlarging)."""
+    n, c, h, w = x.shape
+    if (h, w) == (size, size):
+        return x
+    interpolation = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
+    out = np.empty((n, c, size, size), dtype=np.float32)
+    for i in range(n):
+        for j in range(c):
+            out[i, j] = cv2.resize(x[i, j], (size, size), interpolation=interpolation)
+    return out
+
+
+def member_input(image: np.ndarray, lung: np.ndarray, size: int) -> np.ndarray:
+    """Normalised image [N,1,S,S] + lung probability [N,1,S',S'] -> member input [N,3,size,size]."""
+    image = resize_batch(image.astype(np.float32, copy=False), size)
+    lung = resize_batch(lung.astype(np.float32, copy=False), size)
+    zeros = np.zeros_like(image)
+    return np.ascontiguousarray(np.concatenate([image, lung, zeros], axis=1))
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, with CPU as the fallback."""
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probability: float
+    member_probabilities: dict[str, float]
+    embedding: np.ndarray  # float32 [D], from the manifest's embedding member
+    lung_probability: np.ndarray  # float32 [S,S] at the preprocessing size
+
+
+def _check_io(
+    session: ort.InferenceSession, what: str, outputs: tuple[str, ...], channels: int, size: int
+) -> None:
+    inputs = session.get_inputs()
+    input_names = [i.name for i in inputs]
+    if input_names != [INPUT_NAME]:
+        raise BundleError(f"{what}: expected one input {INPUT_NAME!r}, got {input_names}")
+    names = [o.name for o in session.get_outputs()]
+    if names != list(outputs):
+        raise BundleError(f"{what}: expected outputs {list(outputs)}, got {names}")
+    shape = inputs[0].shape
+    # The batch axis is symbolic; channels and size must be what the manifest declares.
+    if len(shape) != 4 or list(shape[1:]) != [channels, size, size]:
+        raise BundleError(f"{what}: input shape {shape} is not [N,{channels},{size},{size}]")
+
+
+class Ensemble:
+    """The bundle's segmentation model and ensemble members as ONNX Runtime sessions."""
+
+    def __init__(
+        self, bundle: Bundle, intra_op_threads: int = 0, providers: list[str] | None = None
+    ) -> None:
+        self.bundle = bundle
+        manifest = bundle.manifest
+        self.params = manifest.preprocessing
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        self.providers = providers or default_providers()
+
+        def session(file: str) -> ort.InferenceSession:
+            return ort.InferenceSession(
+                str(bundle.root / file), sess_options=options, providers=self.providers
+            )
+
+        seg = manifest.segmentation
+        self.segmentation = session(seg.file)
+        _check_io(self.segmentation, seg.file, (SEGMENTATION_OUTPUT,), 1, seg.input_size)
+        self.members: dict[str, ort.InferenceSession] = {}
+        for member in manifest.members:
+            self.members[member.name] = session(member.file)
+            _check_io(
+                self.members[member.name],
+                member.file,
+                MEMBER_OUTPUTS,
+                len(MEMBER_CHANNELS),
+                member.input_size,
+            )
+        self.embedding_member = manifest.embedding_member
+
+    def predict(self, images: np.ndarray) -> list[Prediction]:
+        """Preprocessed uint8 [N,S,S] (S = manifest preprocessing size) -> one Prediction each."""
+        size = self.params.size
+        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (size, size):
+            raise ValueError(f"expected uint8 [N,{size},{size}], got {images.dtype} {images.shape}")
+        if images.shape[0] == 0:
+            return []
+        manifest = self.bundle.manifest
+        x = to_model_input(images, self.params)
+        seg_in = resize_batch(x, manifest.segmentation.input_size)
+        (lung,) = self.segmentation.run([SEGMENTATION_OUTPUT], {INPUT_NAME: seg_in})
+        lung = np.asarray(lung, dtype=np.float32)
+
+        probabilities: dict[str, np.ndarray] = {}
+        embeddings: np.ndarray | None = None
+        for spec in manifest.members:
+            prob, emb = self.members[spec.name].run(
+                list(MEMBER_OUTPUTS), {INPUT_NAME: member_input(x, lung, spec.input_size)}
+            )
+            probabilities[spec.name] = np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0)
+            if spec.name == self.embedding_member:
+                embeddings = np.asarray(emb, dtype=np.float32)
+        assert embeddings is not None  # load_bundle checked that the member exists
+        mean = np.mean(np.stack(list(probabilities.values())), axis=0)
+        lung_maps = resize_batch(lung, size)[:, 0]
+        return [
+            Prediction(
+                probability=float(mean[i]),
+                member_probabilities={name: float(p[i]) for name, p in probabilities.items()},
+                embedding=embeddings[i].copy(),
+                lung_probability=np.ascontiguousarray(lung_maps[i]),
+            )
+            for i in range(images.shape[0])
+        ]
+
+
+def run_infer(request: InferRequest, ensemble: Ensemble, bundle: Bundle) -> InferResult:
+    """The worker's task body: check the bundle, decode, predict, package the result."""
+    if request.bundle_fingerprint != bundle.fingerprint:
+        raise ValueError(
+            f"job {request.job_id}: preprocessed for bundle {request.bundle_fingerprint[:12]}..., "
+            f"this worker serves {bundle.fingerprint[:12]}... ({bundle.manifest.name} "
+            f"{bundle.manifest.version})"
+        )
+    image = decode_png(request.image_png)
+    if image.ndim != 2:
+        raise ValueError(f"job {request.job_id}: expected a grayscale PNG, got shape {image.shape}")
+    start = time.perf_counter()
+    (prediction,) = ensemble.predict(image[None])
+    elapsed_ms = (time.perf_counter() - start) * 1000.0
+    mask = np.clip(np.rint(prediction.lung_probability * 255.0), 0, 255).astype(np.uint8)
+    manifest = bundle.manifest
+    return InferResult(
+        job_id=request.job_id,
+        bundle_name=manifest.name,
+        bundle_version=manifest.version,
+        device_uid=manifest.device_uid,
+        probability=prediction.probability,
+        member_probabilities=prediction.member_probabilities,
+        embedding=prediction.embedding.astype(float).tolist(),
+        lung_mask_png=encode_png(mask),
+        inference_ms=elapsed_ms,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(root: Path, intra_op_threads: int) -> tuple[Bundle, Ensemble]:
+    bundle = load_bundle(root)
+    return bundle, Ensemble(bundle, intra_op_threads=intra_op_threads)
+
+
+def get_ensemble(bundle_dir: Path, intra_op_threads: int = 0) -> tuple[Bundle, Ensemble]:
+    """The process's bundle and ensemble, loaded and checked on first use only."""
+    return _cached(Path(bundle_dir).resolve(), intra_op_threads)
