@@ -36,7 +36,7 @@ def serve() -> None:
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "infer",
+    queues: Annotated[str, typer.Option(help="comma-separated roles: infer, node")] = "infer",
     name: Annotated[str, typer.Option(help="worker name")] = "infer",
 ) -> None:
     """Run a Celery worker (default: inference, queue "infer"; scales out with Redis)."""

@@ -18,20 +18,33 @@ PREPARE = "cxr.prepare"
 INFER = "cxr.infer"
 FINALIZE = "cxr.finalize"
 DELIVER = "cxr.deliver"
+ANALYSIS_FAILED = "cxr.analysis_failed"
 
-ROUTES = {
-    PREPARE: {"queue": NODE_QUEUE},
-    INFER: {"queue": INFER_QUEUE},
-    FINALIZE: {"queue": NODE_QUEUE},
-    DELIVER: {"queue": NODE_QUEUE},
+#: Which role's queue each task goes to.
+TASK_ROLES = {
+    PREPARE: NODE_QUEUE,
+    INFER: INFER_QUEUE,
+    FINALIZE: NODE_QUEUE,
+    DELIVER: NODE_QUEUE,
+    ANALYSIS_FAILED: NODE_QUEUE,
 }
+
+
+def queue_name(settings: Settings, role: str) -> str:
+    """The broker queue of a role ("node" or "infer"), namespaced by CXR_QUEUE_PREFIX so that
+    several nodes can share one Redis."""
+    if role not in (NODE_QUEUE, INFER_QUEUE):
+        raise ValueError(f"unknown queue role {role!r}: use {NODE_QUEUE!r} or {INFER_QUEUE!r}")
+    return f"{settings.queue_prefix}{role}"
 
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("cxr_node")
     conf: dict[str, object] = {
-        "task_routes": ROUTES,
-        "task_default_queue": NODE_QUEUE,
+        "task_routes": {
+            task: {"queue": queue_name(settings, role)} for task, role in TASK_ROLES.items()
+        },
+        "task_default_queue": queue_name(settings, NODE_QUEUE),
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,

@@ -17,7 +17,7 @@ import threading
 
 from dicom_node.ledger import Ledger
 from dicom_node.logs import setup_logging
-from dicom_node.queue import DELIVER, INFER_QUEUE, NODE_QUEUE, PREPARE, make_celery
+from dicom_node.queue import DELIVER, INFER_QUEUE, NODE_QUEUE, PREPARE, make_celery, queue_name
 from dicom_node.recovery import PeriodicSweep, sweep
 from dicom_node.scp import start_scp
 from dicom_node.settings import Settings
@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 60.0
 
 
-def run_worker(settings: Settings, queues: list[str], name: str) -> None:
-    """Run a Celery worker in this process until it is stopped (blocks)."""
+def run_worker(settings: Settings, roles: list[str], name: str) -> None:
+    """Run a Celery worker for the queues of `roles` ("node", "infer") until stopped (blocks)."""
+    queues = [queue_name(settings, role) for role in roles]
     setup_logging(settings.log_level, settings.log_dir / f"worker-{name}.log")
     app = make_celery(settings)
     register_tasks(app, settings)

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated calling AE titles; empty: any"
     )
+    queue_prefix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9_.-]*$",
+        description="prefix of the queue names, for several nodes on one Redis",
+    )
     worker_concurrency: int = Field(default=2, ge=1, description="threads per worker process")
     onnx_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: auto")
     similar_k: int = Field(default=4, ge=0, le=50, description="similar items in the SR; 0: none")

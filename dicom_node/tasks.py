@@ -13,18 +13,15 @@ from celery import Celery, Task
 
 from dicom_node import pipeline
 from dicom_node.pipeline import NodeRuntime
-from dicom_node.queue import DELIVER, FINALIZE, INFER, PREPARE
+from dicom_node.queue import ANALYSIS_FAILED, DELIVER, FINALIZE, INFER, PREPARE
 from dicom_node.settings import Settings
 from worker.contracts import InferRequest, InferResult
 
 log = logging.getLogger(__name__)
 
-ANALYSIS_FAILED = "cxr.analysis_failed"
-
 
 def register_tasks(app: Celery, settings: Settings) -> None:
     node = NodeRuntime(settings)
-    app.conf.task_routes = {**app.conf.task_routes, ANALYSIS_FAILED: {"queue": "node"}}
 
     @app.task(name=PREPARE)
     def prepare(job_id: str) -> None:
