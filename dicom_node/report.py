@@ -17,11 +17,17 @@ Content tree (order as written; TID 1500 rows first, then this node's extensions
           NUM Probability (ensemble mean), [NUM Probability per member]
           CODE COVID-19 = Present | Absent       (probability >= threshold -> Present)
           TEXT Comment: decision threshold [, PLUMBING BUNDLE warning]
+        CONTAINER Measurement Group (TID 1410), one per lung outline found:
+          tracking id/UID "Lung outline N", finding Lung, algorithm id (segmentation)
+          SCOORD POLYLINE (closed) in the received X-ray's pixel coordinates
       TEXT Comment: not for diagnostic use
       CONTAINER Most similar studies (local code)            [include_similar]
-        CONTAINER Similar hospital study | Similar reference-set image:
-                  identifier, embedding distance, [label], [dataset],
-                  [study/series UID and IMAGE reference for hospital items]
+        CONTAINER Similar hospital study:
+                  identifier, [study date], [AI probability], [confirmed diagnosis],
+                  [embedding distance], study/series UID, IMAGE reference
+                  ([...]: ReportOptions.hospital_fields)
+        CONTAINER Similar reference-set image:
+                  identifier, embedding distance, [label], dataset
 
 Code choices (all from DICOM PS3.16 / SNOMED CT, as carried by pydicom's code dictionary,
 except the local 99CXRN codes for concepts the standard has no code for):
@@ -48,10 +54,12 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TypedDict
 
 import highdicom as hd
+import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -60,17 +68,22 @@ from highdicom.sr import (
     ContainerContentItem,
     ContentItem,
     ContentSequence,
+    DateContentItem,
     DeviceObserverIdentifyingAttributes,
+    GraphicTypeValues,
     ImageContentItem,
+    ImageRegion,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     NumContentItem,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
     UIDRefContentItem,
@@ -80,6 +93,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
 
+from dicom_node.settings import HOSPITAL_FIELDS
 from worker.bundle import Manifest
 from worker.classes import COVID19_SNOMED
 from worker.contracts import InferResult, SimilarItem
@@ -107,6 +121,14 @@ NEIGHBOUR_LABEL = CodedConcept("CXRN003", LOCAL_SCHEME, "Label")
 NEIGHBOUR_DATASET = CodedConcept("CXRN004", LOCAL_SCHEME, "Dataset")
 SIMILAR_IMAGE = CodedConcept("CXRN006", LOCAL_SCHEME, "Similar image")
 EMBEDDING_DISTANCE = CodedConcept("CXRN007", LOCAL_SCHEME, "Embedding distance")
+AI_PROBABILITY_THEN = CodedConcept("CXRN008", LOCAL_SCHEME, "AI probability at analysis")
+CONFIRMED_DIAGNOSIS = CodedConcept("CXRN009", LOCAL_SCHEME, "Confirmed diagnosis")
+STUDY_DATE = CodedConcept("111060", "DCM", "Study Date")
+LUNG = CodedConcept("39607008", "SCT", "Lung")
+ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical Structure")
+
+#: How a confirmed diagnosis recorded with `cxr-node label` reads in the SR.
+DIAGNOSIS_TEXT = {"covid": "COVID-19 (confirmed)", "negative": "COVID-19 negative (confirmed)"}
 
 NOT_FOR_DIAGNOSTIC_USE = "Not for diagnostic use. Research software; result not verified."
 PLUMBING_WARNING = "PLUMBING BUNDLE: random weights, score meaningless"
@@ -145,6 +167,8 @@ class ReportOptions:
     include_similar: bool = True
     include_similar_labels: bool = True
     include_member_probabilities: bool = True
+    #: Which attributes of a similar hospital study go out besides its UIDs.
+    hospital_fields: frozenset[str] = field(default_factory=lambda: frozenset(HOSPITAL_FIELDS))
     series_number: int = 9901
     instance_number: int = 1
 
@@ -161,12 +185,21 @@ def build_sr(
     similar: list[SimilarItem],
     uids: ReportUids,
     options: ReportOptions,
+    lung_outlines: Sequence[np.ndarray] = (),
 ) -> Dataset:
-    """Comprehensive SR with the COVID-19 result for `source` (header only is enough)."""
-    header = _evidence_header(source)
+    """Comprehensive SR with the COVID-19 result for `source` (header only is enough).
+
+    lung_outlines: closed (column, row) polylines on the source image (`dicom_node.lungs`),
+    written as TID 1410 planar regions so that TID 1500 viewers draw them.
+    """
+    header = evidence_header(source)
     present = is_present(result.probability, manifest.threshold)
 
     group = _measurement_group(header, result, manifest, uids, options, present)
+    regions = [
+        _lung_region(header, outline, number, manifest, uids)
+        for number, outline in enumerate(lung_outlines, start=1)
+    ]
     observer = ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -179,7 +212,7 @@ def build_sr(
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PLAIN_CHEST_XRAY,
-        imaging_measurements=[group],
+        imaging_measurements=[group, *regions],
     )
     root = report[0]
     root.ContentSequence.append(_text(COMMENT, NOT_FOR_DIAGNOSTIC_USE))
@@ -233,7 +266,7 @@ def build_sr(
     return sr
 
 
-def _evidence_header(source: Dataset) -> Dataset:
+def evidence_header(source: Dataset) -> Dataset:
     """A copy of the source header that highdicom can take as evidence.
 
     Tolerant reading: type 2 patient/study attributes a modality left out are added empty,
@@ -333,25 +366,46 @@ def _measurement_group(
 def _neighbour_item(
     item: SimilarItem, header: Dataset, options: ReportOptions, evidence: list[Dataset]
 ) -> ContainerContentItem:
-    hospital = item.kind == "hospital"
-    container = ContainerContentItem(
-        name=SIMILAR_HOSPITAL if hospital else SIMILAR_REFERENCE, relationship_type=_CONTAINS
-    )
+    if item.kind == "hospital":
+        return _hospital_item(item, header, options, evidence)
+    container = ContainerContentItem(name=SIMILAR_REFERENCE, relationship_type=_CONTAINS)
     content: list[ContentItem] = [_text(IDENTIFIER, item.item_id)]
     if math.isfinite(item.distance):
-        content.append(
-            NumContentItem(
-                name=EMBEDDING_DISTANCE,
-                value=float(item.distance),
-                unit=NO_UNITS,
-                relationship_type=_CONTAINS,
-            )
-        )
+        content.append(_distance(item.distance))
     if options.include_similar_labels and item.label:
         content.append(_text(NEIGHBOUR_LABEL, item.label))
     if item.source:
         content.append(_text(NEIGHBOUR_DATASET, item.source))
-    if hospital and item.study_instance_uid:
+    container.ContentSequence = ContentSequence(content)
+    return container
+
+
+def _hospital_item(
+    item: SimilarItem, header: Dataset, options: ReportOptions, evidence: list[Dataset]
+) -> ContainerContentItem:
+    """An earlier study of this hospital: what `hospital_fields` allows, and its UIDs so the
+    viewer can open it (and PertinentOtherEvidenceSequence lists it)."""
+    fields = options.hospital_fields
+    container = ContainerContentItem(name=SIMILAR_HOSPITAL, relationship_type=_CONTAINS)
+    content: list[ContentItem] = [_text(IDENTIFIER, item.item_id)]
+    if "date" in fields and item.study_date and _is_date(item.study_date):
+        content.append(
+            DateContentItem(name=STUDY_DATE, value=item.study_date, relationship_type=_CONTAINS)
+        )
+    if "score" in fields and item.probability is not None:
+        content.append(
+            NumContentItem(
+                name=AI_PROBABILITY_THEN,
+                value=float(item.probability),
+                unit=NO_UNITS,
+                relationship_type=_CONTAINS,
+            )
+        )
+    if "label" in fields and options.include_similar_labels and item.label:
+        content.append(_text(CONFIRMED_DIAGNOSIS, DIAGNOSIS_TEXT.get(item.label, item.label)))
+    if "distance" in fields and math.isfinite(item.distance):
+        content.append(_distance(item.distance))
+    if item.study_instance_uid:
         content.append(
             UIDRefContentItem(
                 name=STUDY_UID, value=item.study_instance_uid, relationship_type=_CONTAINS
@@ -381,6 +435,43 @@ def _neighbour_item(
             evidence.append(stub)
     container.ContentSequence = ContentSequence(content)
     return container
+
+
+def _is_date(value: str) -> bool:
+    """A valid DICOM DA (YYYYMMDD); a malformed stored study date is left out."""
+    try:
+        datetime.strptime(value, "%Y%m%d")
+    except ValueError:
+        return False
+    return len(value) == 8
+
+
+def _distance(value: float) -> NumContentItem:
+    return NumContentItem(
+        name=EMBEDDING_DISTANCE, value=float(value), unit=NO_UNITS, relationship_type=_CONTAINS
+    )
+
+
+def _lung_region(
+    header: Dataset, outline: np.ndarray, number: int, manifest: Manifest, uids: ReportUids
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group holding one lung outline as a closed POLYLINE on the source image."""
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=generate_uid(entropy_srcs=[uids.sop_instance_uid, "lung", str(number)]),
+            identifier=f"Lung outline {number}",
+        ),
+        referenced_region=ImageRegion(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=np.asarray(outline, dtype=np.float64),
+            source_image=SourceImageForRegion.from_source_image(header),
+        ),
+        finding_type=LUNG,
+        finding_category=ANATOMICAL_STRUCTURE,
+        algorithm_id=AlgorithmIdentification(
+            name=f"{manifest.name} lung segmentation", version=manifest.version
+        ),
+    )
 
 
 def _neighbour_sop_class(item: SimilarItem, header: Dataset) -> str:
