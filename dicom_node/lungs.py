@@ -46,10 +46,10 @@ def lung_map_on_image(lung_map: np.ndarray, geometry: Geometry) -> np.ndarray:
         geometry.output_to_input(),
         (cols, rows),
         flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=0.0,
+        # Input pixels beyond the map's outermost pixel centres take the edge value; what
+        # lies outside the region preprocessing kept is cleared next.
+        borderMode=cv2.BORDER_REPLICATE,
     )
-    # The padded square can reach outside the input; the crop box bounds the lungs.
     r0, r1, c0, c1 = geometry.crop
     outside = np.ones((rows, cols), dtype=bool)
     outside[r0:r1, c0:c1] = False

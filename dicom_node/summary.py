@@ -117,7 +117,7 @@ def render_summary(
         cv2.polylines(image, [points.reshape(-1, 1, 2)], True, _OUTLINE, thickness, cv2.LINE_AA)
 
     header = _header(facts, bool(outlines), width, unit)
-    footer = _band([(NOT_FOR_DIAGNOSTIC_USE, _WHITE, 0.75)], width, unit, _WARNING_BAND)
+    footer = _band([_Line(NOT_FOR_DIAGNOSTIC_USE, _WHITE, 0.75)], width, unit, _WARNING_BAND)
     pixels = np.concatenate([header, image, footer], axis=0)
     return Summary(
         pixels=pixels,
@@ -134,26 +134,29 @@ def _header(facts: SummaryFacts, has_outline: bool, width: int, unit: float) -> 
     if facts.image_date and len(facts.image_date) == 8 and facts.image_date.isdigit():
         d = facts.image_date
         details += f" | image {d[:4]}-{d[4:6]}-{d[6:]}"
-    lines: list[tuple[str, tuple[int, int, int], float]] = [
-        (headline(facts), colour, 1.0),
-        (details, _GRAY, 0.7),
-    ]
+    lines = [_Line(headline(facts), colour, 1.0), _Line(details, _GRAY, 0.7)]
     if facts.plumbing:
-        lines.append((PLUMBING_TEXT, _WARNING, 0.75))
-    legend = (
-        "      lung outline (AI segmentation)"
-        if has_outline
-        else "lung outline: none found by the segmentation"
-    )
-    lines.append((legend, _GRAY, 0.7))
+        lines.append(_Line(PLUMBING_TEXT, _WARNING, 0.75))
+    sample = round(44 * unit)  # a stroke of the outline colour in front of the legend
+    if has_outline:
+        lines.append(_Line("lung outline (AI segmentation)", _GRAY, 0.7, indent=sample + 12))
+    else:
+        lines.append(_Line("lung outline: none found by the segmentation", _GRAY, 0.7))
     band = _band(lines, width, unit, _BAND)
-    if has_outline:  # a sample of the outline colour in front of the legend text
-        scale = 0.7 * unit
-        (_, text_h), _ = cv2.getTextSize("Ag", _FONT, scale, max(1, round(2 * unit)))
-        y = band.shape[0] - round(0.45 * text_h) - _padding(unit)
+    if has_outline:
+        text_h = cv2.getTextSize("A", _FONT, 0.7 * unit, max(1, round(2 * unit)))[0][1]
+        y = band.shape[0] - _padding(unit) - text_h // 2
         x0 = _padding(unit)
-        cv2.line(band, (x0, y), (x0 + round(44 * unit), y), _OUTLINE, max(2, round(3 * unit)))
+        cv2.line(band, (x0, y), (x0 + sample, y), _OUTLINE, max(2, round(3 * unit)))
     return band
+
+
+@dataclass(frozen=True)
+class _Line:
+    text: str
+    colour: tuple[int, int, int]
+    size: float  # font scale at the reference width
+    indent: int = 0  # pixels
 
 
 def _padding(unit: float) -> int:
@@ -161,29 +164,30 @@ def _padding(unit: float) -> int:
 
 
 def _band(
-    lines: Sequence[tuple[str, tuple[int, int, int], float]],
-    width: int,
-    unit: float,
-    background: tuple[int, int, int],
+    lines: Sequence[_Line], width: int, unit: float, background: tuple[int, int, int]
 ) -> np.ndarray:
     """A band of `width` holding the lines, each shrunk if needed to fit the width."""
     pad = _padding(unit)
     thickness = max(1, round(2 * unit))
     placed = []
     y = pad
-    for text, colour, size in lines:
-        scale = size * unit
-        (w, h), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
-        if w > width - 2 * pad:
-            scale *= (width - 2 * pad) / w
-            (w, h), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
+    gap = 0
+    for line in lines:
+        room = width - 2 * pad - line.indent
+        scale = line.size * unit
+        (w, h), baseline = cv2.getTextSize(line.text, _FONT, scale, thickness)
+        if w > room:
+            scale *= room / w
+            (w, h), baseline = cv2.getTextSize(line.text, _FONT, scale, thickness)
         y += h
-        placed.append((text, colour, scale, y))
-        y += baseline + round(0.5 * h)
-    band = np.zeros((y + pad - round(0.5 * h), width, 3), dtype=np.uint8)
+        placed.append((line, scale, y))
+        gap = round(0.5 * h)
+        y += baseline + gap
+    band = np.zeros((y - gap + pad, width, 3), dtype=np.uint8)
     band[:] = background
-    for text, colour, scale, baseline_y in placed:
-        cv2.putText(band, text, (pad, baseline_y), _FONT, scale, colour, thickness, cv2.LINE_AA)
+    for line, scale, baseline_y in placed:
+        origin = (pad + line.indent, baseline_y)
+        cv2.putText(band, line.text, origin, _FONT, scale, line.colour, thickness, cv2.LINE_AA)
     return band
 
 
