@@ -93,6 +93,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
 
+from dicom_node.checks import OWN_MANUFACTURER
 from dicom_node.settings import HOSPITAL_FIELDS
 from worker.bundle import Manifest
 from worker.classes import COVID19_SNOMED
@@ -162,7 +163,7 @@ class ReportUids:
 
 @dataclass(frozen=True)
 class ReportOptions:
-    manufacturer: str = "cxr-node"
+    manufacturer: str = OWN_MANUFACTURER
     institution: str | None = None
     include_similar: bool = True
     include_similar_labels: bool = True
@@ -610,9 +611,7 @@ def _similar_summary(container: Dataset) -> SimilarSummary:
 _NEIGHBOUR_CONCEPTS = {
     (c.value, c.scheme_designator) for c in (SIMILAR_HOSPITAL, SIMILAR_REFERENCE)
 }
-_LABEL_CONCEPTS = {
-    (c.value, c.scheme_designator) for c in (NEIGHBOUR_LABEL, CONFIRMED_DIAGNOSIS)
-}
+_LABEL_CONCEPTS = {(c.value, c.scheme_designator) for c in (NEIGHBOUR_LABEL, CONFIRMED_DIAGNOSIS)}
 _DIAGNOSIS_BY_TEXT = {text: label for label, text in DIAGNOSIS_TEXT.items()}
 # Tolerant reading: SNOMED "Absent" 2667000 is accepted too (other writers use it).
 _PRESENCE = {PRESENT.value: True, ABSENT.value: False, "2667000": False}

@@ -15,13 +15,14 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node.checks import OWN_MANUFACTURER
 from dicom_node.report import evidence_header
 from worker.bundle import Manifest
 
 
 @dataclass(frozen=True)
 class SegOptions:
-    manufacturer: str = "cxr-node"
+    manufacturer: str = OWN_MANUFACTURER
     institution: str | None = None
     series_number: int = 9903
     instance_number: int = 1

@@ -39,6 +39,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node.checks import OWN_MANUFACTURER
 from dicom_node.report import evidence_header
 from worker.bundle import Manifest
 
@@ -196,7 +197,7 @@ def _band(
 
 @dataclass(frozen=True)
 class ScOptions:
-    manufacturer: str = "cxr-node"
+    manufacturer: str = OWN_MANUFACTURER
     institution: str | None = None
     series_number: int = 9902
     instance_number: int = 1

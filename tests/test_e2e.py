@@ -107,9 +107,7 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 def of_class(paths: list[Path], sop_class_uid: str) -> list[Path]:
     """The files of one SOP class (a destination receives SRs and summary images)."""
-    return [
-        p for p in paths if dcmread(p, stop_before_pixels=True).SOPClassUID == sop_class_uid
-    ]
+    return [p for p in paths if dcmread(p, stop_before_pixels=True).SOPClassUID == sop_class_uid]
 
 
 def assert_delivered(node: NodeProcess, pacs: Peer, sent_uids: set[str]) -> list[Dataset]:

@@ -42,6 +42,11 @@ def source() -> Dataset:
 
 @pytest.fixture(scope="module")
 def manifest() -> Manifest:
+    return make_manifest()
+
+
+def make_manifest() -> Manifest:
+    """A realistic (not plumbing) manifest; nothing is loaded from it."""
     members = [
         MemberSpec(
             file=f"{name}.onnx",
@@ -353,9 +358,7 @@ def test_lung_outlines_are_planar_regions_on_the_source(
     )
     groups = measurements.ContentSequence
     assert len(groups) == 3
-    texts = [
-        c.TextValue for g in groups[1:] for c in g.ContentSequence if c.ValueType == "TEXT"
-    ]
+    texts = [c.TextValue for g in groups[1:] for c in g.ContentSequence if c.ValueType == "TEXT"]
     assert "Lung outline 1" in texts and "Lung outline 2" in texts
     # still the same probability and finding
     assert sr_summary(sr)["probability"] == pytest.approx(0.83)

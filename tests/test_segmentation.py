@@ -15,11 +15,16 @@ from pydicom.data import get_testdata_file
 
 from dicom_node.segmentation import SegOptions, build_seg
 from tests.test_lungs import two_lungs
-from tests.test_report import manifest  # noqa: F401  (fixture)
+from tests.test_report import make_manifest
 from worker.bundle import Manifest
 
 SERIES = "1.2.826.0.1.3680043.8.498.9903"
 SOP = "1.2.826.0.1.3680043.8.498.9903.1"
+
+
+@pytest.fixture(scope="module")
+def manifest() -> Manifest:
+    return make_manifest()
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,7 @@ def build(source: Dataset, manifest: Manifest, tmp_path: Path, mask: np.ndarray)
 
 def test_seg_round_trip(
     source: Dataset,
-    manifest: Manifest,  # noqa: F811
+    manifest: Manifest,
     tmp_path: Path,
 ) -> None:
     mask = two_lungs((source.Rows, source.Columns))
@@ -58,7 +63,7 @@ def test_seg_round_trip(
 
 def test_wrong_mask_shape_is_refused(
     source: Dataset,
-    manifest: Manifest,  # noqa: F811
+    manifest: Manifest,
 ) -> None:
     with pytest.raises(ValueError, match="mask shape"):
         build_seg(source, np.zeros((10, 10), bool), manifest, SERIES, SOP, SegOptions())
@@ -69,7 +74,7 @@ def test_wrong_mask_shape_is_refused(
 @pytest.mark.parametrize("empty", [False, True])
 def test_seg_dciodvfy_reports_no_error(
     source: Dataset,
-    manifest: Manifest,  # noqa: F811
+    manifest: Manifest,
     tmp_path: Path,
     empty: bool,
 ) -> None:

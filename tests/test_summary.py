@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -27,12 +27,17 @@ from dicom_node.summary import (
     render_summary,
 )
 from tests.test_lungs import two_lungs
-from tests.test_report import manifest  # noqa: F401  (fixture)
+from tests.test_report import make_manifest
 from worker.bundle import Manifest
 
 SC_UID = "1.2.840.10008.5.1.4.1.1.7"
 SERIES = "1.2.826.0.1.3680043.8.498.9902"
 SOP = "1.2.826.0.1.3680043.8.498.9902.1"
+
+
+@pytest.fixture(scope="module")
+def manifest() -> Manifest:
+    return make_manifest()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def facts(present: bool = True, probability: float = 0.83, plumbing: bool = Fals
         threshold=0.5,
         model_name="cxr-covid-ensemble",
         model_version="2024.06.1",
-        analysed_at=datetime(2024, 6, 1, 3, 12, tzinfo=timezone.utc),
+        analysed_at=datetime(2024, 6, 1, 3, 12, tzinfo=UTC),
         image_date="20040826",
         plumbing=plumbing,
     )
@@ -152,7 +157,7 @@ def build(source: Dataset, display: np.ndarray, manifest: Manifest, tmp_path: Pa
 def test_sc_same_study_new_series_source_referenced(
     source: Dataset,
     display: np.ndarray,
-    manifest: Manifest,  # noqa: F811
+    manifest: Manifest,
     tmp_path: Path,
 ) -> None:
     sc = build(source, display, manifest, tmp_path)
@@ -175,7 +180,7 @@ def test_sc_same_study_new_series_source_referenced(
 def test_sc_dciodvfy_reports_no_error(
     source: Dataset,
     display: np.ndarray,
-    manifest: Manifest,  # noqa: F811
+    manifest: Manifest,
     tmp_path: Path,
 ) -> None:
     build(source, display, manifest, tmp_path)
