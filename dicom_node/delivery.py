@@ -71,7 +71,10 @@ def send_files(
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
-        return [f"association with {destination} was not established"] * len(paths)
+        offered = ", ".join(dict.fromkeys(ds.SOPClassUID.name for ds in datasets))
+        return [f"association with {destination} was not established (offered {offered})"] * len(
+            paths
+        )
     outcomes: list[str | None] = []
     try:
         for ds in datasets:

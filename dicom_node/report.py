@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -100,6 +101,14 @@ from worker.classes import COVID19_SNOMED
 from worker.contracts import InferResult, SimilarItem
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+# highdicom warns about single-component person names and quotes the name in the warning:
+# a patient's or physician's name would reach the logs. Names are copied as the modality
+# sent them (tolerant reading), so the warning has nothing to tell us. Process-wide, since
+# `warnings.catch_warnings` is not thread-safe and finalize runs in threads.
+warnings.filterwarnings(
+    "ignore", message=r"The string .* is unlikely to represent the intended person name"
+)
 
 # Local coding scheme for concepts DICOM has no code for; "99" marks a private scheme
 # (PS3.3 8.2) and the SR documents it in the Coding Scheme Identification Sequence.

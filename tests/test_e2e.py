@@ -21,6 +21,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # Distinctive patient identity: none of it may reach a log line.
 PHI_NAME = "Zyqoxwelt^Marguerite"
 PHI_ID = "PHI4471982"
+# A single-component name: libraries that warn about such names quote them.
+PHI_SOLO_NAME = "Quarvendilsky"
+PHI_SOLO_ID = "PHI4471983"
 
 
 # storescu proposes uncompressed transfer syntaxes unless told which compressed one to offer.
@@ -142,7 +145,8 @@ def test_storescu_to_sr_embedded_queue(
     tmp_path: Path,
 ) -> None:
     phi_file = with_identity(chest_cr, tmp_path / "phi.dcm", PHI_NAME, PHI_ID)
-    files = [chest_cr, chest_cr_j2k, phi_file]
+    solo_file = with_identity(chest_cr, tmp_path / "solo.dcm", PHI_SOLO_NAME, PHI_SOLO_ID)
+    files = [chest_cr, chest_cr_j2k, phi_file, solo_file]
     if (POOL_DIR / "dicom").is_dir():
         files += sorted((POOL_DIR / "dicom").glob("*.dcm"))  # includes copies of the RG1 pair
         pngs = sorted((POOL_DIR / "images").glob("*.png"))[:3]
@@ -181,7 +185,8 @@ def test_storescu_to_sr_embedded_queue(
 
     logs = node.logs()
     assert "job " in logs  # the logs are there, and say something
-    for secret in (PHI_NAME, PHI_NAME.replace("^", " "), PHI_ID, "CompressedSamples"):
+    secrets = (PHI_NAME, PHI_NAME.replace("^", " "), PHI_ID, PHI_SOLO_NAME, PHI_SOLO_ID)
+    for secret in (*secrets, "CompressedSamples"):
         assert secret not in logs, f"patient data in the logs: {secret}"
 
 
