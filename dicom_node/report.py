@@ -273,7 +273,18 @@ def build_sr(
             )
         ],
     )
+    _separate(sr)
     return sr
+
+
+def _separate(node: Dataset) -> None:
+    """Every container SEPARATE: the items are discrete results, not running prose. (highdicom
+    writes CONTINUOUS, which dsr2html and other renderers show as text without concept
+    names: "0.83 1" instead of "Probability = 0.83".)"""
+    if node.get("ValueType") == "CONTAINER":
+        node.ContinuityOfContent = "SEPARATE"
+    for child in node.get("ContentSequence", []):
+        _separate(child)
 
 
 def evidence_header(source: Dataset) -> Dataset:
@@ -322,7 +333,7 @@ def _measurement_group(
     measurements = [
         Measurement(
             name=PROBABILITY,
-            value=float(result.probability),
+            value=_shown(result.probability),
             unit=NO_UNITS,
             derivation=codes.SCT.Mean,  # the ensemble averages its members
         )
@@ -332,7 +343,7 @@ def _measurement_group(
             measurements.append(
                 Measurement(
                     name=PROBABILITY,
-                    value=float(probability),
+                    value=_shown(probability),
                     unit=NO_UNITS,
                     algorithm_id=AlgorithmIdentification(
                         name=member,
@@ -406,7 +417,7 @@ def _hospital_item(
         content.append(
             NumContentItem(
                 name=AI_PROBABILITY_THEN,
-                value=float(item.probability),
+                value=_shown(item.probability),
                 unit=NO_UNITS,
                 relationship_type=_CONTAINS,
             )
@@ -447,6 +458,11 @@ def _hospital_item(
     return container
 
 
+def _shown(value: float) -> float:
+    """Four decimals: what a reader can use (0.8 - 0.03 is not 0.77000000000000001)."""
+    return round(float(value), 4)
+
+
 def _is_date(value: str) -> bool:
     """A valid DICOM DA (YYYYMMDD); a malformed stored study date is left out."""
     try:
@@ -458,7 +474,7 @@ def _is_date(value: str) -> bool:
 
 def _distance(value: float) -> NumContentItem:
     return NumContentItem(
-        name=EMBEDDING_DISTANCE, value=float(value), unit=NO_UNITS, relationship_type=_CONTAINS
+        name=EMBEDDING_DISTANCE, value=_shown(value), unit=NO_UNITS, relationship_type=_CONTAINS
     )
 
 
