@@ -98,7 +98,8 @@ class HospitalStore:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # Owner only: it links studies of different patients (by keyed hash, but still).
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = self.folder / "hospital.sqlite3"
         with self.connect() as db:
             db.execute("PRAGMA journal_mode=WAL")

@@ -501,11 +501,10 @@ def _lung_region(
 
 
 def _neighbour_sop_class(item: SimilarItem, header: Dataset) -> str:
-    # SimilarItem does not carry the SOP Class UID yet. The node indexes only instances it
-    # analysed itself (CR, DX or SC), so until the contract has it, the source's class is
-    # the best available value. Prefer the item's own once the contract adds the field.
-    explicit = getattr(item, "sop_class_uid", None)
-    return str(explicit) if explicit else str(header.SOPClassUID)
+    # The hospital index records each image's SOP class. An item without one (older
+    # callers) is an image the node analysed itself (CR, DX or SC): the source's class is
+    # the best available guess.
+    return str(item.sop_class_uid) if item.sop_class_uid else str(header.SOPClassUID)
 
 
 def _text(name: CodedConcept, value: str) -> TextContentItem:
