@@ -193,3 +193,22 @@ def test_store_schema_holds_no_patient_columns(tmp_path: Path) -> None:
         columns = {r[1] for r in db.execute("PRAGMA table_info(items)")}
     assert "patient_key" in columns
     assert not {"patient_id", "patient_name", "accession_number"} & columns
+
+
+def test_label_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("CXR_CONFIG", raising=False)
+    runner = CliRunner()
+    done = runner.invoke(app, ["label", "1.2.3.4", "COVID"])
+    assert done.exit_code == 0, done.output
+    assert "recorded as covid" in done.output and "no image of this study" in done.output
+    store = HospitalStore(tmp_path / "hospital")
+    assert store.diagnosis("1.2.3.4") == "covid"
+    assert runner.invoke(app, ["label", "1.2.3.4", "none"]).exit_code == 0
+    assert store.diagnosis("1.2.3.4") is None
+    refused = runner.invoke(app, ["label", "1.2.3.4", "positive"])
+    assert refused.exit_code == 2 and store.diagnosis("1.2.3.4") is None
