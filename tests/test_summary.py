@@ -18,6 +18,7 @@ from dicom_node.lungs import lung_outlines
 from dicom_node.pixels import decode_display
 from dicom_node.summary import (
     _ABSENT,
+    _BAND,
     _OUTLINE,
     _PRESENT,
     ScOptions,
@@ -138,14 +139,6 @@ def test_text_is_legible_at_one_to_one(display: np.ndarray, width: int) -> None:
     assert summary.pixels.shape[1] == width
 
 
-def test_png_of_the_summary_round_trips(display: np.ndarray, tmp_path: Path) -> None:
-    summary = render(display)
-    path = tmp_path / "summary.png"
-    assert cv2.imwrite(str(path), cv2.cvtColor(summary.pixels, cv2.COLOR_RGB2BGR))
-    back = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-    np.testing.assert_array_equal(back, summary.pixels)
-
-
 def build(source: Dataset, display: np.ndarray, manifest: Manifest, tmp_path: Path) -> Dataset:
     summary = render(display)
     sc = build_sc(source, summary, manifest, SERIES, SOP, ScOptions())
@@ -188,3 +181,30 @@ def test_sc_dciodvfy_reports_no_error(
     output = run.stdout + run.stderr
     assert "SCImage" in output
     assert [line for line in output.splitlines() if line.startswith("Error")] == [], output
+
+
+def test_sc_pixel_data_as_png_shows_overlay_and_text(
+    source: Dataset,
+    display: np.ndarray,
+    manifest: Manifest,
+    tmp_path: Path,
+) -> None:
+    """What a PACS displays: the SC's own pixel data, written out as a PNG and read back."""
+    sc = build(source, display, manifest, tmp_path)
+    path = tmp_path / "summary.png"
+    assert cv2.imwrite(str(path), cv2.cvtColor(sc.pixel_array, cv2.COLOR_RGB2BGR))
+    png = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    assert png.shape == (sc.Rows, sc.Columns, 3)
+    # find the parts from the picture alone: the X-ray rows have no band colour in them
+    in_bands = colour_mask(png, _BAND, 0) | colour_mask(png, (150, 0, 0), 0)
+    xray_rows = np.flatnonzero(in_bands.mean(axis=1) < 0.05)
+    top, bottom = int(xray_rows[0]), int(xray_rows[-1]) + 1
+    assert bottom - top == xray_rows.size  # one block
+    header, xray, footer = png[:top], png[top:bottom], png[bottom:]
+    assert header.shape[0] > 80 and footer.shape[0] > 30
+    assert colour_mask(header, _PRESENT, 20).sum() > 300  # the finding line
+    assert (header.max(axis=2) > 150).mean() > 0.02  # more lines of text
+    assert colour_mask(footer, (150, 0, 0), 10).mean() > 0.5  # red warning band
+    assert (footer.min(axis=2) > 180).mean() > 0.02  # with white text
+    # the overlay: the lung outline drawn in yellow over the X-ray
+    assert colour_mask(xray, _OUTLINE).sum() > 2000
