@@ -34,6 +34,11 @@ CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "TORSO", ""}
 LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
 REQUIRED_UIDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
 
+#: The Manufacturer this node writes into its results (SR, summary SC, SEG). A PACS that
+#: routes every new image of a study to the node sends the summary SC back: it is a chest
+#: "Secondary Capture" like any other, and analysing it would loop.
+OWN_MANUFACTURER = "cxr-node"
+
 
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
@@ -67,6 +72,8 @@ def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> C
             status.DATASET_MISMATCH,
         )
 
+    if _made_by_a_node(ds):
+        return Check(Verdict.NOT_ANALYSABLE, "a result image of a CXR node: not analysed again")
     modality = _text(ds, "Modality")
     if modality not in ANALYSED_MODALITIES:
         return Check(Verdict.NOT_ANALYSABLE, f"modality {modality} is not a radiograph")
@@ -79,3 +86,9 @@ def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> C
             Verdict.NOT_ANALYSABLE, f"view position {view}: lateral views are not analysed"
         )
     return Check(Verdict.ANALYSE)
+
+
+def _made_by_a_node(ds: Dataset) -> bool:
+    makers = [ds.get("Manufacturer")]
+    makers += [item.get("Manufacturer") for item in ds.get("ContributingEquipmentSequence", [])]
+    return any(str(m or "").strip().lower() == OWN_MANUFACTURER for m in makers)

@@ -1,4 +1,4 @@
-"""`cxr-node`: serve, worker, send, echo, status, retry."""
+"""`cxr-node`: serve, worker, send, echo, status, retry, label."""
 
 from __future__ import annotations
 
@@ -144,6 +144,33 @@ def retry(job_id: Annotated[str, typer.Argument(help="a failed (dead-lettered) j
     for destination in destinations:
         celery.send_task(DELIVER, args=[job_id, destination])
     console.print(f"job {job_id}: delivery re-queued to {', '.join(destinations)}")
+
+
+@app.command()
+def label(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID of an analysed study")],
+    diagnosis: Annotated[
+        str, typer.Argument(help="covid | negative (confirmed, e.g. by PCR) | none (remove)")
+    ],
+) -> None:
+    """Record the confirmed diagnosis of a study; later SRs show it when they list the study
+    among the similar ones."""
+    from dicom_node.hospital_index import DIAGNOSES, HospitalStore
+
+    choice = diagnosis.strip().lower()
+    if choice not in (*DIAGNOSES, "none"):
+        console.print(f"[red]diagnosis must be one of {', '.join(DIAGNOSES)} or none[/red]")
+        raise typer.Exit(2)
+    settings = _settings()
+    store = HospitalStore(settings.hospital_dir)
+    images = store.set_diagnosis(study_uid.strip(), None if choice == "none" else choice)
+    action = "removed" if choice == "none" else f"recorded as {choice}"
+    console.print(f"study {study_uid}: confirmed diagnosis {action}")
+    if images == 0:
+        console.print(
+            "note: the hospital index holds no image of this study yet; the label applies "
+            "once one is analysed"
+        )
 
 
 if __name__ == "__main__":

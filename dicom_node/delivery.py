@@ -51,3 +51,49 @@ def to_outbox(path: Path, outbox: Path) -> Path:
     target = outbox / path.name
     write_durably(target, path.read_bytes())
     return target
+
+
+# 0x0000 success; 0xB000, 0xB007, 0xB006: warnings, the object was stored.
+_STORED = (0x0000, 0xB000, 0xB006, 0xB007)
+
+
+def send_files(
+    paths: list[Path], destination: Destination, calling_ae: str, timeout: float = 30
+) -> list[str | None]:
+    """C-STORE several files in one association, in order; per file None (stored) or why not.
+
+    A file whose SOP class the peer did not accept fails alone: the others are still sent.
+    """
+    datasets = [dcmread(path) for path in paths]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        offered = ", ".join(dict.fromkeys(ds.SOPClassUID.name for ds in datasets))
+        return [f"association with {destination} was not established (offered {offered})"] * len(
+            paths
+        )
+    outcomes: list[str | None] = []
+    try:
+        for ds in datasets:
+            if not assoc.is_established:
+                outcomes.append(f"association with {destination} ended early")
+                continue
+            try:
+                response = assoc.send_c_store(ds)
+            except ValueError as exc:  # no accepted presentation context for this class
+                outcomes.append(f"{destination} does not accept this object: {exc}")
+                continue
+            code = getattr(response, "Status", None)
+            if code is None:
+                outcomes.append(f"no C-STORE response from {destination} (timeout or abort)")
+            elif code not in _STORED:
+                outcomes.append(f"{destination} answered C-STORE with status 0x{code:04X}")
+            else:
+                outcomes.append(None)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes

@@ -3,6 +3,12 @@
 SQLite in WAL mode, one short connection per operation, so the SCP threads and the node
 worker process can share it. Queue messages are only hints: on start-up and periodically the
 node re-enqueues whatever the ledger says is unfinished.
+
+Each job produces several DICOM objects (`OutputKind`: the SR always, the Secondary Capture
+and the SEG when enabled). Their UIDs are chosen when the instance is received (table
+`outputs`), so a redone job writes the same objects again and the PACS replaces rather than
+duplicates them. Deliveries are per object and destination: the SR is delivered, or
+dead-lettered, on its own, whatever happens to the other objects.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from pydicom.uid import generate_uid
+
 
 class JobState(StrEnum):
     RECEIVED = "received"  # spooled, waiting for analysis
@@ -23,6 +31,14 @@ class JobState(StrEnum):
     DELIVERED = "delivered"  # SR delivered to every destination (or the outbox)
     FAILED = "failed"  # dead letter: delivery gave up, or analysis failed; an operator can retry
     REJECTED = "rejected"  # accepted but not analysable (lateral view, wrong modality, ...)
+
+
+class OutputKind(StrEnum):
+    """A DICOM object a job produces, in the order they are sent."""
+
+    SR = "sr"  # Comprehensive SR, always
+    SC = "sc"  # Secondary Capture summary image
+    SEG = "seg"  # lung segmentation
 
 
 class DeliveryState(StrEnum):
@@ -51,14 +67,25 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, updated_at);
+CREATE TABLE IF NOT EXISTS outputs (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    kind TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    PRIMARY KEY (job_id, kind)
+);
+"""
+
+_DELIVERIES = """
 CREATE TABLE IF NOT EXISTS deliveries (
     job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    kind TEXT NOT NULL DEFAULT 'sr',
     destination TEXT NOT NULL,
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     updated_at REAL NOT NULL,
-    PRIMARY KEY (job_id, destination)
+    PRIMARY KEY (job_id, kind, destination)
 );
 """
 
@@ -89,6 +116,15 @@ class Delivery:
     attempts: int
     last_error: str | None
     updated_at: float
+    kind: OutputKind = OutputKind.SR
+
+
+@dataclass(frozen=True)
+class OutputUids:
+    """Series and SOP Instance UID of one produced object, fixed when the job is received."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -100,7 +136,37 @@ def _job(row: sqlite3.Row) -> Job:
 def _delivery(row: sqlite3.Row) -> Delivery:
     data = dict(row)
     data["state"] = DeliveryState(data["state"])
+    data["kind"] = OutputKind(data["kind"])
     return Delivery(**data)
+
+
+def _migrate_deliveries(db: sqlite3.Connection) -> None:
+    """Ledgers from before per-object deliveries keyed deliveries by (job, destination) only:
+    rebuild the table with a `kind` column, their rows being the SR's."""
+    db.execute("BEGIN IMMEDIATE")  # checked and changed in one transaction: processes race
+    columns = [r[1] for r in db.execute("PRAGMA table_info(deliveries)")]
+    if columns and "kind" not in columns:
+        db.execute("ALTER TABLE deliveries RENAME TO deliveries_v1")
+        db.execute(_DELIVERIES)
+        db.execute(
+            "INSERT INTO deliveries (job_id, kind, destination, state, attempts, last_error, "
+            "updated_at) SELECT job_id, 'sr', destination, state, attempts, last_error, "
+            "updated_at FROM deliveries_v1"
+        )
+        db.execute("DROP TABLE deliveries_v1")
+    else:
+        db.execute(_DELIVERIES)
+    db.execute("COMMIT")
+
+
+def _new_outputs(job: Job) -> list[tuple[str, str, str, str]]:
+    rows = [(job.job_id, str(OutputKind.SR), job.sr_series_uid, job.sr_sop_uid)]
+    rows += [
+        (job.job_id, str(kind), generate_uid(), generate_uid())
+        for kind in OutputKind
+        if kind is not OutputKind.SR
+    ]
+    return rows
 
 
 class Ledger:
@@ -110,6 +176,7 @@ class Ledger:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            _migrate_deliveries(db)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -123,8 +190,10 @@ class Ledger:
             db.close()
 
     def add(self, job: Job) -> bool:
-        """Record a new instance; False when its SOP Instance UID is already in the ledger."""
+        """Record a new instance and fix the UIDs of the objects it will produce;
+        False when its SOP Instance UID is already in the ledger."""
         with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
             cur = db.execute(
                 "INSERT OR IGNORE INTO jobs VALUES "
                 "(:job_id, :sop_instance_uid, :sop_class_uid, :study_instance_uid, "
@@ -132,7 +201,27 @@ class Ledger:
                 ":sr_series_uid, :sr_sop_uid, :probability, :received_at, :updated_at)",
                 {**job.__dict__, "state": str(job.state)},
             )
-            return cur.rowcount == 1
+            added = cur.rowcount == 1
+            if added:
+                db.executemany("INSERT INTO outputs VALUES (?, ?, ?, ?)", _new_outputs(job))
+            db.execute("COMMIT")
+            return added
+
+    def output_uids(self, job_id: str) -> dict[OutputKind, OutputUids]:
+        """The UIDs of every object the job produces (the same on every call).
+
+        Jobs recorded before the outputs table existed get theirs on the first call; the
+        INSERT OR IGNORE makes concurrent first calls agree."""
+        job = self.get(job_id)
+        if job is None:
+            raise KeyError(f"no job {job_id}")
+        with self._connect() as db:
+            db.executemany("INSERT OR IGNORE INTO outputs VALUES (?, ?, ?, ?)", _new_outputs(job))
+            rows = db.execute(
+                "SELECT kind, series_instance_uid, sop_instance_uid FROM outputs WHERE job_id = ?",
+                (job_id,),
+            ).fetchall()
+        return {OutputKind(r[0]): OutputUids(r[1], r[2]) for r in rows}
 
     def get(self, job_id: str) -> Job | None:
         with self._connect() as db:
@@ -179,21 +268,36 @@ class Ledger:
 
     # --- deliveries -------------------------------------------------------------------------
 
-    def add_deliveries(self, job_id: str, destinations: list[str]) -> None:
+    def add_deliveries(
+        self,
+        job_id: str,
+        destinations: list[str],
+        kinds: tuple[OutputKind, ...] | list[OutputKind] = (OutputKind.SR,),
+    ) -> None:
+        """One pending delivery per object and destination (existing rows are kept)."""
         now = time.time()
         with self._connect() as db:
             db.executemany(
-                "INSERT OR IGNORE INTO deliveries (job_id, destination, state, updated_at) "
-                "VALUES (?, ?, ?, ?)",
-                [(job_id, d, str(DeliveryState.PENDING), now) for d in destinations],
+                "INSERT OR IGNORE INTO deliveries (job_id, kind, destination, state, updated_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (job_id, str(k), d, str(DeliveryState.PENDING), now)
+                    for d in destinations
+                    for k in kinds
+                ],
             )
 
     def deliveries(self, job_id: str) -> list[Delivery]:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM deliveries WHERE job_id = ?", (job_id,))
-            return [_delivery(r) for r in rows]
+            return sorted(
+                (_delivery(r) for r in rows),
+                key=lambda d: (d.destination, list(OutputKind).index(d.kind)),
+            )
 
     def pending_deliveries(self, older_than: float | None = None) -> list[Delivery]:
+        """Pending deliveries of analysed jobs, one row per (job, destination): a delivery
+        step sends every pending object of the job to that destination."""
         sql = (
             "SELECT d.* FROM deliveries d JOIN jobs j USING (job_id) "
             "WHERE d.state = ? AND j.state = ?"
@@ -202,20 +306,28 @@ class Ledger:
         if older_than is not None:
             sql += " AND d.updated_at <= ?"
             args.append(older_than)
+        sql += " GROUP BY d.job_id, d.destination"
         with self._connect() as db:
             return [_delivery(r) for r in db.execute(sql, args)]
 
     def record_attempt(
-        self, job_id: str, destination: str, state: DeliveryState, error: str | None = None
+        self,
+        job_id: str,
+        destination: str,
+        state: DeliveryState,
+        error: str | None = None,
+        kind: OutputKind = OutputKind.SR,
     ) -> Delivery:
-        """Count one delivery attempt and roll the job's state up from its deliveries."""
+        """Count one delivery attempt of one object and roll the job's state up from all its
+        deliveries: delivered when every object reached every destination, failed when one
+        was dead-lettered."""
         now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             db.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, "
-                "updated_at = ? WHERE job_id = ? AND destination = ?",
-                (str(state), error, now, job_id, destination),
+                "updated_at = ? WHERE job_id = ? AND destination = ? AND kind = ?",
+                (str(state), error, now, job_id, destination, str(kind)),
             )
             states = {
                 r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id = ?", (job_id,))
@@ -230,27 +342,29 @@ class Ledger:
                     "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE job_id = ?",
                     (
                         str(JobState.FAILED),
-                        f"delivery to {destination} failed: {error}",
+                        f"delivery of the {kind.upper()} to {destination} failed: {error}",
                         now,
                         job_id,
                     ),
                 )
             row = db.execute(
-                "SELECT * FROM deliveries WHERE job_id = ? AND destination = ?",
-                (job_id, destination),
+                "SELECT * FROM deliveries WHERE job_id = ? AND destination = ? AND kind = ?",
+                (job_id, destination, str(kind)),
             ).fetchone()
             db.execute("COMMIT")
         return _delivery(row)
 
     def retry_failed(self, job_id: str) -> list[str]:
-        """Operator retry of a dead-lettered job: its failed deliveries become pending again."""
+        """Operator retry of a dead-lettered job: its failed deliveries become pending again.
+        Returns the destinations concerned, each once."""
         now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             dests = [
                 r[0]
                 for r in db.execute(
-                    "SELECT destination FROM deliveries WHERE job_id = ? AND state = ?",
+                    "SELECT DISTINCT destination FROM deliveries WHERE job_id = ? AND state = ? "
+                    "ORDER BY destination",
                     (job_id, str(DeliveryState.FAILED)),
                 )
             ]

@@ -2,6 +2,9 @@
 
 Each step reads and writes the ledger and the data folder, and is idempotent: a redelivered
 queue message finds the job already past that step and does nothing.
+
+finalize: load the source -> lung outline on it -> similar items -> SR [+ SC] [+ SEG] ->
+remember the image in the hospital index -> deliveries per object and destination.
 """
 
 from __future__ import annotations
@@ -9,22 +12,29 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 from pydicom import Dataset, dcmread
 
-from dicom_node.delivery import OUTBOX, DeliveryError, backoff_seconds, send_file, to_outbox
-from dicom_node.ledger import UNFINISHED, DeliveryState, JobState, Ledger
+from dicom_node.delivery import OUTBOX, backoff_seconds, send_files, to_outbox
+from dicom_node.hospital_index import HospitalEntry, HospitalIndex
+from dicom_node.ledger import UNFINISHED, DeliveryState, JobState, Ledger, OutputKind, OutputUids
+from dicom_node.lungs import lung_map_on_image, lung_mask, lung_outlines
 from dicom_node.pixels import PixelDecodeError, decode_display
-from dicom_node.report import ReportOptions, ReportUids, build_sr
+from dicom_node.report import ReportOptions, ReportUids, build_sr, is_present
 from dicom_node.retrieval import ReferenceIndex
+from dicom_node.segmentation import SegOptions, build_seg
 from dicom_node.settings import Destination, Settings
 from dicom_node.spool import write_durably
+from dicom_node.summary import ScOptions, SummaryFacts, build_sc, render_summary
 from worker.bundle import Bundle, load_bundle
-from worker.contracts import InferRequest, InferResult, encode_png
-from worker.preprocess import preprocess
+from worker.contracts import InferRequest, InferResult, SimilarItem, decode_png, encode_png
+from worker.preprocess import preprocess, preprocess_geometry
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +59,30 @@ class NodeRuntime:
     def reference_index(self) -> ReferenceIndex:
         return ReferenceIndex(self.bundle)
 
-    def result_path(self, job_id: str) -> Path:
-        return self.settings.results_dir / f"{job_id}-sr.dcm"
+    @cached_property
+    def hospital_index(self) -> HospitalIndex:
+        """This bundle's embedding space of the hospital index (node host only)."""
+        manifest = self.bundle.manifest
+        with self._lock:
+            return HospitalIndex(
+                self.settings.hospital_dir,
+                space=manifest.device_uid,
+                dim=manifest.index.dim,
+                metric=manifest.index.space,
+            )
+
+    def result_path(self, job_id: str, kind: OutputKind = OutputKind.SR) -> Path:
+        return self.settings.results_dir / f"{job_id}-{kind}.dcm"
+
+    @property
+    def outputs(self) -> list[OutputKind]:
+        """The objects each job produces, in sending order: the SR always."""
+        kinds = [OutputKind.SR]
+        if self.settings.produce_sc:
+            kinds.append(OutputKind.SC)
+        if self.settings.produce_seg:
+            kinds.append(OutputKind.SEG)
+        return kinds
 
     @property
     def destinations(self) -> list[str]:
@@ -83,45 +115,217 @@ def analysis_failed(node: NodeRuntime, job_id: str, error: str) -> None:
     log.error("job %s: analysis failed: %s", job_id, error)
 
 
-def build_report(
-    node: NodeRuntime, source: Dataset, result: InferResult, sr_series_uid: str, sr_sop_uid: str
-) -> Dataset:
-    similar = node.reference_index.query(result.embedding, node.settings.similar_k)
-    options = ReportOptions(
-        include_similar=node.settings.similar_k > 0,
-        include_similar_labels=node.settings.similar_labels,
+@dataclass(frozen=True)
+class Source:
+    """The received instance, loaded once for finalize."""
+
+    header: Dataset  # without pixel data
+    display: np.ndarray | None  # decoded display image; None if it cannot be decoded again
+
+
+@dataclass(frozen=True)
+class Lungs:
+    """The worker's lung map on the source image's pixel grid."""
+
+    mask: np.ndarray | None = None  # bool Rows x Columns
+    outlines: list[np.ndarray] = field(default_factory=list)  # closed (col, row) polylines
+
+
+def load_source(node: NodeRuntime, spool_path: str) -> Source:
+    ds = dcmread(spool_path)
+    try:
+        display: np.ndarray | None = decode_display(ds, max_pixels=node.settings.max_pixels)
+    except PixelDecodeError as exc:  # prepare decoded it, so this is unexpected
+        log.error("source %s cannot be decoded again: %s", spool_path, exc)
+        display = None
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    return Source(header=ds, display=display)
+
+
+def locate_lungs(node: NodeRuntime, source: Source, result: InferResult) -> Lungs:
+    """Undo the preprocessing geometry on the worker's lung map."""
+    if source.display is None or not result.lung_mask_png:
+        return Lungs()
+    params = node.bundle.manifest.preprocessing
+    geometry = preprocess_geometry(source.display, params)
+    mask = lung_mask(lung_map_on_image(decode_png(result.lung_mask_png), geometry))
+    return Lungs(mask=mask, outlines=lung_outlines(mask))
+
+
+def patient_key(node: NodeRuntime, header: Dataset) -> str | None:
+    return node.hospital_index.patient_key(
+        str(header.get("PatientID") or ""), str(header.get("IssuerOfPatientID") or "")
     )
-    uids = ReportUids(series_instance_uid=sr_series_uid, sop_instance_uid=sr_sop_uid)
-    return build_sr(source, result, node.bundle.manifest, similar, uids, options)
+
+
+def find_similar(node: NodeRuntime, header: Dataset, result: InferResult) -> list[SimilarItem]:
+    """Earlier hospital studies of other patients first, then reference-set items."""
+    settings = node.settings
+    items: list[SimilarItem] = []
+    if settings.hospital_index and settings.hospital_k > 0:
+        try:
+            items += node.hospital_index.query(
+                result.embedding,
+                settings.hospital_k,
+                patient_key=patient_key(node, header),
+                study_instance_uid=str(header.StudyInstanceUID),
+            )
+        except Exception:  # the result matters more than its neighbours
+            log.exception(
+                "job %s: hospital index query failed; the SR lists no hospital studies",
+                result.job_id,
+            )
+    if settings.similar_k > 0:
+        items += node.reference_index.query(result.embedding, settings.similar_k)
+    return items
+
+
+def build_report(
+    node: NodeRuntime,
+    header: Dataset,
+    result: InferResult,
+    uids: OutputUids,
+    similar: list[SimilarItem],
+    lungs: Lungs,
+) -> Dataset:
+    options = ReportOptions(
+        include_similar=bool(similar),
+        include_similar_labels=node.settings.similar_labels,
+        hospital_fields=frozenset(node.settings.hospital_fields),
+    )
+    report_uids = ReportUids(uids.series_instance_uid, uids.sop_instance_uid)
+    return build_sr(
+        header, result, node.bundle.manifest, similar, report_uids, options, lungs.outlines
+    )
+
+
+def build_summary(
+    node: NodeRuntime, source: Source, result: InferResult, uids: OutputUids, lungs: Lungs
+) -> Dataset | None:
+    if source.display is None:
+        return None
+    manifest = node.bundle.manifest
+    header = source.header
+    facts = SummaryFacts(
+        finding_present=is_present(result.probability, manifest.threshold),
+        probability=result.probability,
+        threshold=manifest.threshold,
+        model_name=manifest.name,
+        model_version=manifest.version,
+        analysed_at=datetime.now().astimezone(),
+        image_date=str(header.get("ContentDate") or header.get("StudyDate") or "") or None,
+        plumbing=manifest.random_weights,
+    )
+    summary = render_summary(source.display, lungs.outlines, facts, node.settings.summary_width)
+    return build_sc(
+        header, summary, manifest, uids.series_instance_uid, uids.sop_instance_uid, ScOptions()
+    )
+
+
+def build_lung_seg(
+    node: NodeRuntime, source: Source, uids: OutputUids, lungs: Lungs
+) -> Dataset | None:
+    if lungs.mask is None:
+        return None
+    return build_seg(
+        source.header,
+        lungs.mask,
+        node.bundle.manifest,
+        uids.series_instance_uid,
+        uids.sop_instance_uid,
+        SegOptions(),
+    )
+
+
+def remember(node: NodeRuntime, header: Dataset, result: InferResult) -> None:
+    """Add the analysed image to the hospital index (once: a redone job finds it there)."""
+    if not node.settings.hospital_index:
+        return
+    entry = HospitalEntry(
+        sop_instance_uid=str(header.SOPInstanceUID),
+        sop_class_uid=str(header.SOPClassUID),
+        study_instance_uid=str(header.StudyInstanceUID),
+        series_instance_uid=str(header.SeriesInstanceUID),
+        study_date=str(header.get("StudyDate") or "") or None,
+        probability=result.probability,
+        patient_key=patient_key(node, header),
+    )
+    try:
+        node.hospital_index.add(entry, result.embedding)
+    except Exception:  # the result goes out all the same
+        log.exception("job %s: the image could not be added to the hospital index", result.job_id)
+
+
+def _optional(job_id: str, kind: OutputKind, build: Callable[[], Dataset | None]) -> Dataset | None:
+    """An object besides the SR: its failure is logged and costs only that object."""
+    try:
+        return build()
+    except Exception:
+        log.exception("job %s: the %s could not be built; the SR goes without it", job_id, kind)
+        return None
 
 
 def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
-    """Build and store the SR; return the destinations it is still to be delivered to."""
+    """Build and store the result objects; return the destinations still to deliver to."""
     job = node.ledger.get(result.job_id)
     if job is None or job.state not in UNFINISHED or not job.spool_path:
         return []
-    source = dcmread(job.spool_path, stop_before_pixels=True)
-    sr = build_report(node, source, result, job.sr_series_uid, job.sr_sop_uid)
-    buffer = io.BytesIO()
-    sr.save_as(buffer, enforce_file_format=True)
-    write_durably(node.result_path(job.job_id), buffer.getvalue())
-    node.ledger.add_deliveries(job.job_id, node.destinations)
+    uids = node.ledger.output_uids(job.job_id)
+    source = load_source(node, job.spool_path)
+    lungs = _optional_lungs(node, job.job_id, source, result)
+    similar = find_similar(node, source.header, result)
+
+    objects = {
+        OutputKind.SR: build_report(
+            node, source.header, result, uids[OutputKind.SR], similar, lungs
+        )
+    }
+    builders = {
+        OutputKind.SC: lambda: build_summary(node, source, result, uids[OutputKind.SC], lungs),
+        OutputKind.SEG: lambda: build_lung_seg(node, source, uids[OutputKind.SEG], lungs),
+    }
+    for kind in node.outputs[1:]:
+        built = _optional(job.job_id, kind, builders[kind])
+        if built is not None:
+            objects[kind] = built
+    for kind, ds in objects.items():
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        write_durably(node.result_path(job.job_id, kind), buffer.getvalue())
+
+    remember(node, source.header, result)
+    node.ledger.add_deliveries(job.job_id, node.destinations, list(objects))
     node.ledger.set_state(
         job.job_id, JobState.ANALYSED, probability=result.probability, only_from=UNFINISHED
     )
     log.info(
-        "job %s: analysed, p=%.3f, bundle %s %s, %.0f ms inference",
+        "job %s: analysed, p=%.3f, bundle %s %s, %.0f ms inference; %s; %d lung outline(s), "
+        "%d similar",
         job.job_id,
         result.probability,
         result.bundle_name,
         result.bundle_version,
         result.inference_ms,
+        "+".join(str(k) for k in objects),
+        len(lungs.outlines),
+        len(similar),
     )
-    return [
+    pending = [
         d.destination
         for d in node.ledger.deliveries(job.job_id)
         if d.state is DeliveryState.PENDING
     ]
+    return list(dict.fromkeys(pending))
+
+
+def _optional_lungs(node: NodeRuntime, job_id: str, source: Source, result: InferResult) -> Lungs:
+    try:
+        return locate_lungs(node, source, result)
+    except Exception:
+        log.exception("job %s: lung outline failed; results go without it", job_id)
+        return Lungs()
 
 
 @dataclass(frozen=True)
@@ -131,7 +335,9 @@ class DeliveryOutcome:
 
 
 def deliver(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome:
-    """One delivery attempt; says whether and when to try again."""
+    """One delivery attempt of every object still pending for `destination` (one
+    association); says whether and when to try again. Each object keeps its own count of
+    attempts and is dead-lettered on its own."""
     pending = [
         d
         for d in node.ledger.deliveries(job_id)
@@ -139,37 +345,54 @@ def deliver(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome
     ]
     if not pending:
         return DeliveryOutcome(delivered=False)
-    path = node.result_path(job_id)
-    try:
-        if destination == OUTBOX:
-            to_outbox(path, node.settings.outbox_dir)
-        else:
-            send_file(path, Destination.parse(destination), node.settings.ae_title)
-    except (DeliveryError, OSError) as exc:
-        error = str(exc)
-        attempts = pending[0].attempts + 1
-        final = attempts >= node.settings.delivery_attempts
-        state = DeliveryState.FAILED if final else DeliveryState.PENDING
-        node.ledger.record_attempt(job_id, destination, state, error)
-        if final:
+    paths = [node.result_path(job_id, d.kind) for d in pending]
+    if destination == OUTBOX:
+        errors = [_to_outbox(path, node.settings.outbox_dir) for path in paths]
+    else:
+        try:
+            target = Destination.parse(destination)
+            errors = send_files(paths, target, node.settings.ae_title)
+        except (OSError, ValueError) as exc:  # unreadable result file, bad destination
+            errors = [str(exc)] * len(paths)
+
+    retry_in: float | None = None
+    for delivery, error in zip(pending, errors, strict=True):
+        kind = delivery.kind
+        if error is None:
+            node.ledger.record_attempt(job_id, destination, DeliveryState.DELIVERED, kind=kind)
+            log.info("job %s: %s delivered to %s", job_id, kind.upper(), destination)
+            continue
+        attempts = delivery.attempts + 1
+        if attempts >= node.settings.delivery_attempts:
+            node.ledger.record_attempt(job_id, destination, DeliveryState.FAILED, error, kind)
             log.error(
-                "job %s: delivery to %s failed after %d attempts, dead-lettered: %s",
+                "job %s: delivery of the %s to %s failed after %d attempts, dead-lettered: %s",
                 job_id,
+                kind.upper(),
                 destination,
                 attempts,
                 error,
             )
-            return DeliveryOutcome(delivered=False)
+            continue
+        node.ledger.record_attempt(job_id, destination, DeliveryState.PENDING, error, kind)
         delay = backoff_seconds(attempts, node.settings.delivery_backoff_s)
+        retry_in = delay if retry_in is None else min(retry_in, delay)
         log.warning(
-            "job %s: delivery to %s failed (attempt %d), retry in %.0f s: %s",
+            "job %s: delivery of the %s to %s failed (attempt %d), retry in %.0f s: %s",
             job_id,
+            kind.upper(),
             destination,
             attempts,
             delay,
             error,
         )
-        return DeliveryOutcome(delivered=False, retry_in=delay)
-    node.ledger.record_attempt(job_id, destination, DeliveryState.DELIVERED)
-    log.info("job %s: SR delivered to %s", job_id, destination)
-    return DeliveryOutcome(delivered=True)
+    delivered = all(error is None for error in errors)
+    return DeliveryOutcome(delivered=delivered, retry_in=retry_in)
+
+
+def _to_outbox(path: Path, outbox: Path) -> str | None:
+    try:
+        to_outbox(path, outbox)
+    except OSError as exc:
+        return str(exc)
+    return None

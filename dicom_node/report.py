@@ -17,11 +17,17 @@ Content tree (order as written; TID 1500 rows first, then this node's extensions
           NUM Probability (ensemble mean), [NUM Probability per member]
           CODE COVID-19 = Present | Absent       (probability >= threshold -> Present)
           TEXT Comment: decision threshold [, PLUMBING BUNDLE warning]
+        CONTAINER Measurement Group (TID 1410), one per lung outline found:
+          tracking id/UID "Lung outline N", finding Lung, algorithm id (segmentation)
+          SCOORD POLYLINE (closed) in the received X-ray's pixel coordinates
       TEXT Comment: not for diagnostic use
       CONTAINER Most similar studies (local code)            [include_similar]
-        CONTAINER Similar hospital study | Similar reference-set image:
-                  identifier, embedding distance, [label], [dataset],
-                  [study/series UID and IMAGE reference for hospital items]
+        CONTAINER Similar hospital study:
+                  identifier, [study date], [AI probability], [confirmed diagnosis],
+                  [embedding distance], study/series UID, IMAGE reference
+                  ([...]: ReportOptions.hospital_fields)
+        CONTAINER Similar reference-set image:
+                  identifier, embedding distance, [label], dataset
 
 Code choices (all from DICOM PS3.16 / SNOMED CT, as carried by pydicom's code dictionary,
 except the local 99CXRN codes for concepts the standard has no code for):
@@ -47,11 +53,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TypedDict
 
 import highdicom as hd
+import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -60,17 +69,22 @@ from highdicom.sr import (
     ContainerContentItem,
     ContentItem,
     ContentSequence,
+    DateContentItem,
     DeviceObserverIdentifyingAttributes,
+    GraphicTypeValues,
     ImageContentItem,
+    ImageRegion,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     NumContentItem,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
     UIDRefContentItem,
@@ -80,11 +94,21 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
 
+from dicom_node.checks import OWN_MANUFACTURER
+from dicom_node.settings import HOSPITAL_FIELDS
 from worker.bundle import Manifest
 from worker.classes import COVID19_SNOMED
 from worker.contracts import InferResult, SimilarItem
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+# highdicom warns about single-component person names and quotes the name in the warning:
+# a patient's or physician's name would reach the logs. Names are copied as the modality
+# sent them (tolerant reading), so the warning has nothing to tell us. Process-wide, since
+# `warnings.catch_warnings` is not thread-safe and finalize runs in threads.
+warnings.filterwarnings(
+    "ignore", message=r"The string .* is unlikely to represent the intended person name"
+)
 
 # Local coding scheme for concepts DICOM has no code for; "99" marks a private scheme
 # (PS3.3 8.2) and the SR documents it in the Coding Scheme Identification Sequence.
@@ -107,6 +131,14 @@ NEIGHBOUR_LABEL = CodedConcept("CXRN003", LOCAL_SCHEME, "Label")
 NEIGHBOUR_DATASET = CodedConcept("CXRN004", LOCAL_SCHEME, "Dataset")
 SIMILAR_IMAGE = CodedConcept("CXRN006", LOCAL_SCHEME, "Similar image")
 EMBEDDING_DISTANCE = CodedConcept("CXRN007", LOCAL_SCHEME, "Embedding distance")
+AI_PROBABILITY_THEN = CodedConcept("CXRN008", LOCAL_SCHEME, "AI probability at analysis")
+CONFIRMED_DIAGNOSIS = CodedConcept("CXRN009", LOCAL_SCHEME, "Confirmed diagnosis")
+STUDY_DATE = CodedConcept("111060", "DCM", "Study Date")
+LUNG = CodedConcept("39607008", "SCT", "Lung")
+ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical Structure")
+
+#: How a confirmed diagnosis recorded with `cxr-node label` reads in the SR.
+DIAGNOSIS_TEXT = {"covid": "COVID-19 (confirmed)", "negative": "COVID-19 negative (confirmed)"}
 
 NOT_FOR_DIAGNOSTIC_USE = "Not for diagnostic use. Research software; result not verified."
 PLUMBING_WARNING = "PLUMBING BUNDLE: random weights, score meaningless"
@@ -140,11 +172,13 @@ class ReportUids:
 
 @dataclass(frozen=True)
 class ReportOptions:
-    manufacturer: str = "cxr-node"
+    manufacturer: str = OWN_MANUFACTURER
     institution: str | None = None
     include_similar: bool = True
     include_similar_labels: bool = True
     include_member_probabilities: bool = True
+    #: Which attributes of a similar hospital study go out besides its UIDs.
+    hospital_fields: frozenset[str] = field(default_factory=lambda: frozenset(HOSPITAL_FIELDS))
     series_number: int = 9901
     instance_number: int = 1
 
@@ -161,12 +195,21 @@ def build_sr(
     similar: list[SimilarItem],
     uids: ReportUids,
     options: ReportOptions,
+    lung_outlines: Sequence[np.ndarray] = (),
 ) -> Dataset:
-    """Comprehensive SR with the COVID-19 result for `source` (header only is enough)."""
-    header = _evidence_header(source)
+    """Comprehensive SR with the COVID-19 result for `source` (header only is enough).
+
+    lung_outlines: closed (column, row) polylines on the source image (`dicom_node.lungs`),
+    written as TID 1410 planar regions so that TID 1500 viewers draw them.
+    """
+    header = evidence_header(source)
     present = is_present(result.probability, manifest.threshold)
 
     group = _measurement_group(header, result, manifest, uids, options, present)
+    regions = [
+        _lung_region(header, outline, number, manifest, uids)
+        for number, outline in enumerate(lung_outlines, start=1)
+    ]
     observer = ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -179,7 +222,7 @@ def build_sr(
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PLAIN_CHEST_XRAY,
-        imaging_measurements=[group],
+        imaging_measurements=[group, *regions],
     )
     root = report[0]
     root.ContentSequence.append(_text(COMMENT, NOT_FOR_DIAGNOSTIC_USE))
@@ -230,10 +273,21 @@ def build_sr(
             )
         ],
     )
+    _separate(sr)
     return sr
 
 
-def _evidence_header(source: Dataset) -> Dataset:
+def _separate(node: Dataset) -> None:
+    """Every container SEPARATE: the items are discrete results, not running prose. (highdicom
+    writes CONTINUOUS, which dsr2html and other renderers show as text without concept
+    names: "0.83 1" instead of "Probability = 0.83".)"""
+    if node.get("ValueType") == "CONTAINER":
+        node.ContinuityOfContent = "SEPARATE"
+    for child in node.get("ContentSequence", []):
+        _separate(child)
+
+
+def evidence_header(source: Dataset) -> Dataset:
     """A copy of the source header that highdicom can take as evidence.
 
     Tolerant reading: type 2 patient/study attributes a modality left out are added empty,
@@ -279,7 +333,7 @@ def _measurement_group(
     measurements = [
         Measurement(
             name=PROBABILITY,
-            value=float(result.probability),
+            value=_shown(result.probability),
             unit=NO_UNITS,
             derivation=codes.SCT.Mean,  # the ensemble averages its members
         )
@@ -289,7 +343,7 @@ def _measurement_group(
             measurements.append(
                 Measurement(
                     name=PROBABILITY,
-                    value=float(probability),
+                    value=_shown(probability),
                     unit=NO_UNITS,
                     algorithm_id=AlgorithmIdentification(
                         name=member,
@@ -333,25 +387,46 @@ def _measurement_group(
 def _neighbour_item(
     item: SimilarItem, header: Dataset, options: ReportOptions, evidence: list[Dataset]
 ) -> ContainerContentItem:
-    hospital = item.kind == "hospital"
-    container = ContainerContentItem(
-        name=SIMILAR_HOSPITAL if hospital else SIMILAR_REFERENCE, relationship_type=_CONTAINS
-    )
+    if item.kind == "hospital":
+        return _hospital_item(item, header, options, evidence)
+    container = ContainerContentItem(name=SIMILAR_REFERENCE, relationship_type=_CONTAINS)
     content: list[ContentItem] = [_text(IDENTIFIER, item.item_id)]
     if math.isfinite(item.distance):
-        content.append(
-            NumContentItem(
-                name=EMBEDDING_DISTANCE,
-                value=float(item.distance),
-                unit=NO_UNITS,
-                relationship_type=_CONTAINS,
-            )
-        )
+        content.append(_distance(item.distance))
     if options.include_similar_labels and item.label:
         content.append(_text(NEIGHBOUR_LABEL, item.label))
     if item.source:
         content.append(_text(NEIGHBOUR_DATASET, item.source))
-    if hospital and item.study_instance_uid:
+    container.ContentSequence = ContentSequence(content)
+    return container
+
+
+def _hospital_item(
+    item: SimilarItem, header: Dataset, options: ReportOptions, evidence: list[Dataset]
+) -> ContainerContentItem:
+    """An earlier study of this hospital: what `hospital_fields` allows, and its UIDs so the
+    viewer can open it (and PertinentOtherEvidenceSequence lists it)."""
+    fields = options.hospital_fields
+    container = ContainerContentItem(name=SIMILAR_HOSPITAL, relationship_type=_CONTAINS)
+    content: list[ContentItem] = [_text(IDENTIFIER, item.item_id)]
+    if "date" in fields and item.study_date and _is_date(item.study_date):
+        content.append(
+            DateContentItem(name=STUDY_DATE, value=item.study_date, relationship_type=_CONTAINS)
+        )
+    if "score" in fields and item.probability is not None:
+        content.append(
+            NumContentItem(
+                name=AI_PROBABILITY_THEN,
+                value=_shown(item.probability),
+                unit=NO_UNITS,
+                relationship_type=_CONTAINS,
+            )
+        )
+    if "label" in fields and options.include_similar_labels and item.label:
+        content.append(_text(CONFIRMED_DIAGNOSIS, DIAGNOSIS_TEXT.get(item.label, item.label)))
+    if "distance" in fields and math.isfinite(item.distance):
+        content.append(_distance(item.distance))
+    if item.study_instance_uid:
         content.append(
             UIDRefContentItem(
                 name=STUDY_UID, value=item.study_instance_uid, relationship_type=_CONTAINS
@@ -383,12 +458,53 @@ def _neighbour_item(
     return container
 
 
+def _shown(value: float) -> float:
+    """Four decimals: what a reader can use (0.8 - 0.03 is not 0.77000000000000001)."""
+    return round(float(value), 4)
+
+
+def _is_date(value: str) -> bool:
+    """A valid DICOM DA (YYYYMMDD); a malformed stored study date is left out."""
+    try:
+        datetime.strptime(value, "%Y%m%d")
+    except ValueError:
+        return False
+    return len(value) == 8
+
+
+def _distance(value: float) -> NumContentItem:
+    return NumContentItem(
+        name=EMBEDDING_DISTANCE, value=_shown(value), unit=NO_UNITS, relationship_type=_CONTAINS
+    )
+
+
+def _lung_region(
+    header: Dataset, outline: np.ndarray, number: int, manifest: Manifest, uids: ReportUids
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group holding one lung outline as a closed POLYLINE on the source image."""
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=generate_uid(entropy_srcs=[uids.sop_instance_uid, "lung", str(number)]),
+            identifier=f"Lung outline {number}",
+        ),
+        referenced_region=ImageRegion(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=np.asarray(outline, dtype=np.float64),
+            source_image=SourceImageForRegion.from_source_image(header),
+        ),
+        finding_type=LUNG,
+        finding_category=ANATOMICAL_STRUCTURE,
+        algorithm_id=AlgorithmIdentification(
+            name=f"{manifest.name} lung segmentation", version=manifest.version
+        ),
+    )
+
+
 def _neighbour_sop_class(item: SimilarItem, header: Dataset) -> str:
-    # SimilarItem does not carry the SOP Class UID yet. The node indexes only instances it
-    # analysed itself (CR, DX or SC), so until the contract has it, the source's class is
-    # the best available value. Prefer the item's own once the contract adds the field.
-    explicit = getattr(item, "sop_class_uid", None)
-    return str(explicit) if explicit else str(header.SOPClassUID)
+    # The hospital index records each image's SOP class. An item without one (older
+    # callers) is an image the node analysed itself (CR, DX or SC): the source's class is
+    # the best available guess.
+    return str(item.sop_class_uid) if item.sop_class_uid else str(header.SOPClassUID)
 
 
 def _text(name: CodedConcept, value: str) -> TextContentItem:
@@ -404,6 +520,13 @@ def _series_description(manifest: Manifest) -> str:
 # ---------------------------------------------------------------------------- reading back
 
 
+class SimilarSummary(TypedDict):
+    kind: str  # "hospital" or "reference"
+    item_id: str
+    study_uid: str | None
+    label: str | None  # hospital: the confirmed diagnosis as recorded ("covid", "negative")
+
+
 class SrSummary(TypedDict):
     probability: float | None
     finding_present: bool | None
@@ -411,7 +534,9 @@ class SrSummary(TypedDict):
     member_probabilities: dict[str, float]
     device_uid: str | None
     similar_ids: list[str]
+    similar: list[SimilarSummary]
     pertinent_study_uids: list[str]
+    lung_regions: int
     plumbing_bundle: bool
 
 
@@ -420,13 +545,17 @@ def sr_summary(ds: Dataset) -> SrSummary:
 
     - probability: the ensemble Probability (the NUM without its own Algorithm Name);
     - finding_present: the COVID-19 CODE item, True / False, None when absent or unknown;
-    - referenced_sop_instance_uids: CurrentRequestedProcedureEvidenceSequence instances.
+    - referenced_sop_instance_uids: CurrentRequestedProcedureEvidenceSequence instances;
+    - similar: each similar item's kind, identifier, study UID and label;
+    - lung_regions: how many SCOORD regions (lung outlines) the report holds.
     """
     probability: float | None = None
     members: dict[str, float] = {}
     present: bool | None = None
     device_uid: str | None = None
     similar_ids: list[str] = []
+    similar = [_similar_summary(item) for item in _neighbour_containers(ds)]
+    regions = 0
     plumbing = False
     for item, parents in _walk(ds.get("ContentSequence", [])):
         concept = _concept(item)
@@ -450,6 +579,8 @@ def sr_summary(ds: Dataset) -> SrSummary:
             present = _PRESENCE.get(str(values[0].get("CodeValue", "")))
         elif value_type == "UIDREF" and concept == ("121012", "DCM"):
             device_uid = str(item.UID)
+        elif value_type == "SCOORD":
+            regions += 1
         elif value_type == "TEXT":
             text = str(item.get("TextValue", ""))
             if concept == ("125010", "DCM") and parents and parents[-1] in _NEIGHBOUR_CONCEPTS:
@@ -465,16 +596,47 @@ def sr_summary(ds: Dataset) -> SrSummary:
         member_probabilities=members,
         device_uid=device_uid,
         similar_ids=similar_ids,
+        similar=similar,
         pertinent_study_uids=[
             str(s.StudyInstanceUID) for s in ds.get("PertinentOtherEvidenceSequence", [])
         ],
+        lung_regions=regions,
         plumbing_bundle=plumbing,
+    )
+
+
+def _neighbour_containers(ds: Dataset) -> list[Dataset]:
+    return [
+        item
+        for item, _ in _walk(ds.get("ContentSequence", []))
+        if item.get("ValueType") == "CONTAINER" and _concept(item) in _NEIGHBOUR_CONCEPTS
+    ]
+
+
+def _similar_summary(container: Dataset) -> SimilarSummary:
+    hospital = _concept(container) == (SIMILAR_HOSPITAL.value, SIMILAR_HOSPITAL.scheme_designator)
+    item_id, study_uid, label = "", None, None
+    for child in container.get("ContentSequence", []):
+        concept = _concept(child)
+        if concept == (IDENTIFIER.value, IDENTIFIER.scheme_designator):
+            item_id = str(child.get("TextValue", ""))
+        elif concept == (STUDY_UID.value, STUDY_UID.scheme_designator):
+            study_uid = str(child.UID)
+        elif concept in _LABEL_CONCEPTS:
+            label = _DIAGNOSIS_BY_TEXT.get(str(child.TextValue), str(child.TextValue))
+    return SimilarSummary(
+        kind="hospital" if hospital else "reference",
+        item_id=item_id,
+        study_uid=study_uid,
+        label=label,
     )
 
 
 _NEIGHBOUR_CONCEPTS = {
     (c.value, c.scheme_designator) for c in (SIMILAR_HOSPITAL, SIMILAR_REFERENCE)
 }
+_LABEL_CONCEPTS = {(c.value, c.scheme_designator) for c in (NEIGHBOUR_LABEL, CONFIRMED_DIAGNOSIS)}
+_DIAGNOSIS_BY_TEXT = {text: label for label, text in DIAGNOSIS_TEXT.items()}
 # Tolerant reading: SNOMED "Absent" 2667000 is accepted too (other writers use it).
 _PRESENCE = {PRESENT.value: True, ABSENT.value: False, "2667000": False}
 

@@ -24,6 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = REPO_ROOT / "models" / "default"
 PLUMBING_BUNDLE = REPO_ROOT / "tests" / "data" / "plumbing-bundle"
 
+#: Attributes of a similar hospital study that the SR can carry (setting `hospital_fields`).
+HOSPITAL_FIELDS = ("date", "score", "label", "distance")
+
 _DEST_RE = re.compile(r"^\s*([^@\s]{1,16})@([^:\s]+):(\d{1,5})\s*$")
 
 
@@ -81,8 +84,38 @@ class Settings(BaseSettings):
     )
     worker_concurrency: int = Field(default=2, ge=1, description="threads per worker process")
     onnx_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: auto")
-    similar_k: int = Field(default=4, ge=0, le=50, description="similar items in the SR; 0: none")
-    similar_labels: bool = Field(default=True, description="show labels of similar items in the SR")
+    similar_k: int = Field(
+        default=4, ge=0, le=50, description="nearest reference-set items in the SR; 0: none"
+    )
+    similar_labels: bool = Field(
+        default=True,
+        description="show labels of similar items in the SR (reference-set labels and "
+        "confirmed diagnoses of hospital studies)",
+    )
+    hospital_index: bool = Field(
+        default=True,
+        description="keep every analysed image's embedding in the hospital index (data_dir/"
+        "hospital); off: nothing is stored there and the SR lists no hospital studies",
+    )
+    hospital_k: int = Field(
+        default=4,
+        ge=0,
+        le=50,
+        description="most similar earlier hospital studies in the SR; 0: none",
+    )
+    hospital_fields: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(HOSPITAL_FIELDS),
+        description="comma-separated attributes of similar hospital studies written into the SR, "
+        "besides their UIDs: date (study date), score (AI probability), label (confirmed "
+        "diagnosis), distance (embedding distance); empty: UIDs only",
+    )
+    produce_sc: bool = Field(
+        default=True, description="send a Secondary Capture summary image with the SR"
+    )
+    produce_seg: bool = Field(default=False, description="send the lung mask as DICOM SEG")
+    summary_width: int = Field(
+        default=1024, ge=512, le=4096, description="width in pixels of the summary image"
+    )
     delivery_attempts: int = Field(default=6, ge=1, description="C-STORE tries per destination")
     delivery_backoff_s: float = Field(
         default=5.0, gt=0, description="first retry delay; doubles each try, capped at 10 min"
@@ -102,6 +135,18 @@ class Settings(BaseSettings):
         value = _split_csv(value)
         if isinstance(value, list):
             return [Destination.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("hospital_fields", mode="before")
+    @classmethod
+    def _parse_fields(cls, value: Any) -> Any:
+        value = _split_csv(value)
+        if isinstance(value, list):
+            unknown = [v for v in value if v not in HOSPITAL_FIELDS]
+            if unknown:
+                raise ValueError(
+                    f"unknown hospital field(s) {unknown}: choose from {', '.join(HOSPITAL_FIELDS)}"
+                )
         return value
 
     @field_validator("allowed_calling_aes", mode="before")
@@ -146,6 +191,10 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def hospital_dir(self) -> Path:
+        return self.data_dir / "hospital"
 
     @property
     def ledger_path(self) -> Path:

@@ -1,4 +1,4 @@
-"""Shared fixtures: real DICOM files, free ports, DCMTK peers and node processes."""
+"""Shared fixtures: real DICOM files, free ports, DCMTK peers, Orthanc and node processes."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.orthanc import orthanc  # noqa: F401  (fixture: a real Orthanc PACS)
 
 REPO = Path(__file__).resolve().parent.parent
 PLUMBING_BUNDLE = REPO / "tests" / "data" / "plumbing-bundle"

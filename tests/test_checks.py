@@ -67,3 +67,20 @@ def test_missing_uid_is_refused() -> None:
     del ds.StudyInstanceUID
     check = check_instance(ds, CR, 10**8)
     assert check.status == status.MISSING_ATTRIBUTE and "StudyInstanceUID" in check.reason
+
+
+def test_a_summary_image_of_a_node_is_not_analysed_again() -> None:
+    """A PACS routing the study back sends the node its own summary SC: no loop."""
+    sc = "1.2.840.10008.5.1.4.1.1.7"
+    own = header(SOPClassUID=sc, Modality="OT", BodyPartExamined="CHEST", Manufacturer="cxr-node")
+    check = check_instance(own, sc, 10**8)
+    assert check.verdict is Verdict.NOT_ANALYSABLE and "CXR node" in check.reason
+    equipment = Dataset()
+    equipment.Manufacturer = "cxr-node"
+    forwarded = header(
+        SOPClassUID=sc, Modality="OT", Manufacturer="Other PACS", BodyPartExamined="CHEST"
+    )
+    forwarded.ContributingEquipmentSequence = [equipment]
+    assert check_instance(forwarded, sc, 10**8).verdict is Verdict.NOT_ANALYSABLE
+    other = header(SOPClassUID=sc, Modality="OT", Manufacturer="Scanner Inc", BodyPartExamined="")
+    assert check_instance(other, sc, 10**8).verdict is Verdict.ANALYSE

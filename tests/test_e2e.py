@@ -1,4 +1,5 @@
-"""End to end with real peers: DCMTK storescu -> the node -> DCMTK storescp receives the SR."""
+"""End to end with real peers: DCMTK storescu -> the node -> DCMTK storescp receives the SR
+(and the Secondary Capture summary, on by default)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.ledger import JobState, Ledger
-from dicom_node.report import sr_summary
+from dicom_node.report import COMPREHENSIVE_SR, sr_summary
 from tests.conftest import POOL_DIR, NodeProcess, Peer, require_tool, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -20,6 +21,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # Distinctive patient identity: none of it may reach a log line.
 PHI_NAME = "Zyqoxwelt^Marguerite"
 PHI_ID = "PHI4471982"
+# A single-component name: libraries that warn about such names quote them.
+PHI_SOLO_NAME = "Quarvendilsky"
+PHI_SOLO_ID = "PHI4471983"
 
 
 # storescu proposes uncompressed transfer syntaxes unless told which compressed one to offer.
@@ -101,13 +105,21 @@ def pool_png_as_dicom(png: Path, target: Path) -> Path:
     return target
 
 
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def of_class(paths: list[Path], sop_class_uid: str) -> list[Path]:
+    """The files of one SOP class (a destination receives SRs and summary images)."""
+    return [p for p in paths if dcmread(p, stop_before_pixels=True).SOPClassUID == sop_class_uid]
+
+
 def assert_delivered(node: NodeProcess, pacs: Peer, sent_uids: set[str]) -> list[Dataset]:
     wait_for(
-        lambda: len(pacs.received()) >= len(sent_uids),
+        lambda: len(of_class(pacs.received(), COMPREHENSIVE_SR)) >= len(sent_uids),
         240,
         f"{len(sent_uids)} SRs at the destination",
     )
-    srs = [dcmread(p) for p in pacs.received()]
+    srs = [dcmread(p) for p in of_class(pacs.received(), COMPREHENSIVE_SR)]
     referenced = [sr_summary(sr)["referenced_sop_instance_uids"] for sr in srs]
     assert sorted(uid for refs in referenced for uid in refs) == sorted(sent_uids)
     for sr in srs:
@@ -133,7 +145,8 @@ def test_storescu_to_sr_embedded_queue(
     tmp_path: Path,
 ) -> None:
     phi_file = with_identity(chest_cr, tmp_path / "phi.dcm", PHI_NAME, PHI_ID)
-    files = [chest_cr, chest_cr_j2k, phi_file]
+    solo_file = with_identity(chest_cr, tmp_path / "solo.dcm", PHI_SOLO_NAME, PHI_SOLO_ID)
+    files = [chest_cr, chest_cr_j2k, phi_file, solo_file]
     if (POOL_DIR / "dicom").is_dir():
         files += sorted((POOL_DIR / "dicom").glob("*.dcm"))  # includes copies of the RG1 pair
         pngs = sorted((POOL_DIR / "images").glob("*.png"))[:3]
@@ -149,6 +162,18 @@ def test_storescu_to_sr_embedded_queue(
     sr = by_ref[str(source.SOPInstanceUID)]
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    # one summary image per SR, in the same study, in a series of its own
+    wait_for(
+        lambda: len(of_class(storescp.received(), SECONDARY_CAPTURE)) == len(sent),
+        60,
+        "a summary image per SR",
+    )
+    scs = [dcmread(p) for p in of_class(storescp.received(), SECONDARY_CAPTURE)]
+    by_source = {sc.SourceImageSequence[0].ReferencedSOPInstanceUID: sc for sc in scs}
+    assert set(by_source) == sent
+    sc = by_source[str(source.SOPInstanceUID)]
+    assert sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.SeriesInstanceUID not in (source.SeriesInstanceUID, sr.SeriesInstanceUID)
     for path in storescp.received():
         assert dciodvfy_errors(path) == [], path
 
@@ -160,7 +185,8 @@ def test_storescu_to_sr_embedded_queue(
 
     logs = node.logs()
     assert "job " in logs  # the logs are there, and say something
-    for secret in (PHI_NAME, PHI_NAME.replace("^", " "), PHI_ID, "CompressedSamples"):
+    secrets = (PHI_NAME, PHI_NAME.replace("^", " "), PHI_ID, PHI_SOLO_NAME, PHI_SOLO_ID)
+    for secret in (*secrets, "CompressedSamples"):
         assert secret not in logs, f"patient data in the logs: {secret}"
 
 
@@ -171,8 +197,10 @@ def test_no_destination_goes_to_outbox(
     node = start_node()
     assert storescu(node, [chest_cr]) == 0
     outbox = node.data_dir / "outbox"
-    wait_for(lambda: len(list(outbox.glob("*.dcm"))) == 1, 240, "the SR in the outbox")
-    summary = sr_summary(dcmread(next(outbox.glob("*.dcm"))))
+    wait_for(lambda: len(list(outbox.glob("*.dcm"))) == 2, 240, "the SR and SC in the outbox")
+    (sr_path,) = of_class(sorted(outbox.glob("*.dcm")), COMPREHENSIVE_SR)
+    assert len(of_class(sorted(outbox.glob("*.dcm")), SECONDARY_CAPTURE)) == 1
+    summary = sr_summary(dcmread(sr_path))
     assert summary["referenced_sop_instance_uids"] == [
         str(dcmread(chest_cr, stop_before_pixels=True).SOPInstanceUID)
     ]

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
-from dicom_node.ledger import DeliveryState, Job, JobState, Ledger
+from dicom_node.ledger import DeliveryState, Job, JobState, Ledger, OutputKind, OutputUids
 from dicom_node.recovery import sweep
 
 
@@ -78,3 +79,66 @@ def test_sweep_requeues_unfinished_work_only(tmp_path: Path) -> None:
     assert count == 3
     # recent work is left alone by the periodic sweep
     assert sweep(ledger, prepared.append, lambda j, d: None, older_than_s=3600) == 0
+
+
+def test_output_uids_fixed_at_receive_time(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.add(make_job("a", "1.1"))
+    uids = ledger.output_uids("a")
+    assert set(uids) == set(OutputKind)
+    assert uids[OutputKind.SR] == OutputUids("1.2.9", "1.2.9.a")  # the job's SR UIDs
+    assert len({u.sop_instance_uid for u in uids.values()}) == 3
+    assert len({u.series_instance_uid for u in uids.values()}) == 3  # a series per object
+    assert Ledger(tmp_path / "l.db").output_uids("a") == uids  # the same on every call
+    # a duplicate receive does not change them
+    assert not ledger.add(make_job("b", "1.1"))
+    assert ledger.output_uids("a") == uids
+
+
+def test_deliveries_are_per_object_and_destination(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.add(make_job("a", "1.1", JobState.ANALYSED))
+    kinds = [OutputKind.SR, OutputKind.SC]
+    ledger.add_deliveries("a", ["P1@h:1", "P2@h:2"], kinds)
+    ledger.add_deliveries("a", ["P1@h:1", "P2@h:2"], kinds)  # a redone finalize adds nothing
+    assert len(ledger.deliveries("a")) == 4
+    # one row per (job, destination) for the recovery sweep, which delivers all objects
+    assert sorted(d.destination for d in ledger.pending_deliveries()) == ["P1@h:1", "P2@h:2"]
+    for destination in ("P1@h:1", "P2@h:2"):
+        ledger.record_attempt("a", destination, DeliveryState.DELIVERED, kind=OutputKind.SR)
+    assert ledger.get("a").state is JobState.ANALYSED  # type: ignore[union-attr]  # SCs pending
+    ledger.record_attempt("a", "P1@h:1", DeliveryState.DELIVERED, kind=OutputKind.SC)
+    ledger.record_attempt("a", "P2@h:2", DeliveryState.FAILED, "refused", OutputKind.SC)
+    job = ledger.get("a")
+    assert job is not None and job.state is JobState.FAILED
+    assert "SC to P2@h:2" in (job.reason or "")
+    # the SRs stay delivered: a failed SC does not undo them
+    srs = [d for d in ledger.deliveries("a") if d.kind is OutputKind.SR]
+    assert {d.state for d in srs} == {DeliveryState.DELIVERED}
+    assert ledger.retry_failed("a") == ["P2@h:2"]
+    ledger.record_attempt("a", "P2@h:2", DeliveryState.DELIVERED, kind=OutputKind.SC)
+    assert ledger.get("a").state is JobState.DELIVERED  # type: ignore[union-attr]
+
+
+def test_ledger_from_before_per_object_deliveries_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE deliveries (job_id TEXT NOT NULL, destination TEXT NOT NULL, "
+            "state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, "
+            "updated_at REAL NOT NULL, PRIMARY KEY (job_id, destination));"
+            "INSERT INTO deliveries VALUES ('a', 'P@h:1', 'pending', 2, 'down', 0);"
+        )
+    ledger = Ledger(path)
+    ledger.add(make_job("a", "1.1", JobState.ANALYSED))
+    (old,) = ledger.deliveries("a")
+    assert (old.kind, old.destination, old.attempts, old.last_error) == (
+        OutputKind.SR,
+        "P@h:1",
+        2,
+        "down",
+    )
+    ledger.add_deliveries("a", ["P@h:1"], [OutputKind.SR, OutputKind.SC])
+    assert [d.kind for d in ledger.deliveries("a")] == [OutputKind.SR, OutputKind.SC]
+    Ledger(path)  # opening again migrates nothing twice
+    assert len(ledger.deliveries("a")) == 2

@@ -8,6 +8,7 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
@@ -41,6 +42,11 @@ def source() -> Dataset:
 
 @pytest.fixture(scope="module")
 def manifest() -> Manifest:
+    return make_manifest()
+
+
+def make_manifest() -> Manifest:
+    """A realistic (not plumbing) manifest; nothing is loaded from it."""
     members = [
         MemberSpec(
             file=f"{name}.onnx",
@@ -303,3 +309,176 @@ def test_dcmtk_reads_it(source: Dataset, manifest: Manifest, tmp_path: Path) -> 
     html = subprocess.run(["dsr2html", path], capture_output=True, text=True, timeout=60)
     assert html.returncode == 0, html.stderr
     assert "COVID-19" in html.stdout
+
+
+# ------------------------------------------------------------------- lung outlines (TID 1410)
+
+OUTLINES = [
+    np.array([[100.5, 100.5], [400.5, 120.5], [380.5, 900.5], [120.5, 880.5], [100.5, 100.5]]),
+    np.array([[900.5, 100.5], [1300.5, 120.5], [1280.5, 900.5], [920.5, 880.5], [900.5, 100.5]]),
+]
+
+
+def build_with_outlines(source: Dataset, manifest: Manifest, tmp_path: Path) -> Dataset:
+    sr = build_sr(
+        source, make_result(manifest, 0.83), manifest, SIMILAR, UIDS, ReportOptions(), OUTLINES
+    )
+    return write_and_read(sr, tmp_path / "sr.dcm")
+
+
+def scoords(ds: Dataset) -> list[Dataset]:
+    found: list[Dataset] = []
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            if item.ValueType == "SCOORD":
+                found.append(item)
+            walk(item.get("ContentSequence", []))
+
+    walk(ds.ContentSequence)
+    return found
+
+
+def test_lung_outlines_are_planar_regions_on_the_source(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    sr = build_with_outlines(source, manifest, tmp_path)
+    regions = scoords(sr)
+    assert len(regions) == 2
+    for region, outline in zip(regions, OUTLINES, strict=True):
+        assert region.GraphicType == "POLYLINE"
+        np.testing.assert_allclose(np.reshape(region.GraphicData, (-1, 2)), outline)
+        image = region.ContentSequence[0]
+        assert image.RelationshipType == "SELECTED FROM"
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert sr_summary(sr)["lung_regions"] == 2
+    # the tree is that of TID 1500: groups under Imaging Measurements, after the COVID group
+    measurements = next(
+        i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"
+    )
+    groups = measurements.ContentSequence
+    assert len(groups) == 3
+    texts = [c.TextValue for g in groups[1:] for c in g.ContentSequence if c.ValueType == "TEXT"]
+    assert "Lung outline 1" in texts and "Lung outline 2" in texts
+    # still the same probability and finding
+    assert sr_summary(sr)["probability"] == pytest.approx(0.83)
+    assert sr_summary(sr)["finding_present"] is True
+
+
+def test_no_outline_no_region(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    sr = build(source, manifest, tmp_path)
+    assert scoords(sr) == []
+    assert sr_summary(sr)["lung_regions"] == 0
+
+
+# ------------------------------------------------------------------- similar hospital studies
+
+HOSPITAL_ITEM = SimilarItem(
+    kind="hospital",
+    item_id="H000042",
+    label="covid",
+    distance=0.113,
+    study_instance_uid=HOSPITAL_STUDY,
+    series_instance_uid=HOSPITAL_SERIES,
+    sop_instance_uid=HOSPITAL_SOP + ".2",
+    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+    study_date="20240412",
+    probability=0.91,
+)
+
+
+def hospital_content(sr: Dataset) -> dict[str, object]:
+    container = next(
+        c
+        for top in sr.ContentSequence
+        for c in top.get("ContentSequence", [])
+        if c.ConceptNameCodeSequence[0].CodeMeaning == "Similar hospital study"
+    )
+    out: dict[str, object] = {}
+    for item in container.ContentSequence:
+        name = item.ConceptNameCodeSequence[0].CodeMeaning
+        if item.ValueType == "TEXT":
+            out[name] = item.TextValue
+        elif item.ValueType == "NUM":
+            out[name] = float(item.MeasuredValueSequence[0].NumericValue)
+        elif item.ValueType == "DATE":
+            out[name] = item.Date
+        elif item.ValueType == "UIDREF":
+            out[name] = item.UID
+        elif item.ValueType == "IMAGE":
+            out[name] = item.ReferencedSOPSequence[0].ReferencedSOPClassUID
+    return out
+
+
+def test_hospital_study_carries_date_score_label_distance_and_uids(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    sr = build(source, manifest, tmp_path, similar=[HOSPITAL_ITEM])
+    content = hospital_content(sr)
+    assert content == {
+        "Identifier": "H000042",
+        "Study Date": "20240412",
+        "AI probability at analysis": pytest.approx(0.91),
+        "Confirmed diagnosis": "COVID-19 (confirmed)",
+        "Embedding distance": pytest.approx(0.113),
+        "Study Instance UID": HOSPITAL_STUDY,
+        "Series Instance UID": HOSPITAL_SERIES,
+        "Similar image": "1.2.840.10008.5.1.4.1.1.1.1",  # the item's own SOP class
+    }
+    assert sr_summary(sr)["pertinent_study_uids"] == [HOSPITAL_STUDY]
+    assert sr_summary(sr)["similar"] == [
+        {"kind": "hospital", "item_id": "H000042", "study_uid": HOSPITAL_STUDY, "label": "covid"}
+    ]
+
+
+def test_hospital_fields_choose_what_goes_out(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    sr = build_sr(
+        source,
+        make_result(manifest, 0.4),
+        manifest,
+        [HOSPITAL_ITEM],
+        UIDS,
+        ReportOptions(hospital_fields=frozenset()),
+    )
+    content = hospital_content(write_and_read(sr, tmp_path / "sr.dcm"))
+    # UIDs only: the reader can open the study, and learns nothing else about it
+    assert set(content) == {
+        "Identifier",
+        "Study Instance UID",
+        "Series Instance UID",
+        "Similar image",
+    }
+    sr = build_sr(
+        source,
+        make_result(manifest, 0.4),
+        manifest,
+        [HOSPITAL_ITEM.model_copy(update={"study_date": "2024-04-12"})],  # malformed DA
+        UIDS,
+        ReportOptions(hospital_fields=frozenset({"date", "label"})),
+    )
+    content = hospital_content(write_and_read(sr, tmp_path / "sr.dcm"))
+    assert "Study Date" not in content and content["Confirmed diagnosis"]
+    assert "Embedding distance" not in content and "AI probability at analysis" not in content
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not installed")
+def test_dciodvfy_with_outlines_and_hospital_items(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    sr = build_sr(
+        source,
+        make_result(manifest, 0.83),
+        manifest,
+        [HOSPITAL_ITEM, *SIMILAR],
+        UIDS,
+        ReportOptions(),
+        OUTLINES,
+    )
+    write_and_read(sr, tmp_path / "sr.dcm")
+    run = subprocess.run(["dciodvfy", str(tmp_path / "sr.dcm")], capture_output=True, text=True)
+    output = run.stdout + run.stderr
+    assert "ComprehensiveSR" in output
+    assert [line for line in output.splitlines() if line.startswith("Error")] == [], output

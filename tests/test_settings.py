@@ -42,3 +42,20 @@ def test_toml_file_and_env_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path:
     s = Settings()
     assert (s.ae_title, s.port) == ("FROMTOML", 5104)
     assert [str(d) for d in s.destinations] == ["P@h:1"]
+
+
+def test_result_objects_and_hospital_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("CXR_PRODUCE_SC", "CXR_PRODUCE_SEG", "CXR_HOSPITAL_FIELDS", "CXR_CONFIG"):
+        monkeypatch.delenv(key, raising=False)
+    s = Settings()
+    assert (s.produce_sc, s.produce_seg, s.hospital_index) == (True, False, True)
+    assert s.hospital_fields == ["date", "score", "label", "distance"]
+    monkeypatch.setenv("CXR_HOSPITAL_FIELDS", "label, distance")
+    monkeypatch.setenv("CXR_PRODUCE_SEG", "true")
+    s = Settings()
+    assert s.hospital_fields == ["label", "distance"] and s.produce_seg
+    monkeypatch.setenv("CXR_HOSPITAL_FIELDS", "")
+    assert Settings().hospital_fields == []  # UIDs only
+    monkeypatch.setenv("CXR_HOSPITAL_FIELDS", "date,patient_name")
+    with pytest.raises(ValueError, match="patient_name"):
+        Settings()

@@ -45,6 +45,10 @@ class SimilarItem(BaseModel):
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
     sop_class_uid: str | None = None
+    study_date: str | None = Field(default=None, description="hospital items: DICOM DA")
+    probability: float | None = Field(
+        default=None, description="hospital items: the AI probability when it was analysed"
+    )
 
 
 class InferResult(BaseModel):

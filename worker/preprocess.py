@@ -8,6 +8,8 @@ node preprocesses with the parameters of the bundle it serves.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 from pydantic import BaseModel, Field
@@ -43,8 +45,8 @@ def _content_span(profile: np.ndarray, min_fraction: float, max_crop: int) -> tu
     return start, stop
 
 
-def crop_borders(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
-    """Remove dark borders and margins that hold only burned-in text or markers."""
+def crop_box(image: np.ndarray, params: PreprocessParams) -> tuple[int, int, int, int]:
+    """(row0, row1, col0, col1) of the region `crop_borders` keeps."""
     content = image >= params.crop_dark_threshold
     h, w = image.shape
     r0, r1 = _content_span(
@@ -53,15 +55,68 @@ def crop_borders(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
     c0, c1 = _content_span(
         content.mean(axis=0), params.crop_content_fraction, int(w * params.crop_max_fraction)
     )
+    return r0, r1, c0, c1
+
+
+def crop_borders(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """Remove dark borders and margins that hold only burned-in text or markers."""
+    r0, r1, c0, c1 = crop_box(image, params)
     return image[r0:r1, c0:c1]
+
+
+def _pad_offsets(h: int, w: int) -> tuple[int, int, int]:
+    side = max(h, w)
+    return side, (side - h) // 2, (side - w) // 2
 
 
 def pad_square(image: np.ndarray) -> np.ndarray:
     h, w = image.shape
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
+    side, top, left = _pad_offsets(h, w)
     return cv2.copyMakeBorder(
         image, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=0
+    )
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where `preprocess` took its output from: crop box and square padding in the input.
+
+    A pixel (column u, row v) of the S x S output has its centre at
+    x = c0 - left + (u + 0.5) * side / S - 0.5 (and likewise for rows) in the input image.
+    """
+
+    input_shape: tuple[int, int]
+    crop: tuple[int, int, int, int]  # row0, row1, col0, col1
+    side: int  # of the padded square, in input pixels
+    top: int  # padding above the crop
+    left: int  # padding left of the crop
+    size: int  # output side S
+
+    def output_to_input(self) -> np.ndarray:
+        """2 x 3 affine matrix taking output (x, y) to input (x, y), pixel centres at +0.5."""
+        scale = self.side / self.size
+        r0, _, c0, _ = self.crop
+        return np.array(
+            [
+                [scale, 0.0, c0 - self.left + 0.5 * scale - 0.5],
+                [0.0, scale, r0 - self.top + 0.5 * scale - 0.5],
+            ]
+        )
+
+
+def preprocess_geometry(image: np.ndarray, params: PreprocessParams) -> Geometry:
+    """The crop and pad `preprocess` applies to this display image (gray uint8, 2-D)."""
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
+    r0, r1, c0, c1 = crop_box(image, params)
+    side, top, left = _pad_offsets(r1 - r0, c1 - c0)
+    return Geometry(
+        input_shape=(int(image.shape[0]), int(image.shape[1])),
+        crop=(r0, r1, c0, c1),
+        side=side,
+        top=top,
+        left=left,
+        size=params.size,
     )
 
 
