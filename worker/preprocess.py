@@ -43,8 +43,8 @@ def _content_span(profile: np.ndarray, min_fraction: float, max_crop: int) -> tu
     return start, stop
 
 
-def crop_borders(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
-    """Remove dark borders and margins that hold only burned-in text or markers."""
+def crop_box(image: np.ndarray, params: PreprocessParams) -> tuple[int, int, int, int]:
+    """Rows r0:r1 and columns c0:c1 that `crop_borders` keeps."""
     content = image >= params.crop_dark_threshold
     h, w = image.shape
     r0, r1 = _content_span(
@@ -53,6 +53,12 @@ def crop_borders(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
     c0, c1 = _content_span(
         content.mean(axis=0), params.crop_content_fraction, int(w * params.crop_max_fraction)
     )
+    return r0, r1, c0, c1
+
+
+def crop_borders(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """Remove dark borders and margins that hold only burned-in text or markers."""
+    r0, r1, c0, c1 = crop_box(image, params)
     return image[r0:r1, c0:c1]
 
 
@@ -65,8 +71,7 @@ def pad_square(image: np.ndarray) -> np.ndarray:
     )
 
 
-def preprocess(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
-    """Display image -> square, resized, contrast-equalised uint8 image of params.size."""
+def _gray(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3:
         code = cv2.COLOR_BGR2GRAY if image.shape[2] == 3 else cv2.COLOR_BGRA2GRAY
         image = cv2.cvtColor(image, code)
@@ -74,6 +79,12 @@ def preprocess(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
         raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
     if image.dtype != np.uint8:
         raise ValueError(f"expected uint8 display pixels, got {image.dtype}")
+    return image
+
+
+def preprocess(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """Display image -> square, resized, contrast-equalised uint8 image of params.size."""
+    image = _gray(image)
     square = pad_square(crop_borders(image, params))
     interpolation = cv2.INTER_AREA if square.shape[0] > params.size else cv2.INTER_LINEAR
     resized = cv2.resize(square, (params.size, params.size), interpolation=interpolation)
@@ -81,6 +92,20 @@ def preprocess(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
         clipLimit=params.clahe_clip, tileGridSize=(params.clahe_tile, params.clahe_tile)
     )
     return clahe.apply(resized)
+
+
+def preprocess_mask(mask: np.ndarray, image: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """A label mask of `image` (same rows and columns) through the same crop, pad and resize.
+
+    For training: lung masks aligned with `preprocess(image, params)`. Nearest-neighbour
+    resizing keeps the label values; padding is 0 (background); no CLAHE.
+    """
+    image = _gray(image)
+    if mask.shape != image.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the image's {image.shape}")
+    r0, r1, c0, c1 = crop_box(image, params)
+    square = pad_square(np.ascontiguousarray(mask[r0:r1, c0:c1]))
+    return cv2.resize(square, (params.size, params.size), interpolation=cv2.INTER_NEAREST)
 
 
 def to_model_input(images: np.ndarray, params: PreprocessParams) -> np.ndarray:
