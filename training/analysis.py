@@ -36,7 +36,11 @@ class KnnResult:
 
 
 def knn_vote(
-    query: np.ndarray, query_labels: np.ndarray, reference: np.ndarray, ref_labels: np.ndarray, k: int
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    reference: np.ndarray,
+    ref_labels: np.ndarray,
+    k: int,
 ) -> KnnResult:
     """k nearest reference images of each query (cosine), their label vote and distances."""
     k = min(k, len(reference))

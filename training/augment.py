@@ -45,9 +45,18 @@ class Augmenter:
         self.kind = kind
         interpolation = cv2.INTER_NEAREST if kind == "labels" else cv2.INTER_LINEAR
         self._compose = _compose(cfg, interpolation, seed)
+        self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
+        """Seed every transform with its own stream.
+
+        albumentations' `set_random_seed` gives every transform the same seed, so their
+        apply-with-probability-p draws are identical: brighten (0.4) and rotate (0.4) would
+        always fire together. Each transform gets a seed derived from (seed, position).
+        """
         self._compose.set_random_seed(seed)
+        for position, transform in enumerate(_walk(self._compose)):
+            transform.set_random_seed((seed * 1_000_003 + 7919 * (position + 1)) % 2**32)
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray | None = None
@@ -61,6 +70,15 @@ class Augmenter:
             raise ValueError(f"mask {mask.shape} differs from the image {image.shape}")
         out = self._compose(image=image, mask=mask)
         return np.ascontiguousarray(out["image"]), np.ascontiguousarray(out["mask"])
+
+
+def _walk(compose: Any) -> list[Any]:
+    """Every transform under a Compose/OneOf, depth first."""
+    out = []
+    for transform in getattr(compose, "transforms", []):
+        out.append(transform)
+        out += _walk(transform)
+    return out
 
 
 def make_augmenter(

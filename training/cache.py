@@ -4,9 +4,10 @@ One `.npz` file (no pickles): each image is the output of `worker.preprocess.pre
 configured size, stored as JPEG or PNG bytes; lung masks go through the same crop, pad and
 resize (`preprocess_mask`, nearest, 127 = ignore kept) and are stored as PNG; the records and
 the preprocessing parameters are stored as JSON. Optionally a "raw" variant (pad to square and
-resize only: no crop, no CLAHE) feeds the without-preprocessing ablation.
+resize only: no crop, no CLAHE) for the without-preprocessing ablation goes into a sibling file
+`<name>-raw.npz`, so that the main file can travel alone.
 
-The file is self-contained: training on another machine needs the cache, not the images.
+The files are self-contained: training on another machine needs the cache, not the images.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ def cache_key(
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def raw_path(path: Path) -> Path:
+    """The sibling file of the un-preprocessed ablation variant."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-raw.npz")
 
 
 def raw_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -166,14 +173,12 @@ def build_cache(
     workers = workers or os.cpu_count() or 1
     jobs = [(r, params, encoding, quality, raw) for r in records]
     results: list[_Encoded | str]
-    progress = {"total": len(jobs), "desc": "cache", "unit": "img", "disable": None}
     if workers == 1 or len(jobs) < 32:
-        results = [_prepare_star(job) for job in tqdm(jobs, **progress)]  # type: ignore[call-overload]
+        results = [_prepare_star(job) for job in tqdm(jobs, desc="cache", unit="img", disable=None)]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(
-                tqdm(pool.map(_prepare_star, jobs, chunksize=8), **progress)  # type: ignore[call-overload]
-            )
+            done = pool.map(_prepare_star, jobs, chunksize=8)
+            results = list(tqdm(done, total=len(jobs), desc="cache", unit="img", disable=None))
     kept: list[Record] = []
     encoded: list[_Encoded] = []
     skipped: Counter[str] = Counter()
@@ -187,8 +192,6 @@ def build_cache(
         raise DataError(f"no image could be cached ({dict(skipped)})")
     arrays: dict[str, np.ndarray] = {}
     arrays["images_data"], arrays["images_offsets"] = _pack([e.image for e in encoded])
-    if raw:
-        arrays["raw_data"], arrays["raw_offsets"] = _pack([e.raw or b"" for e in encoded])
     for name, attr in (("masks", "mask"), ("weak", "weak")):
         rows = [i for i, e in enumerate(encoded) if getattr(e, attr) is not None]
         arrays[f"{name}_rows"] = np.array(rows, dtype=np.int64)
@@ -209,10 +212,20 @@ def build_cache(
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial.npz")
-    np.savez(partial, **arrays)  # the payload is already compressed
-    partial.replace(out)
+    raw_file = raw_path(out)
+    raw_file.unlink(missing_ok=True)
+    if raw:
+        raw_data, raw_offsets = _pack([e.raw or b"" for e in encoded])
+        key = np.frombuffer(str(meta["key"]).encode(), dtype=np.uint8)
+        _save(raw_file, {"raw_data": raw_data, "raw_offsets": raw_offsets, "key": key})
+    _save(out, arrays)
     return out, skipped
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez(partial, allow_pickle=False, **arrays)  # the payload is already compressed
+    partial.replace(path)
 
 
 def read_cache_meta(path: Path) -> dict[str, object]:
@@ -232,14 +245,17 @@ def load_cache(path: Path) -> Cache:
             raise DataError(f"{path}: cache format {meta.get('format')} is not {CACHE_FORMAT}")
         params = PreprocessParams.model_validate(meta["params"])
         images = np.stack([_decode(b) for b in _unpack(npz["images_data"], npz["images_offsets"])])
-        raw = None
-        if "raw_data" in npz:
-            raw = np.stack([_decode(b) for b in _unpack(npz["raw_data"], npz["raw_offsets"])])
         masks: list[dict[int, np.ndarray]] = []
         for name in ("masks", "weak"):
             rows = npz[f"{name}_rows"].tolist()
             blobs = _unpack(npz[f"{name}_data"], npz[f"{name}_offsets"])
             masks.append({int(r): _decode(b) for r, b in zip(rows, blobs, strict=True)})
+    raw = None
+    if raw_path(path).is_file():
+        with np.load(raw_path(path)) as npz:
+            if npz["key"].tobytes().decode() != meta["key"]:
+                raise DataError(f"{raw_path(path)} belongs to another cache than {path}")
+            raw = np.stack([_decode(b) for b in _unpack(npz["raw_data"], npz["raw_offsets"])])
     records = [Record.model_validate(r) for r in meta.pop("records")]
     if images.shape[1:] != (params.size, params.size) or len(images) != len(records):
         raise DataError(f"{path}: images {images.shape} do not match {len(records)} records")

@@ -14,23 +14,26 @@ from training.report import METRIC_LABELS, ci
 Json = dict[str, Any]
 
 
-def _table(rows: dict[str, Json], cols: tuple[str, ...] = ("n_split0", "positives_split0")) -> list[str]:
-    lines = ["| | " + " | ".join(cols) + " | " + " | ".join(METRIC_LABELS.values()) + " |",
-             "|---" * (1 + len(cols) + len(METRIC_LABELS)) + "|"]
+def _table(rows: dict[str, Json], cols: tuple[str, ...] = ("n", "positives")) -> list[str]:
+    lines = [
+        "| | " + " | ".join(cols) + " | " + " | ".join(METRIC_LABELS.values()) + " |",
+        "|---" * (1 + len(cols) + len(METRIC_LABELS)) + "|",
+    ]
     for key, row in rows.items():
         est = row.get("estimates", {})
         lines.append(
-            f"| {key} | " + " | ".join(str(row.get(c, "")) for c in cols) + " | "
-            + " | ".join(ci(est.get(m)) for m in METRIC_LABELS) + " |"
+            f"| {key} | "
+            + " | ".join(str(row.get(c, "")) for c in cols)
+            + " | "
+            + " | ".join(ci(est.get(m)) for m in METRIC_LABELS)
+            + " |"
         )
     return lines
 
 
 def card_notes(cfg: ExperimentConfig, report: Json) -> str:
     data = report["data"]
-    weights = [
-        f"`{m.name}` from `{m.checkpoint}`" for m in cfg.members if m.checkpoint
-    ]
+    weights = [f"`{m.name}` from `{m.checkpoint}`" for m in cfg.members if m.checkpoint]
     lines = [
         "## Intended use",
         "",

@@ -124,7 +124,10 @@ def build_member(run: MemberRun) -> Classifier:
             raise ValueError(
                 f"{run.checkpoint} holds a {payload['architecture']}, not a {run.architecture}"
             )
-        model = Classifier(run.architecture, tuple(payload["head"]))  # type: ignore[arg-type]
+        head = tuple(int(w) for w in payload["head"])
+        if len(head) != 3:
+            raise ValueError(f"{run.checkpoint}: head {head} is not three layers")
+        model = Classifier(run.architecture, (head[0], head[1], head[2]))
         model.load_state_dict(payload["model"])
         if model.head_widths != run.head:
             raise ValueError(f"{run.checkpoint} has head {model.head_widths}, not {run.head}")
@@ -158,7 +161,9 @@ def predict(
     with eval_mode(model):
         for x, _ in loader(dataset, batch_size):
             logits, emb = model(x.to(device))
-            probs.append(torch.softmax(logits.float(), dim=1)[:, int(CxrClass.COVID19)].cpu().numpy())
+            probs.append(
+                torch.softmax(logits.float(), dim=1)[:, int(CxrClass.COVID19)].cpu().numpy()
+            )
             embeddings.append(emb.float().cpu().numpy())
     if not probs:
         return np.zeros(0), np.zeros((0, model.embedding_dim), dtype=np.float32)
@@ -234,9 +239,11 @@ def train_member(
     seed_everything(run.seed)
     model = build_member(run).to(device)
     memory_format = (
-        torch.channels_last if run.channels_last and device.type == "cuda" else torch.contiguous_format
+        torch.channels_last
+        if run.channels_last and device.type == "cuda"
+        else torch.contiguous_format
     )
-    model = model.to(memory_format=memory_format)  # type: ignore[call-overload]
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=run.lr_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, run.amp))
@@ -293,13 +300,18 @@ def train_member(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total += float(loss) * len(x)
+            total += float(loss.detach()) * len(x)
             count += len(x)
         scheduler.step()
         prob, _ = predict(model, val_images, val_lungs, cache.params, run.input_size, device)
         metrics = _validation_metrics(prob, val_labels, same_source)
         value, used = _selection_value(metrics, run.selection)
-        entry = {"epoch": epoch, "train_loss": total / max(count, 1), **metrics, "selected_on": used}
+        entry = {
+            "epoch": epoch,
+            "train_loss": total / max(count, 1),
+            **metrics,
+            "selected_on": used,
+        }
         history.append(entry)
         if value > best:
             best, best_epoch = value, epoch

@@ -38,12 +38,14 @@ DEVICE_OPTION = typer.Option("auto", "--device", help="auto (CUDA when present),
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
     """Offline tools; each writes or checks a model bundle."""
+    # Our loggers at INFO; libraries (onnxruntime's quantiser logs every tensor) at WARNING.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
         force=True,
     )
+    logging.getLogger("training").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _context(
@@ -246,9 +248,7 @@ def evaluate_cmd(
     run_cache = load_cache(ctx.paths.cache)
     plan = stage_splits(ctx, run_cache)
     if external is None:
-        evaluate_run(
-            ctx.cfg, ctx.paths, run_cache, plan, _lungs(ctx, run_cache), ctx.device(), out
-        )
+        evaluate_run(ctx.cfg, ctx.paths, run_cache, plan, _lungs(ctx, run_cache), ctx.device(), out)
         folder = out or ctx.paths.report
     else:
         folder = out or ctx.paths.root / f"report-{external.stem}"
@@ -264,7 +264,9 @@ def export_cmd(
     config: Path | None = CONFIG_OPTION,
     workdir: Path | None = WORKDIR_OPTION,
     cache: Path | None = CACHE_OPTION,
-    out: Path | None = typer.Option(None, "--out", "-o", help="bundle folder (default <workdir>/bundle)"),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="bundle folder (default <workdir>/bundle)"
+    ),
     overwrite: bool = typer.Option(False, help="replace an existing bundle at OUT"),
 ) -> None:
     """ONNX + index + manifest + model card = a bundle the node loads; fp16/int8 variants."""
@@ -309,8 +311,13 @@ def all_cmd(
     try:
         csv_path = data_csv(ctx.cfg, ctx.base, data)
     except ValueError as exc:
+        if not ctx.paths.cache.is_file():
+            raise _fail(exc) from exc
+        csv_path = None  # a machine with the cache only (e.g. carried to a GPU host)
+    try:
+        result = run_all(ctx, csv_path)
+    except ValueError as exc:
         raise _fail(exc) from exc
-    result = run_all(ctx, csv_path)
     _print_export(result)
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in ctx.timings.items())
     console.print(f"done in {time.perf_counter() - start:.0f} s ({stages})")

@@ -192,7 +192,8 @@ def read_dataset(
 
 
 def stratum(record: Record) -> str:
-    return f"{record.source}/{record.label.label}"
+    """Source and source label (e.g. ieee8023/other_pneumonia): what splits stratify by."""
+    return f"{record.source}/{record.label_text.lower()}"
 
 
 def subsample(records: Sequence[Record], limit: int, seed: int) -> list[Record]:

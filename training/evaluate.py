@@ -239,7 +239,9 @@ def evaluate_run(
             "chosen_on": "validation set of each split (never test)",
         },
     }
-    report.update(_common_sections(cfg, sets.tests, sets.train0, member_results, out_dir, with_plots))
+    report.update(
+        _common_sections(cfg, sets.tests, sets.train0, member_results, out_dir, with_plots)
+    )
     seg_result_path = paths.segmentation / "result.json"
     report["segmentation"] = section_segmentation(
         read_json(seg_result_path) if seg_result_path.is_file() else None, b, seed
@@ -253,7 +255,14 @@ def evaluate_run(
     models = _load_models(cfg, paths, device)
     report["shortcut_audit"] = {
         "lung_masking": lung_audit(
-            test0, cache.images[test0.rows], lungs[test0.rows], models, cache.params, device, b, seed
+            test0,
+            cache.images[test0.rows],
+            lungs[test0.rows],
+            models,
+            cache.params,
+            device,
+            b,
+            seed,
         ),
         **_probes(sets.train0, test0, cache, b, seed),
     }
@@ -281,9 +290,13 @@ def evaluate_external(
     with_plots = plots.available()
     sets = run_sets(cfg, paths, cache, plan)
     unet = load_unet(paths.segmentation).to(device)
-    lungs = predict_lungs(unet, external.images, external.params, cfg.segmentation.input_size, device)
+    lungs = predict_lungs(
+        unet, external.images, external.params, cfg.segmentation.input_size, device
+    )
     models = _load_models(cfg, paths, device)
-    score, members, embeddings = _ensemble_scores(models, external.images, lungs, external.params, device)
+    score, members, embeddings = _ensemble_scores(
+        models, external.images, lungs, external.params, device
+    )
     test = ScoredSet(
         split=0,
         records=list(external.records),
@@ -304,30 +317,47 @@ def evaluate_external(
             "load_summary": external.info.get("load_summary"),
             "note": "every image of the external CSV is a test image; CIs from bootstrap only",
         },
-        "threshold": {"value": test.threshold, "method": cfg.evaluation.threshold,
-                      "chosen_on": "the run's split-0 validation set"},
+        "threshold": {
+            "value": test.threshold,
+            "method": cfg.evaluation.threshold,
+            "chosen_on": "the run's split-0 validation set",
+        },
     }
     report.update(
-        _common_sections(cfg, [test], sets.train0, _member_results(paths, list(members)), out_dir,
-                         with_plots)
+        _common_sections(
+            cfg, [test], sets.train0, _member_results(paths, list(members)), out_dir, with_plots
+        )
     )
     rows = sorted(external.masks)
     if rows:
         dice, iou = evaluate_masks(
-            unet, external.images[rows], np.stack([external.masks[r] for r in rows]),
-            external.params, cfg.segmentation.input_size, device,
+            unet,
+            external.images[rows],
+            np.stack([external.masks[r] for r in rows]),
+            external.params,
+            cfg.segmentation.input_size,
+            device,
         )
         recs = [external.records[r] for r in rows]
         report["segmentation"] = section_segmentation(
-            {"test": {"dice": dice.tolist(), "iou": iou.tolist(),
-                      "groups": [r.patient_group for r in recs], "sources": [r.source for r in recs]}},
-            b, seed,
+            {
+                "test": {
+                    "dice": dice.tolist(),
+                    "iou": iou.tolist(),
+                    "groups": [r.patient_group for r in recs],
+                    "sources": [r.source for r in recs],
+                }
+            },
+            b,
+            seed,
         )
     else:
         report["segmentation"] = {"note": "the external CSV has no lung masks"}
     report["ablation"] = {"note": "ablation members are evaluated in the run's internal report"}
     report["shortcut_audit"] = {
-        "lung_masking": lung_audit(test, external.images, lungs, models, external.params, device, b, seed),
+        "lung_masking": lung_audit(
+            test, external.images, lungs, models, external.params, device, b, seed
+        ),
         "note": "source probes need the run's sources: see the internal report",
     }
     report["plots"] = with_plots

@@ -1,17 +1,17 @@
 """Where a training run keeps its files (one working folder per experiment).
 
-    <workdir>/
-      config.json             the resolved experiment config
-      cache.npz               preprocessed images and masks (unless [cache] path says otherwise)
-      splits.json             split 0 (the bundle's) and the K-1 further random splits
-      segmentation/           U-Net: last.pt, best.pt, result.json (Dice/IoU on held-out masks)
-      lungmaps.npz            U-Net lung probability maps of every cached image
-      lungmaps-raw.npz        the same for the un-preprocessed variant (ablation)
-      split-<k>/<member>/     one trained member: last.pt, best.pt, result.json, predictions.npz
-      split-0/<member>--no-seg/, split-0/<member>--no-prep/    ablation members
-      report/                 report.md, report.json, *.png
-      bundle/                 the model bundle
-      variants/fp16/ ...      bundle variants with other weight precisions
+<workdir>/
+  config.json             the resolved experiment config
+  cache.npz               preprocessed images and masks (unless [cache] path says otherwise)
+  splits.json             split 0 (the bundle's) and the K-1 further random splits
+  segmentation/           U-Net: last.pt, best.pt, result.json (Dice/IoU on held-out masks)
+  lungmaps.npz            U-Net lung probability maps of every cached image
+  lungmaps-raw.npz        the same for the un-preprocessed variant (ablation)
+  split-<k>/<member>/     one trained member: last.pt, best.pt, result.json, predictions.npz
+  split-0/<member>--no-seg/, split-0/<member>--no-prep/    ablation members
+  report/                 report.md, report.json, *.png
+  bundle/                 the model bundle
+  variants/fp16/ ...      bundle variants with other weight precisions
 """
 
 from __future__ import annotations

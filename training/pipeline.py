@@ -102,13 +102,28 @@ def load_records(cfg: ExperimentConfig, csv_path: Path) -> tuple[list[Record], s
     return records, text
 
 
-def stage_cache(ctx: Context, csv_path: Path, rebuild: bool = False) -> Cache:
-    """The cache for this config's records, built when absent or made for other data."""
+def stage_cache(ctx: Context, csv_path: Path | None, rebuild: bool = False) -> Cache:
+    """The cache for this config's records, built when absent or made for other data.
+
+    Without a CSV (a machine that holds only the cache), the existing cache is used as is,
+    provided it was preprocessed with this config's parameters.
+    """
     cfg = ctx.cfg
+    path = ctx.paths.cache
+    if csv_path is None:
+        if not path.is_file():
+            raise ValueError(f"no dataset CSV and no cache at {path}")
+        cache = load_cache(path)
+        if cache.params != cfg.preprocessing:
+            raise ValueError(
+                f"{path} was preprocessed with {cache.params.model_dump()}, the config asks for"
+                f" {cfg.preprocessing.model_dump()}"
+            )
+        log.info("using cache %s as is (no dataset CSV given)", path)
+        return cache
     records, summary = load_records(cfg, csv_path)
     c = cfg.cache
     wanted = cache_key(records, cfg.preprocessing, c.encoding, c.quality, c.raw_variant)
-    path = ctx.paths.cache
     if not rebuild and path.is_file() and read_cache_meta(path).get("requested_key") == wanted:
         log.info("cache %s is up to date", path)
     else:
@@ -160,7 +175,9 @@ def stage_splits(ctx: Context, cache: Cache) -> SplitPlan:
 # --------------------------------------------------------------------------- models
 
 
-def stage_segmentation(ctx: Context, cache: Cache, plan: SplitPlan) -> tuple[np.ndarray, np.ndarray | None]:
+def stage_segmentation(
+    ctx: Context, cache: Cache, plan: SplitPlan
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Train the U-Net (split 0), then the lung maps of every cached image (and raw variant)."""
     from training.segment import (
         load_unet,
@@ -226,7 +243,9 @@ def stage_members(
             stage_member(ctx, cache, plan, None, name, 0, NO_SEG)
         if cfg.ablation.no_preprocessing:
             if cache.raw is None or lungs_raw is None:
-                log.warning("no raw variant in the cache: the without-preprocessing ablation is skipped")
+                log.warning(
+                    "no raw variant in the cache: the without-preprocessing ablation is skipped"
+                )
             else:
                 stage_member(ctx, cache, plan, lungs_raw, name, 0, NO_PREP)
 
@@ -245,7 +264,7 @@ def stage_export(
     return export_run(ctx.cfg, ctx.paths, cache, plan, out_dir, replace)
 
 
-def run_all(ctx: Context, csv_path: Path) -> Json:
+def run_all(ctx: Context, csv_path: Path | None) -> Json:
     """Every stage in order; the config goes into the workdir and the bundle manifest."""
     ctx.paths.root.mkdir(parents=True, exist_ok=True)
     write_json(ctx.paths.config, ctx.cfg.model_dump(mode="json"))

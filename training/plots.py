@@ -88,7 +88,9 @@ def score_histogram(y: np.ndarray, score: np.ndarray, threshold: float, path: Pa
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, 1, 21)
     for value, name in ((0, "negative"), (1, "covid")):
-        ax.hist(score[y == value], bins=bins, alpha=0.6, label=f"{name} (n={int((y == value).sum())})")
+        ax.hist(
+            score[y == value], bins=bins, alpha=0.6, label=f"{name} (n={int((y == value).sum())})"
+        )
     ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.2f}")
     ax.set(xlabel="ensemble P(COVID-19)", ylabel="images", title="Scores by true label (test)")
     ax.legend(fontsize=8)

@@ -56,9 +56,7 @@ _INDEX_BYTES_PER_DIM = 4
 _INDEX_OVERHEAD_PER_ITEM = 2 * 16 * 4 + 64
 
 
-def estimate_bundle_mb(
-    parameters: int, references: int, dim: int
-) -> float:
+def estimate_bundle_mb(parameters: int, references: int, dim: int) -> float:
     weights = parameters * 4
     index = references * (dim * _INDEX_BYTES_PER_DIM + _INDEX_OVERHEAD_PER_ITEM)
     return (weights + index + references * 80) / 1e6
@@ -75,7 +73,9 @@ def fp16_weights(src: Path, dst: Path) -> None:
             name = f"{init.name}__fp16"
             initializers.append(numpy_helper.from_array(half, name))
             casts.append(
-                helper.make_node("Cast", [name], [init.name], to=TensorProto.FLOAT, name=f"{name}_cast")
+                helper.make_node(
+                    "Cast", [name], [init.name], to=TensorProto.FLOAT, name=f"{name}_cast"
+                )
             )
         else:
             initializers.append(init)
@@ -167,11 +167,9 @@ def export_run(
     members: list[MemberExport] = []
     for m in cfg.members:
         folder = paths.member(0, m.name)
-        result = read_json(folder / "result.json")
-        metrics = {k: float(v) for k, v in result["validation"].items() if v is not None}
-        members.append(
-            MemberExport(m.name, load_member(folder), cfg.member_size(m), metrics)
-        )
+        trained = read_json(folder / "result.json")
+        metrics = {k: float(v) for k, v in trained["validation"].items() if v is not None}
+        members.append(MemberExport(m.name, load_member(folder), cfg.member_size(m), metrics))
     params = cache.params
     ref_rows = cache.rows(split.train)
     emb_member = next(m for m in members if m.name == cfg.embedding_member)
@@ -187,11 +185,16 @@ def export_run(
         unet, seg_size, emb_member.model, emb_member.input_size, cache.images[ref_rows], params
     )
     items = [
-        ReferenceItem(id=cache.records[r].id, label=cache.records[r].label.label,
-                      source=cache.records[r].source)
+        ReferenceItem(
+            id=cache.records[r].id,
+            label=cache.records[r].label.label,
+            source=cache.records[r].source,
+        )
         for r in ref_rows
     ]
-    seg_metrics = {k: float(seg_result[k]) for k in ("val_dice", "val_iou") if seg_result.get(k) is not None}
+    seg_metrics = {
+        k: float(seg_result[k]) for k in ("val_dice", "val_iou") if seg_result.get(k) is not None
+    }
     if report.get("segmentation", {}).get("dice"):
         seg_metrics["test_dice"] = float(report["segmentation"]["dice"]["value"])
     test_rows = cache.rows(split.test)
@@ -228,7 +231,9 @@ def export_run(
     total_mb = export.total_bytes / 1e6
     if total_mb >= cfg.export.max_bundle_mb:
         shutil.rmtree(out_dir)
-        raise ExportError(f"bundle is {total_mb:.1f} MB, over the {cfg.export.max_bundle_mb} MB limit")
+        raise ExportError(
+            f"bundle is {total_mb:.1f} MB, over the {cfg.export.max_bundle_mb} MB limit"
+        )
 
     # The serving path on the test set, against the PyTorch scores of the same models.
     test_images = cache.images[test_rows]
@@ -256,7 +261,9 @@ def export_run(
         if not wanted:
             continue
         target = (
-            paths.variants / kind if final == paths.bundle else final.with_name(f"{final.name}-{kind}")
+            paths.variants / kind
+            if final == paths.bundle
+            else final.with_name(f"{final.name}-{kind}")
         )
         try:
             make_variant(out_dir, target, kind)
@@ -273,7 +280,9 @@ def export_run(
             "auc": auc,
             "auc_change": auc - result["onnx_auc"],
             "max_score_change": float(np.max(np.abs(scores - served))) if len(scores) else 0.0,
-            "note": "fp16 weights, fp32 compute" if kind == "fp16" else "dynamic int8 (onnxruntime)",
+            "note": "fp16 weights, fp32 compute"
+            if kind == "fp16"
+            else "dynamic int8 (onnxruntime)",
         }
     _append_card(out_dir, result)
     if out_dir != final:
@@ -314,4 +323,3 @@ def _append_card(bundle_dir: Path, result: Json) -> None:
 def bundle_summary(bundle_dir: Path) -> str:
     manifest = json.loads((bundle_dir / MANIFEST_NAME).read_text())
     return f"{manifest['name']} {manifest['version']} ({_size_mb(bundle_dir):.1f} MB)"
-

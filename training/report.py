@@ -44,7 +44,7 @@ SECTIONS: tuple[str, ...] = (
 
 
 def ci(e: Mapping[str, Any] | None, digits: int = 3) -> str:
-    """"value (low-high)" from an Estimate dict; "n/a" when undefined."""
+    """ "value (low-high)" from an Estimate dict; "n/a" when undefined."""
     if not e or e.get("value") is None:
         return "n/a"
     text = f"{e['value']:.{digits}f}"
@@ -54,7 +54,15 @@ def ci(e: Mapping[str, Any] | None, digits: int = 3) -> str:
 
 
 def _num(v: Any, digits: int = 3) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if 0 < abs(v) < 10 ** -(digits - 1) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _sci(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.1e}"
 
 
 def _metric_rows(rows: Mapping[str, Json], prefix_cols: tuple[str, ...] = ()) -> list[str]:
@@ -117,7 +125,11 @@ def render(report: Json, export: Json | None) -> str:
     else:
         out += [f"External CSV `{d.get('csv')}`: {d['images']} images. {d.get('note', '')}"]
     th = r["threshold"]
-    out += ["", f"Decision threshold {th['value']:.3f} ({th['method']}, chosen on {th['chosen_on']}).", ""]
+    out += [
+        "",
+        f"Decision threshold {th['value']:.3f} ({th['method']}, chosen on {th['chosen_on']}).",
+        "",
+    ]
 
     # -- headline
     h = r["headline"]
@@ -148,15 +160,20 @@ def render(report: Json, export: Json | None) -> str:
     else:
         out += [ss.get("note", "n/a"), ""]
     # -- members
-    out += ["## Ensemble members", "", "| member | architecture | input | parameters | selected on "
-            "| best epoch | validation | test ROC AUC | test PR AUC |", "|---|---|---|---|---|---|---|---|---|"]
+    out += [
+        "## Ensemble members",
+        "",
+        "| member | architecture | input | parameters | selected on "
+        "| best epoch | validation | test ROC AUC | test PR AUC |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in r["members"].items():
         val = ", ".join(f"{k} {_num(v)}" for k, v in m.get("validation", {}).items())
         params = f"{m['parameters']:,}" if m.get("parameters") else "n/a"
         out.append(
             f"| {name} | {m.get('architecture')} | {m.get('input_size')} | {params} | "
-            f"{m.get('selected_on')} | {m.get('best_epoch')} | {val} | {ci(m['test'].get('roc_auc'))}"
-            f" | {ci(m['test'].get('pr_auc'))} |"
+            f"{m.get('selected_on')} | {m.get('best_epoch')} | {val} |"
+            f" {ci(m['test'].get('roc_auc'))} | {ci(m['test'].get('pr_auc'))} |"
         )
     out.append("")
     # -- curves
@@ -170,8 +187,12 @@ def render(report: Json, export: Json | None) -> str:
         "",
     ]
     figs = c.get("figures", {})
-    for key, alt in (("roc", "ROC"), ("pr", "PR"), ("confusion", "confusion matrix"),
-                     ("histogram", "score histogram")):
+    for key, alt in (
+        ("roc", "ROC"),
+        ("pr", "PR"),
+        ("confusion", "confusion matrix"),
+        ("histogram", "score histogram"),
+    ):
         out += _figure(figs.get(key), alt)
     if not figs:
         out += ["(figures skipped: matplotlib is not installed)", ""]
@@ -210,12 +231,17 @@ def render(report: Json, export: Json | None) -> str:
         "",
     ]
     # -- per source / subgroup
-    out += ["## Per source", "", "n and positives: split 0 test set; metrics pooled over splits."
-            " An AUC needs both classes: n/a where a source holds one.", ""]
-    out += _metric_rows(r["per_source"], ("n_split0", "positives_split0"))
+    out += [
+        "## Per source",
+        "",
+        "n and positives: test images summed over the splits; metrics"
+        " pooled over splits. An AUC needs both classes: n/a where a source holds one.",
+        "",
+    ]
+    out += _metric_rows(r["per_source"], ("n", "positives"))
     out += ["", "## Per subgroup", ""]
     for group, rows in r["per_subgroup"].items():
-        out += [f"### {group}", "", *_metric_rows(rows, ("n_split0", "positives_split0")), ""]
+        out += [f"### {group}", "", *_metric_rows(rows, ("n", "positives")), ""]
     # -- days
     dy = r["days"]
     out += ["## Score vs days since admission", ""]
@@ -227,7 +253,10 @@ def render(report: Json, export: Json | None) -> str:
             "",
             "| days | images | covid | mean score |",
             "|---|---|---|---|",
-            *(f"| {b['days']} | {b['n']} | {b['covid']} | {_num(b['mean_score'])} |" for b in dy["bins"]),
+            *(
+                f"| {b['days']} | {b['n']} | {b['covid']} | {_num(b['mean_score'])} |"
+                for b in dy["bins"]
+            ),
             "",
             *_figure(dy.get("figures", {}).get("days"), "score vs days"),
         ]
@@ -248,7 +277,10 @@ def render(report: Json, export: Json | None) -> str:
             "",
             "| source | masks | Dice | IoU |",
             "|---|---|---|---|",
-            *(f"| {s} | {v['n']} | {v['dice']:.3f} | {v['iou']:.3f} |" for s, v in sg["per_source"].items()),
+            *(
+                f"| {s} | {v['n']} | {v['dice']:.3f} | {v['iou']:.3f} |"
+                for s, v in sg["per_source"].items()
+            ),
             "",
         ]
     else:
@@ -329,7 +361,7 @@ def render(report: Json, export: Json | None) -> str:
             "| file | MB | ONNX parity (max abs diff, fp32) |",
             "|---|---|---|",
             *(
-                f"| {f} | {mb:.2f} | {_num(export['parity'].get(f), 2) if f in export['parity'] else ''} |"
+                f"| {f} | {mb:.2f} | {_sci(export['parity'][f]) if f in export['parity'] else ''} |"
                 for f, mb in export["sizes_mb"].items()
             ),
             "",
@@ -338,12 +370,14 @@ def render(report: Json, export: Json | None) -> str:
             "",
         ]
         if export.get("variants"):
-            out += ["| variant | MB | ROC AUC | change vs fp32 | max score change | note |",
-                    "|---|---|---|---|---|---|"]
+            out += [
+                "| variant | MB | ROC AUC | change vs fp32 | max score change | note |",
+                "|---|---|---|---|---|---|",
+            ]
             for name, v in export["variants"].items():
                 out.append(
                     f"| {name} | {_num(v.get('total_mb'), 1)} | {_num(v.get('auc'))} |"
-                    f" {_num(v.get('auc_change'), 4)} | {_num(v.get('max_score_change'), 4)} |"
+                    f" {_num(v.get('auc_change'), 4)} | {_sci(v.get('max_score_change'))} |"
                     f" {v.get('note', '')} |"
                 )
             out.append("")

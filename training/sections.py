@@ -6,6 +6,7 @@ splits whose ensembles are trained (metrics.estimates).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,7 +44,8 @@ def _subset_estimates(
     seed: int,
     member: str | None = None,
 ) -> tuple[Json, int, int, int]:
-    """Estimates on the rows `keep` selects in every split; (estimates, n, positives, splits)."""
+    """Estimates on the rows `keep` selects in every split; (estimates, test images and
+    positives summed over the splits, splits)."""
     parts: list[SplitScores] = []
     n = pos = 0
     for t in tests:
@@ -52,8 +54,8 @@ def _subset_estimates(
             continue
         sub = t.subset(sel)
         parts.append(sub.split_scores(member))
-        if t.split == tests[0].split:
-            n, pos = len(sub), int(sub.y.sum())
+        n += len(sub)
+        pos += int(sub.y.sum())
     if not parts:
         return {}, 0, 0, 0
     return _est(estimates(parts, samples, seed)), n, pos, len(parts)
@@ -105,14 +107,12 @@ def section_same_source(
     est, n, pos, used = _subset_estimates(
         tests, lambda t: np.isin(t.sources, list(mixed)), samples, seed
     )
-    labels = Counter(
-        r.label_text for r in tests[0].records if r.source in set(mixed)
-    )
+    labels = Counter(r.label_text for r in tests[0].records if r.source in set(mixed))
     return {
         "sources": list(mixed),
         "estimates": est,
-        "n_split0": n,
-        "positives_split0": pos,
+        "n": n,
+        "positives": pos,
         "splits_used": used,
         "labels_split0": dict(labels),
     }
@@ -160,7 +160,12 @@ def section_curves(test: ScoredSet, out_dir: Path, with_plots: bool) -> Json:
 
 
 def section_embeddings(
-    train: ScoredSet, test: ScoredSet, out_dir: Path, seed: int, use_tsne: bool, max_points: int,
+    train: ScoredSet,
+    test: ScoredSet,
+    out_dir: Path,
+    seed: int,
+    use_tsne: bool,
+    max_points: int,
     with_plots: bool,
 ) -> Json:
     rng = np.random.default_rng(seed)
@@ -195,12 +200,16 @@ def section_retrieval(
     y = query.y
     metrics = {
         "accuracy": lambda idx: float(np.mean(result.predicted[idx] == y[idx])),
-        "sensitivity": lambda idx: float(np.mean(result.predicted[idx][y[idx] == 1] == 1))
-        if (y[idx] == 1).any()
-        else float("nan"),
-        "specificity": lambda idx: float(np.mean(result.predicted[idx][y[idx] == 0] == 0))
-        if (y[idx] == 0).any()
-        else float("nan"),
+        "sensitivity": lambda idx: (
+            float(np.mean(result.predicted[idx][y[idx] == 1] == 1))
+            if (y[idx] == 1).any()
+            else float("nan")
+        ),
+        "specificity": lambda idx: (
+            float(np.mean(result.predicted[idx][y[idx] == 0] == 0))
+            if (y[idx] == 0).any()
+            else float("nan")
+        ),
         "vote_auc": lambda idx: roc_auc(y[idx], result.vote[idx]),
     }
     est = {
@@ -229,23 +238,37 @@ def age_band(age: float | None, bands: Sequence[int]) -> str:
     edges = sorted(bands)
     if age < edges[0]:
         return f"<{edges[0]}"
-    for lo, hi in zip(edges, edges[1:], strict=False):
+    for lo, hi in itertools.pairwise(edges):
         if lo <= age < hi:
             return f"{lo}-{hi - 1}"
     return f"{edges[-1]}+"
 
 
 def _breakdown(
-    tests: Sequence[ScoredSet], key: Callable[[Record], str], samples: int, seed: int
+    tests: Sequence[ScoredSet],
+    key: Callable[[Record], str],
+    samples: int,
+    seed: int,
+    order: Sequence[str] = (),
 ) -> Json:
-    values = sorted({key(r) for t in tests for r in t.records})
+    found = {key(r) for t in tests for r in t.records}
+    values = [v for v in order if v in found] + sorted(found - set(order))
     out: Json = {}
     for value in values:
-        est, n, pos, used = _subset_estimates(
-            tests, lambda t, v=value: np.array([key(r) == v for r in t.records]), samples, seed
-        )
-        out[value] = {"n_split0": n, "positives_split0": pos, "splits_used": used, "estimates": est}
+
+        def keep(t: ScoredSet, v: str = value) -> np.ndarray:
+            return np.array([key(r) == v for r in t.records], dtype=bool)
+
+        est, n, pos, used = _subset_estimates(tests, keep, samples, seed)
+        out[value] = {"n": n, "positives": pos, "splits_used": used, "estimates": est}
     return out
+
+
+def age_bands(bands: Sequence[int]) -> list[str]:
+    """The band names in order, e.g. <40, 40-59, 60-79, 80+, unknown."""
+    edges = sorted(bands)
+    names = [f"<{edges[0]}"] + [f"{lo}-{hi - 1}" for lo, hi in itertools.pairwise(edges)]
+    return [*names, f"{edges[-1]}+", "unknown"]
 
 
 def section_groups(
@@ -255,7 +278,9 @@ def section_groups(
         "per_source": _breakdown(tests, lambda r: r.source, samples, seed),
         "per_subgroup": {
             "sex": _breakdown(tests, lambda r: r.sex or "unknown", samples, seed),
-            "age band": _breakdown(tests, lambda r: age_band(r.age, bands), samples, seed),
+            "age band": _breakdown(
+                tests, lambda r: age_band(r.age, bands), samples, seed, age_bands(bands)
+            ),
             "view": _breakdown(tests, lambda r: r.view or "unknown", samples, seed),
         },
     }
@@ -342,8 +367,11 @@ def section_segmentation(result: Json | None, samples: int, seed: int) -> Json:
         ).as_dict()
         sources = np.array(test["sources"])
         out["per_source"] = {
-            s: {"n": int((sources == s).sum()), "dice": float(dice[sources == s].mean()),
-                "iou": float(iou[sources == s].mean())}
+            s: {
+                "n": int((sources == s).sum()),
+                "dice": float(dice[sources == s].mean()),
+                "iou": float(iou[sources == s].mean()),
+            }
             for s in sorted(set(sources.tolist()))
         }
     else:
@@ -354,7 +382,9 @@ def section_segmentation(result: Json | None, samples: int, seed: int) -> Json:
 def auc_estimate(
     y: np.ndarray, score: np.ndarray, groups: np.ndarray, samples: int, seed: int
 ) -> Json:
-    return estimate_one(lambda idx: roc_auc(y[idx], score[idx]), len(y), groups, samples, seed).as_dict()
+    return estimate_one(
+        lambda idx: roc_auc(y[idx], score[idx]), len(y), groups, samples, seed
+    ).as_dict()
 
 
 def paired_auc_difference(

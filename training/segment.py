@@ -56,7 +56,9 @@ def segmentation_loss(
     return bce + dice.mean()
 
 
-def dice_iou(probability: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> tuple[float, float]:
+def dice_iou(
+    probability: np.ndarray, mask: np.ndarray, threshold: float = 0.5
+) -> tuple[float, float]:
     """Dice and IoU of `probability >= threshold` against a 0/127/255 mask, ignoring 127."""
     valid = mask != IGNORE
     pred = (probability >= threshold) & valid
@@ -113,7 +115,9 @@ def _mask_set(cache: Cache, ids: list[str], weak: bool = False) -> _MaskSet:
     rows = [r for r in cache.rows(ids).tolist() if r in cache.masks]
     masks = [cache.masks[r] for r in rows]
     if weak:
-        extra = [r for r in cache.rows(ids).tolist() if r not in cache.masks and r in cache.weak_masks]
+        extra = [
+            r for r in cache.rows(ids).tolist() if r not in cache.masks and r in cache.weak_masks
+        ]
         rows += extra
         masks += [cache.weak_masks[r] for r in extra]
     side = cache.params.size
@@ -204,7 +208,7 @@ def train_segmentation(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(x)
+            total += float(loss.detach()) * len(x)
             count += len(x)
         scheduler.step()
         entry = {"epoch": epoch, "train_loss": total / max(count, 1)}

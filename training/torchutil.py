@@ -16,7 +16,7 @@ import torch
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto": CUDA when available, else CPU; otherwise the named device."""
+    """ "auto": CUDA when available, else CPU; otherwise the named device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -115,7 +115,7 @@ class StageMismatch(RuntimeError):
 
 
 def prepare_stage(out_dir: Path, stage_fingerprint: str, resume: bool) -> str:
-    """"done" (finished with these settings), "resume" (last.pt to continue) or "fresh".
+    """ "done" (finished with these settings), "resume" (last.pt to continue) or "fresh".
 
     Without `resume`, the stage folder (only ever written by this stage) starts empty.
     """
@@ -124,8 +124,7 @@ def prepare_stage(out_dir: Path, stage_fingerprint: str, resume: bool) -> str:
         if read_json(result).get("fingerprint") == stage_fingerprint:
             return "done"
         raise StageMismatch(
-            f"{out_dir} was trained with other settings or data; run without --resume "
-            "to retrain it"
+            f"{out_dir} was trained with other settings or data; run without --resume to retrain it"
         )
     if resume and last.is_file():
         if load_checkpoint(last).get("fingerprint") != stage_fingerprint:
