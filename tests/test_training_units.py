@@ -438,6 +438,38 @@ def test_augmentations_fire_independently() -> None:
 # --------------------------------------------------------------------------- config, imports
 
 
+def test_config_overrides_from_the_command_line() -> None:
+    cfg, _ = load_config(
+        CONFIGS / "smoke.toml",
+        [
+            "splits.k=3",
+            "classifier.selection=val_same_source_auc",
+            "augment.text=0.5",
+            "classifier.head=[64, 64, 32]",
+            "name=other",
+        ],
+    )
+    assert cfg.splits.k == 3
+    assert cfg.classifier.selection == "val_same_source_auc"
+    assert cfg.augment.text == 0.5
+    assert cfg.classifier.head == (64, 64, 32)
+    assert cfg.name == "other"
+    with pytest.raises(ValueError):
+        load_config(CONFIGS / "smoke.toml", ["splits.k=0"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["splits.k"])
+
+
+def test_models_refuse_evaluation_on_another_split() -> None:
+    from training.splits import check_trained_on, split_sha
+
+    records = _records()
+    a, b = make_split(records, 0.15, 0.2, seed=0), make_split(records, 0.15, 0.2, seed=1)
+    check_trained_on({"split_sha": split_sha(a)}, a, "member")
+    with pytest.raises(LeakageError, match="another split"):
+        check_trained_on({"split_sha": split_sha(a)}, b, "member")
+
+
 def test_shipped_configs_load() -> None:
     smoke, _ = load_config(CONFIGS / "smoke.toml")
     default, _ = load_config(CONFIGS / "default.toml")
@@ -465,25 +497,27 @@ def test_default_config_bundle_fits_the_size_limit() -> None:
 
 
 _BLOCKER = """
-import importlib.abc, sys
-BLOCKED = {"albumentations", "hnswlib", "celery", "pydantic_settings", "dicom_node"}
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked")
-        return None
-sys.meta_path.insert(0, Block())
+import sys
+# None in sys.modules: `import x` raises ImportError and find_spec says absent, as on a host
+# where the package is not installed.
+for name in ("albumentations", "hnswlib", "celery", "pydantic_settings", "dicom_node",
+             "onnxruntime", "onnx", "sklearn", "matplotlib"):
+    sys.modules[name] = None
 """
 
 
 @pytest.mark.train
 def test_training_imports_without_albumentations_hnswlib_celery_or_the_node() -> None:
-    # The GPU host has torch and pydantic but none of these: the training path must import.
+    # The GPU host has torch and pydantic but none of these: the training path (cache, splits,
+    # U-Net, members, evaluation) must import; only `export` needs onnx and hnswlib.
     pytest.importorskip("torch")
     code = (
         _BLOCKER
         + """
 import training.cli, training.pipeline, training.classify, training.segment, training.evaluate
+import training.datasets
+from training.pipeline import missing_export_modules
+assert missing_export_modules() == ["onnx", "onnxruntime", "hnswlib"], missing_export_modules()
 from training.augment import AugmentUnavailable, make_augmenter
 from training.config import AugmentConfig
 assert make_augmenter(AugmentConfig(enabled=False), "labels", 0) is None
@@ -501,3 +535,127 @@ print("ok")
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def _synthetic_dataset(folder: Path, n: int = 40) -> Path:
+    from training.synthetic import synthetic_display_image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        label = CxrClass.COVID19 if i % 2 else CxrClass.NEGATIVE
+        image = synthetic_display_image(rng, label)
+        cv2.imwrite(str(folder / f"s{i}.png"), image)
+        mask = np.where((image > 40) & (image < 120), 255, 0).astype(np.uint8)
+        cv2.imwrite(str(folder / f"m{i}.png"), mask)
+        rows.append(
+            {
+                "image": f"s{i}.png",
+                "patient_group": f"g{i // 2}",
+                "label": label.label,
+                "source": "a" if i % 4 < 3 else "b",
+                "lung_mask": f"m{i}.png",
+                "sex": "MF"[i % 2],
+                "age": str(30 + i),
+                "days_offset": str(i % 9),
+            }
+        )
+    path = folder / "synthetic.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.mark.train
+def test_training_runs_on_a_host_with_torch_only(tmp_path: Path) -> None:
+    """cache -> U-Net -> members -> evaluation without albumentations, onnx, onnxruntime,
+    hnswlib, scikit-learn, matplotlib or the node; the export is skipped with a reason."""
+    pytest.importorskip("torch")
+    data = _synthetic_dataset(tmp_path)
+    args = [
+        "all",
+        "--config",
+        str(CONFIGS / "smoke.toml"),
+        "--workdir",
+        str(tmp_path / "run"),
+        "--data",
+        str(data),
+        "--device",
+        "cpu",
+        "--set",
+        "augment.enabled=false",
+        "--set",
+        "splits.k=1",
+        "--set",
+        "ablation.no_preprocessing=false",
+    ]
+    code = (
+        _BLOCKER
+        + f"""
+from training.cli import app
+app(args={args!r}, standalone_mode=False)
+"""
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no bundle" in done.stderr and "hnswlib" in done.stderr
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "PCA of" in report  # no scikit-learn: PCA instead of t-SNE
+    assert "figures skipped" in report  # no matplotlib
+    assert "## Shortcut audit" in report
+    assert not (tmp_path / "run" / "bundle").exists()
+
+
+@pytest.mark.train
+def test_members_start_from_a_checkpoint_given_by_path(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import torchvision
+
+    from training.classify import MemberRun, build_member
+    from training.models import Classifier
+
+    def run(checkpoint: Path, architecture: str = "shufflenet_v2_x0_5") -> MemberRun:
+        return MemberRun(
+            name="m",
+            architecture=architecture,
+            input_size=64,
+            head=(32, 32, 16),
+            epochs=1,
+            batch_size=2,
+            lr=1e-3,
+            lr_decay=1.0,
+            weight_decay=0.0,
+            balanced_sampling=True,
+            selection="val_auc",
+            amp=False,
+            channels_last=False,
+            num_workers=0,
+            seed=0,
+            checkpoint=str(checkpoint),
+        )
+
+    # torchvision layout (e.g. weights copied in by hand): the backbone is loaded, head fresh.
+    torch.manual_seed(0)
+    tv = torchvision.models.get_model("shufflenet_v2_x0_5", weights=None)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    model = build_member(run(tmp_path / "tv.pth"))
+    torch.testing.assert_close(model.features[0][0].weight, tv.state_dict()["conv1.0.weight"])
+
+    # A cxr-train checkpoint: everything, head included.
+    ours = Classifier("shufflenet_v2_x0_5", (32, 32, 16))
+    torch.save(
+        {"model": ours.state_dict(), "architecture": "shufflenet_v2_x0_5", "head": [32, 32, 16]},
+        tmp_path / "ours.pt",
+    )
+    loaded = build_member(run(tmp_path / "ours.pt"))
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+
+    with pytest.raises(ValueError, match="does not fit"):
+        build_member(run(tmp_path / "tv.pth", architecture="mobilenet_v3_small"))
+    with pytest.raises(ValueError, match="holds a"):
+        build_member(run(tmp_path / "ours.pt", architecture="mobilenet_v3_small"))

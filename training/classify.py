@@ -30,7 +30,7 @@ from training.data import mixed_sources
 from training.datasets import MemberDataset, loader, take, training_sampler
 from training.metrics import roc_auc
 from training.models import Classifier, count_parameters
-from training.splits import Split
+from training.splits import Split, split_sha
 from training.torchutil import (
     amp_context,
     array_sha256,
@@ -344,6 +344,7 @@ def train_member(
     chosen = history[best_epoch]
     result = {
         "fingerprint": stage_fp,
+        "split_sha": split_sha(split),
         "run": asdict(run),
         "parameters": count_parameters(best_model),
         "best_epoch": best_epoch,

@@ -33,6 +33,9 @@ DATA_OPTION = typer.Option(None, "--data", help="dataset CSV (overrides [data] c
 CACHE_OPTION = typer.Option(None, "--cache", help="cache file (default <workdir>/cache.npz)")
 RESUME_OPTION = typer.Option(False, "--resume", help="reuse finished stages, continue checkpoints")
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda:N")
+SET_OPTION = typer.Option(
+    None, "--set", help="override a config value, e.g. --set splits.k=2 (repeatable)"
+)
 
 
 @app.callback()
@@ -54,11 +57,15 @@ def _context(
     cache: Path | None = None,
     device: str = "auto",
     resume: bool = False,
+    overrides: list[str] | None = None,
 ) -> Any:
     from training.config import load_config
     from training.pipeline import make_context
 
-    cfg, base = load_config(config)
+    try:
+        cfg, base = load_config(config, overrides or ())
+    except ValueError as exc:
+        raise _fail(exc) from exc
     return make_context(cfg, base, workdir or Path("runs") / cfg.name, cache, device, resume)
 
 
@@ -104,11 +111,12 @@ def cache_cmd(
     quality: int | None = typer.Option(None, help="JPEG quality (overrides the config)"),
     raw: bool | None = typer.Option(None, "--raw/--no-raw", help="cache the ablation variant"),
     limit: int | None = typer.Option(None, help="subsample: about this many images"),
+    overrides: list[str] | None = SET_OPTION,
 ) -> None:
     """Decode and preprocess every image once into a compact cache file."""
     from training.pipeline import stage_cache
 
-    ctx = _context(config, workdir, out)
+    ctx = _context(config, workdir, out, overrides=overrides)
     cfg = ctx.cfg
     if size is not None:
         cfg.preprocessing = cfg.preprocessing.model_copy(update={"size": size})
@@ -176,12 +184,13 @@ def segmentation_cmd(
     cache: Path | None = CACHE_OPTION,
     resume: bool = RESUME_OPTION,
     device: str = DEVICE_OPTION,
+    overrides: list[str] | None = SET_OPTION,
 ) -> None:
     """Train the lung U-Net on split 0, report held-out Dice/IoU, compute the lung maps."""
     from training.pipeline import stage_segmentation
     from training.torchutil import read_json
 
-    ctx = _context(config, workdir, cache, device, resume)
+    ctx = _context(config, workdir, cache, device, resume, overrides)
     cache_data, plan = _cache_and_plan(ctx, data)
     stage_segmentation(ctx, cache_data, plan)
     result = read_json(ctx.paths.segmentation / "result.json")
@@ -204,6 +213,7 @@ def classifier_cmd(
     cache: Path | None = CACHE_OPTION,
     resume: bool = RESUME_OPTION,
     device: str = DEVICE_OPTION,
+    overrides: list[str] | None = SET_OPTION,
 ) -> None:
     """Train one ensemble member (needs the segmentation stage's lung maps)."""
     from training.layout import NO_PREP, NO_SEG
@@ -211,7 +221,7 @@ def classifier_cmd(
 
     if variant not in (None, NO_SEG, NO_PREP):
         raise typer.BadParameter(f"variant must be {NO_SEG} or {NO_PREP}")
-    ctx = _context(config, workdir, cache, device, resume)
+    ctx = _context(config, workdir, cache, device, resume, overrides)
     try:
         ctx.cfg.member(member)
     except KeyError as exc:
@@ -238,22 +248,29 @@ def evaluate_cmd(
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="report folder"),
     device: str = DEVICE_OPTION,
+    overrides: list[str] | None = SET_OPTION,
 ) -> None:
     """The evaluation report (Markdown + PNG + JSON): test splits, or an external CSV."""
     from training.cache import load_cache
     from training.evaluate import evaluate_external, evaluate_run
-    from training.pipeline import stage_cache, stage_splits
+    from training.pipeline import stage_cache, trained_splits
 
-    ctx = _context(config, workdir, cache, device)
+    ctx = _context(config, workdir, cache, device, overrides=overrides)
     run_cache = load_cache(ctx.paths.cache)
-    plan = stage_splits(ctx, run_cache)
+    try:
+        plan = trained_splits(ctx, run_cache)
+    except ValueError as exc:
+        raise _fail(exc) from exc
     if external is None:
         evaluate_run(ctx.cfg, ctx.paths, run_cache, plan, _lungs(ctx, run_cache), ctx.device(), out)
         folder = out or ctx.paths.report
     else:
         folder = out or ctx.paths.root / f"report-{external.stem}"
-        ext_ctx = _context(config, workdir, ctx.paths.root / f"external-{external.stem}.npz")
+        ext_ctx = _context(
+            config, workdir, ctx.paths.root / f"external-{external.stem}.npz", overrides=overrides
+        )
         ext_ctx.cfg.data.limit = None
+        ext_ctx.cfg.cache.raw_variant = False
         ext_cache = stage_cache(ext_ctx, external)
         evaluate_external(ctx.cfg, ctx.paths, run_cache, plan, ext_cache, ctx.device(), folder)
     typer.echo(str(folder / "report.md"))
@@ -268,23 +285,30 @@ def export_cmd(
         None, "--out", "-o", help="bundle folder (default <workdir>/bundle)"
     ),
     overwrite: bool = typer.Option(False, help="replace an existing bundle at OUT"),
+    overrides: list[str] | None = SET_OPTION,
 ) -> None:
     """ONNX + index + manifest + model card = a bundle the node loads; fp16/int8 variants."""
     from training.cache import load_cache
     from training.export import ExportError
-    from training.pipeline import stage_export, stage_splits
+    from training.pipeline import stage_export, trained_splits
 
-    ctx = _context(config, workdir, cache)
+    ctx = _context(config, workdir, cache, overrides=overrides)
     run_cache = load_cache(ctx.paths.cache)
-    plan = stage_splits(ctx, run_cache)
     try:
+        plan = trained_splits(ctx, run_cache)
         result = stage_export(ctx, run_cache, plan, out, replace=overwrite)
-    except ExportError as exc:
+    except (ExportError, ValueError) as exc:
         raise _fail(exc) from exc
     _print_export(result)
 
 
 def _print_export(result: dict[str, Any]) -> None:
+    if result.get("bundle") is None:
+        console.print(
+            f"[yellow]no bundle:[/yellow] {result.get('skipped')}; copy the run folder to a"
+            " machine with the `train` extra and run `cxr-train export --workdir <run>`"
+        )
+        return
     console.print(
         f"bundle {result['bundle']}: {result['total_mb']:.1f} MB; ONNX test AUC "
         f"{result['onnx_auc']:.3f} (PyTorch {result['torch_auc']:.3f})"
@@ -302,11 +326,12 @@ def all_cmd(
     cache: Path | None = CACHE_OPTION,
     resume: bool = RESUME_OPTION,
     device: str = DEVICE_OPTION,
+    overrides: list[str] | None = SET_OPTION,
 ) -> None:
     """Every stage: cache, splits, U-Net, members (K splits), ablation, evaluate, export."""
     from training.pipeline import data_csv, run_all
 
-    ctx = _context(config, workdir, cache, device, resume)
+    ctx = _context(config, workdir, cache, device, resume, overrides)
     start = time.perf_counter()
     try:
         csv_path = data_csv(ctx.cfg, ctx.base, data)
@@ -322,7 +347,7 @@ def all_cmd(
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in ctx.timings.items())
     console.print(f"done in {time.perf_counter() - start:.0f} s ({stages})")
     console.print(f"report: {ctx.paths.report / 'report.md'}")
-    typer.echo(result["bundle"])
+    typer.echo(result["bundle"] or ctx.paths.root)
 
 
 @app.command("export-random")

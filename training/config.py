@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -233,11 +234,35 @@ def expand(text: str, base: Path | None = None) -> Path:
     return path
 
 
-def load_config(path: Path | None) -> tuple[ExperimentConfig, Path]:
-    """The config at `path` (defaults without one) and the folder its relative paths use."""
-    if path is None:
-        return ExperimentConfig(), Path.cwd()
-    path = Path(path)
-    with path.open("rb") as fh:
-        raw = tomllib.load(fh)
-    return ExperimentConfig.model_validate(raw), path.resolve().parent
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """`section.key=value` (value in TOML syntax, or a bare string) into a raw config dict."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {assignment!r} is not key=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {assignment!r}: {name} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_config(path: Path | None, overrides: Sequence[str] = ()) -> tuple[ExperimentConfig, Path]:
+    """The config at `path` (defaults without one), with `overrides` (`splits.k=2`) applied,
+    and the folder its relative paths use."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+        base = path.resolve().parent
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return ExperimentConfig.model_validate(raw), base

@@ -1,12 +1,13 @@
 """Torch datasets over the cache: model inputs built with the worker's own helpers.
 
-The member input is `worker.inference.member_input(to_model_input(image), lung, size)`, the
+The member input is `worker.model_input.member_input(to_model_input(image), lung, size)`, the
 segmentation input `resize_batch(to_model_input(image), seg_size)`: without augmentation a
 sample is exactly what the worker computes for that image and lung map.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
 
 from training.augment import Augmenter
-from worker.inference import member_input, resize_batch
+from worker.model_input import member_input, resize_batch
 from worker.preprocess import PreprocessParams, to_model_input
 
 IGNORE = 127
@@ -131,9 +132,13 @@ def loader(
     pin_memory: bool = False,
     drop_last: bool = False,
 ) -> DataLoader[Any]:
+    # fork: workers share the parent's image arrays copy-on-write; spawn/forkserver (the
+    # default from Python 3.14) would pickle them into every worker, every epoch.
+    context = "fork" if num_workers and "fork" in mp.get_all_start_methods() else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
+        multiprocessing_context=context,
         sampler=sampler,
         shuffle=False,
         num_workers=num_workers,

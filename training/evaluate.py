@@ -42,9 +42,9 @@ from training.sections import (
     source_probes,
 )
 from training.segment import evaluate_masks, load_unet, predict_lungs
-from training.splits import SplitPlan
+from training.splits import SplitPlan, check_trained_on
 from training.torchutil import derive_seed, read_json, write_json
-from worker.inference import resize_batch
+from worker.model_input import resize_batch
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ def section_ablation(
         if not (folder / "result.json").is_file():
             out["variants"][variant] = {"description": text, "note": "not trained"}
             continue
+        check_trained_on(read_json(folder / "result.json"), plan.splits[0], f"{name}--{variant}")
         score = read_predictions(folder, ids).probability
         out["variants"][variant] = {
             "description": text,
@@ -243,9 +244,10 @@ def evaluate_run(
         _common_sections(cfg, sets.tests, sets.train0, member_results, out_dir, with_plots)
     )
     seg_result_path = paths.segmentation / "result.json"
-    report["segmentation"] = section_segmentation(
-        read_json(seg_result_path) if seg_result_path.is_file() else None, b, seed
-    )
+    seg_result = read_json(seg_result_path) if seg_result_path.is_file() else None
+    if seg_result is not None:
+        check_trained_on(seg_result, plan.splits[0], "the U-Net")
+    report["segmentation"] = section_segmentation(seg_result, b, seed)
     report["ablation"] = (
         section_ablation(cfg, paths, cache, plan, b, seed)
         if cfg.ablation.enabled

@@ -147,6 +147,17 @@ def stage_cache(ctx: Context, csv_path: Path | None, rebuild: bool = False) -> C
     return load_cache(path)
 
 
+def trained_splits(ctx: Context, cache: Cache) -> SplitPlan:
+    """The splits the run's models were trained on (evaluation and export never re-split)."""
+    path = ctx.paths.splits
+    if not path.is_file():
+        raise ValueError(f"no {path}: train the run first (`cxr-train all` or the stages)")
+    plan = SplitPlan.load(path)
+    for split in plan.splits:
+        check_no_leakage(split, cache.records)
+    return plan
+
+
 def stage_splits(ctx: Context, cache: Cache) -> SplitPlan:
     """Splits of the cache's records; kept when they still cover exactly these records."""
     cfg = ctx.cfg
@@ -273,6 +284,20 @@ def run_all(ctx: Context, csv_path: Path | None) -> Json:
     lungs, lungs_raw = ctx.timed("segmentation", lambda: stage_segmentation(ctx, cache, plan))
     ctx.timed("classifiers", lambda: stage_members(ctx, cache, plan, lungs, lungs_raw))
     ctx.timed("evaluate", lambda: stage_evaluate(ctx, cache, plan, lungs))
-    export = ctx.timed("export", lambda: stage_export(ctx, cache, plan, replace=True))
+    missing = missing_export_modules()
+    if missing:
+        # A training-only host (e.g. a GPU machine without hnswlib): finish here; copy the run
+        # folder to a machine with the `train` extra and run `cxr-train export -w <run>`.
+        log.warning("export skipped: %s not installed", ", ".join(missing))
+        export: Json = {"bundle": None, "skipped": f"{', '.join(missing)} not installed"}
+    else:
+        export = ctx.timed("export", lambda: stage_export(ctx, cache, plan, replace=True))
     write_json(ctx.paths.root / "timings.json", ctx.timings)
     return export
+
+
+def missing_export_modules() -> list[str]:
+    """What the export stage needs beyond training: ONNX, its runtime and hnswlib."""
+    import importlib.util
+
+    return [m for m in ("onnx", "onnxruntime", "hnswlib") if importlib.util.find_spec(m) is None]

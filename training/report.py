@@ -381,6 +381,8 @@ def render(report: Json, export: Json | None) -> str:
                     f" {v.get('note', '')} |"
                 )
             out.append("")
+    elif r["kind"] == "external":
+        out += ["Not applicable: an external evaluation of the run's split-0 models.", ""]
     else:
         out += ["(not exported yet: run `cxr-train export`)", ""]
     # -- limits

@@ -24,7 +24,7 @@ from training.cache import Cache
 from training.config import ExperimentConfig
 from training.datasets import IGNORE, LUNG, SegmentationDataset, loader
 from training.models import UNet, UNetExport, count_parameters
-from training.splits import Split
+from training.splits import Split, split_sha
 from training.torchutil import (
     derive_seed,
     eval_mode,
@@ -36,7 +36,7 @@ from training.torchutil import (
     seed_everything,
     write_json,
 )
-from worker.inference import resize_batch
+from worker.model_input import resize_batch
 from worker.preprocess import PreprocessParams, to_model_input
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,7 @@ def train_segmentation(
     records = [cache.records[r] for r in test.rows]
     result = {
         "fingerprint": stage_fp,
+        "split_sha": split_sha(split),
         "architecture": f"unet(base_width={seg.base_width}, depth={seg.depth})",
         "parameters": count_parameters(best),
         "input_size": seg.input_size,

@@ -9,6 +9,7 @@ splits with other seeds, for confidence intervals.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -58,6 +59,21 @@ def _groups(records: Sequence[Record]) -> dict[str, list[Record]]:
     for r in records:
         groups.setdefault(r.patient_group, []).append(r)
     return groups
+
+
+def split_sha(split: Split) -> str:
+    """Identifies a split: models record it, evaluation checks it."""
+    payload = json.dumps(split.model_dump(), sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def check_trained_on(result: dict[str, object], split: Split, what: str) -> None:
+    """Refuse to evaluate a model on a split it was not trained for (its test set may be
+    another split's training set)."""
+    if result.get("split_sha") != split_sha(split):
+        raise LeakageError(
+            f"{what} was trained on another split than the run's splits.json: retrain it"
+        )
 
 
 def make_split(records: Sequence[Record], val: float, test: float, seed: int) -> Split:
