@@ -88,6 +88,8 @@ def test_youden_threshold_separates_separable_scores() -> None:
     t = m.youden_threshold(y, s)
     assert 0.3 < t <= 0.6
     assert m.binary_metrics(y, s, t)["accuracy"] == 1.0
+    # Tied (uninformative) scores: no threshold is better; the fallback, not 1.0 or +inf.
+    assert m.youden_threshold(y, np.full(6, 0.3), fallback=0.5) == 0.5
 
 
 def test_bootstrap_ci_covers_a_known_accuracy_about_95_percent_of_the_time() -> None:

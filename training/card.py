@@ -34,20 +34,23 @@ def _table(rows: dict[str, Json], cols: tuple[str, ...] = ("n", "positives")) ->
 def card_notes(cfg: ExperimentConfig, report: Json) -> str:
     data = report["data"]
     weights = [f"`{m.name}` from `{m.checkpoint}`" for m in cfg.members if m.checkpoint]
-    lines = [
-        "## Intended use",
-        "",
-        "Research; not for diagnostic use. Not a medical device. Trained and evaluated on a"
-        " public research pool only: no clinical performance is claimed or implied.",
-        "",
-        "## Weights",
-        "",
+    origin = (
         "No pretrained weights: trained from scratch."
         if not weights
         else "Initialised from local checkpoints: " + ", ".join(weights) + "; all others from"
-        " scratch.",
-        f" Experiment `{cfg.name}` {cfg.version}, seed {cfg.seed}; the full config is in the"
-        " manifest (`config`).",
+        " scratch."
+    )
+    lines = [
+        "## Intended use and users",
+        "",
+        "Research; not for diagnostic use; not a medical device. For ML engineers and"
+        " researchers evaluating the CXR node, never for decisions about a patient. Trained and"
+        " evaluated on a public research pool only: no clinical performance is claimed.",
+        "",
+        "## Weights",
+        "",
+        f"{origin} Experiment `{cfg.name}` {cfg.version}, seed {cfg.seed}; the full config is in"
+        " the manifest (`config`).",
         "",
         "## Training data",
         "",

@@ -186,6 +186,14 @@ def _validation_metrics(
     }
 
 
+def _brief(entry: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in entry.items()
+        if k != "epoch"
+    )
+
+
 def _selection_value(metrics: dict[str, float], selection: str) -> tuple[float, str]:
     """The checkpoint criterion; falls back when the chosen AUC is undefined on this split."""
     for name in (selection, "val_auc"):
@@ -334,7 +342,7 @@ def train_member(
                 **meta,
             },
         )
-        log.info("%s epoch %d: %s", run.name, epoch + 1, entry)
+        log.info("%s epoch %d/%d: %s", run.name, epoch + 1, run.epochs, _brief(entry))
 
     best_model = load_member(out_dir).to(device)
     prob, emb = predict(best_model, images_all, lungs_all, cache.params, run.input_size, device)

@@ -124,12 +124,19 @@ def average_precision(y: np.ndarray, score: np.ndarray) -> float:
     return float(-np.sum(np.diff(recall) * precision[:-1]))
 
 
-def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
-    """The score threshold maximising sensitivity + specificity - 1 (predict >= threshold)."""
+def youden_threshold(y: np.ndarray, score: np.ndarray, fallback: float = 0.5) -> float:
+    """The score threshold maximising sensitivity + specificity - 1 (predict >= threshold).
+
+    `fallback` when the scores do not separate the classes at all (J <= 0 everywhere, e.g.
+    all scores tied) or one class is missing: no threshold is better than another then.
+    """
     fpr, tpr, thresholds = roc_curve(y, score)
     if np.isnan(fpr).any() or np.isnan(tpr).any():
-        return 0.5
-    best = int(np.argmax(tpr - fpr))
+        return fallback
+    j = tpr - fpr
+    best = int(np.argmax(j))
+    if j[best] <= 0:
+        return fallback
     return float(min(thresholds[best], 1.0))
 
 

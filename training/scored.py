@@ -91,7 +91,7 @@ def choose_threshold(cfg: ExperimentConfig, val: ScoredSet) -> float:
     """The decision threshold, from validation only: Youden's J or the fixed value."""
     if cfg.evaluation.threshold == "fixed" or len(np.unique(val.y)) < 2:
         return cfg.evaluation.fixed_threshold
-    return youden_threshold(val.y, val.score)
+    return youden_threshold(val.y, val.score, fallback=cfg.evaluation.fixed_threshold)
 
 
 @dataclass

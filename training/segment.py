@@ -241,7 +241,12 @@ def train_segmentation(
                 **meta,
             },
         )
-        log.info("U-Net epoch %d: %s", epoch + 1, entry)
+        log.info(
+            "U-Net epoch %d/%d: %s",
+            epoch + 1,
+            seg.epochs,
+            ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if k != "epoch"),
+        )
 
     best = load_unet(out_dir).to(device)
     test_dice, test_iou = evaluate_masks(
