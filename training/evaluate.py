@@ -193,14 +193,19 @@ def _common_sections(
 
 def _ablation_figure(report: Json, out_dir: Path) -> None:
     ab = report["ablation"]
-    values = {"baseline": tuple(ab["baseline"][k] for k in ("value", "low", "high"))}
+    member = ab["member"]
+
+    def bar(e: Json) -> tuple[float, float, float]:
+        return (e["value"], e["low"], e["high"])
+
+    values = {f"{member}\nbaseline": bar(ab["baseline"])}
     for variant, v in ab["variants"].items():
         if "auc" in v:
-            values[variant] = tuple(v["auc"][k] for k in ("value", "low", "high"))
+            values[f"{member}\n{variant}"] = bar(v["auc"])
     audit = report["shortcut_audit"].get("lung_masking", {})
-    for key in ("lungs_masked_out", "lungs_only"):
+    for key in ("original", "lungs_masked_out", "lungs_only"):
         if key in audit:
-            values[key.replace("_", " ")] = tuple(audit[key][k] for k in ("value", "low", "high"))
+            values[f"ensemble\n{key.replace('_', ' ')}"] = bar(audit[key])
     report["ablation"]["figure"] = plots.bars(
         values, "Ablation and shortcut audit (test AUC, split 0)", out_dir / "ablation.png"
     ).name

@@ -128,14 +128,14 @@ def days(days: np.ndarray, score: np.ndarray, labels: np.ndarray, path: Path) ->
 def bars(values: Mapping[str, tuple[float, float, float]], title: str, path: Path) -> Path:
     """Value with [low, high] error bars per name."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     names = list(values)
     v = np.array([values[n][0] for n in names])
     lo = np.array([values[n][1] for n in names])
     hi = np.array([values[n][2] for n in names])
     err = np.nan_to_num(np.vstack([v - lo, hi - v]), nan=0.0).clip(min=0)
     ax.bar(range(len(names)), np.nan_to_num(v), yerr=err, capsize=4, color="#4c72b0")
-    ax.set_xticks(range(len(names)), labels=names, rotation=15, fontsize=8)
+    ax.set_xticks(range(len(names)), labels=names, fontsize=7)
     ax.axhline(0.5, color="gray", linestyle=":")
     ax.set(ylim=(0, 1.05), ylabel="ROC AUC", title=title)
     return _save(fig, path)

@@ -380,7 +380,12 @@ def render(report: Json, export: Json | None) -> str:
                     f" {_num(v.get('auc_change'), 4)} | {_sci(v.get('max_score_change'))} |"
                     f" {v.get('note', '')} |"
                 )
-            out.append("")
+            out += [
+                "",
+                "An AUC change on a small test set follows the order of near-equal scores; the"
+                " maximum score change is the robust measure of what a conversion altered.",
+                "",
+            ]
     elif r["kind"] == "external":
         out += ["Not applicable: an external evaluation of the run's split-0 models.", ""]
     else:
