@@ -133,3 +133,27 @@ def test_to_model_input_mean_of_a_preprocessed_batch() -> None:
     expected = (batch.astype(np.float64) / 255 - params.mean) / params.std
     assert x.mean() == pytest.approx(expected.mean(), abs=1e-5)
     np.testing.assert_allclose(x[:, 0], expected, atol=1e-5)
+
+
+def test_mask_follows_the_image_through_crop_pad_and_resize() -> None:
+    from worker.preprocess import crop_box, preprocess_mask
+
+    image = np.zeros((300, 400), dtype=np.uint8)
+    image[30:270, 60:360] = texture(240, 300)
+    mask = np.zeros_like(image)
+    mask[100:200, 100:180] = 255  # a "lung" inside the content
+    mask[120:130, 120:130] = 127  # an ignore patch
+    r0, r1, c0, c1 = crop_box(image, PARAMS)
+    assert (r0, r1, c0, c1) == (30, 270, 60, 360)
+    out = preprocess_mask(mask, image, PARAMS)
+    assert out.shape == (PARAMS.size, PARAMS.size)
+    assert set(np.unique(out).tolist()) <= {0, 127, 255}  # nearest: labels kept
+    # The same geometry as the image: a bright marker moves where the mask's lung moved.
+    marked = image.copy()
+    marked[100:200, 100:180] = 250
+    bright = preprocess(marked, PARAMS) >= 240
+    lung = out == 255
+    overlap = (bright & lung).sum() / lung.sum()
+    assert overlap > 0.9
+    with pytest.raises(ValueError, match="differs"):
+        preprocess_mask(mask[:10], image, PARAMS)

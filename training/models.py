@@ -9,6 +9,7 @@ stems are used unchanged.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 import torch
 import torchvision
@@ -47,12 +48,20 @@ def _family(architecture: str) -> str:
     )
 
 
-def backbone_features(architecture: str) -> tuple[nn.Module, int]:
-    """A torchvision model cut before its pooling/classifier: [N,3,H,W] -> [N,C,h,w], and C."""
+def backbone_features(
+    architecture: str, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> tuple[nn.Module, int]:
+    """A torchvision model cut before its pooling/classifier: [N,3,H,W] -> [N,C,h,w], and C.
+
+    `state_dict`: optional weights in torchvision's layout for the whole model (e.g. a
+    checkpoint copied in by hand; nothing is downloaded). Its classifier weights are ignored.
+    """
     family = _family(architecture)
     if architecture not in torchvision.models.list_models():
         raise ValueError(f"torchvision has no model {architecture!r}")
     net = torchvision.models.get_model(architecture, weights=None)
+    if state_dict is not None:
+        _load_backbone(net, architecture, state_dict)
     if family == "resnet":
         stages: tuple[str, ...] = (
             "conv1",
@@ -81,14 +90,33 @@ def backbone_features(architecture: str) -> tuple[nn.Module, int]:
     return features, _linear_in(_child(net, "classifier"))
 
 
+def _load_backbone(net: nn.Module, architecture: str, state: Mapping[str, torch.Tensor]) -> None:
+    own = net.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    # Everything but the final classifier must match, or these are not this model's weights.
+    heads = {k for k in own if k.startswith(("fc.", "classifier."))}
+    missing = [k for k in own if k not in usable and k not in heads]
+    if missing:
+        raise ValueError(
+            f"checkpoint does not fit torchvision {architecture}: {len(missing)} tensors missing "
+            f"or of another shape, e.g. {missing[:3]}"
+        )
+    net.load_state_dict(usable, strict=False)
+
+
 class Classifier(nn.Module):
     """Backbone -> global average pooling -> Linear-ReLU x 3 (last = embedding) -> Linear(2)."""
 
-    def __init__(self, architecture: str, head: tuple[int, int, int] = PAPER_HEAD) -> None:
+    def __init__(
+        self,
+        architecture: str,
+        head: tuple[int, int, int] = PAPER_HEAD,
+        backbone_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.architecture = architecture
         self.head_widths = head
-        self.features, self.feature_dim = backbone_features(architecture)
+        self.features, self.feature_dim = backbone_features(architecture, backbone_state)
         self.pool = nn.AdaptiveAvgPool2d(1)
         widths = (self.feature_dim, *head)
         layers: list[nn.Module] = [nn.Flatten()]

@@ -2,8 +2,9 @@
 
 Loaded once per worker process (`get_ensemble`). Pure compute: a preprocessed uint8 image in,
 probabilities, the retrieval embedding and the lung probability map out. No torch here; the
-assembly of the classifier input (`member_input`) is also what `training/` uses to compute the
-reference embeddings, so training and serving feed the members the same channels.
+assembly of the classifier input (`member_input`, in `worker.model_input` so that it imports
+without onnxruntime) is also what `training/` uses, so training and serving feed the members
+the same channels.
 """
 
 from __future__ import annotations
@@ -13,40 +14,30 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnxruntime as ort
 
 from worker.bundle import Bundle, BundleError, load_bundle
 from worker.contracts import InferRequest, InferResult, decode_png, encode_png
+from worker.model_input import MEMBER_CHANNELS, member_input, resize_batch
 from worker.preprocess import to_model_input
 
-#: Channel order of every ensemble member's input. Part of the bundle contract.
-MEMBER_CHANNELS: tuple[str, str, str] = ("image", "lung", "zeros")
+__all__ = [
+    "INPUT_NAME",
+    "MEMBER_CHANNELS",
+    "MEMBER_OUTPUTS",
+    "SEGMENTATION_OUTPUT",
+    "Ensemble",
+    "Prediction",
+    "get_ensemble",
+    "member_input",
+    "resize_batch",
+    "run_infer",
+]
+
 INPUT_NAME = "image"
 MEMBER_OUTPUTS: tuple[str, str] = ("probability", "embedding")
 SEGMENTATION_OUTPUT = "lung"
-
-
-def resize_batch(x: np.ndarray, size: int) -> np.ndarray:
-    """float32 [N,C,H,W] -> [N,C,size,size] (area when shrinking, bilinear when enlarging)."""
-    n, c, h, w = x.shape
-    if (h, w) == (size, size):
-        return x
-    interpolation = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
-    out = np.empty((n, c, size, size), dtype=np.float32)
-    for i in range(n):
-        for j in range(c):
-            out[i, j] = cv2.resize(x[i, j], (size, size), interpolation=interpolation)
-    return out
-
-
-def member_input(image: np.ndarray, lung: np.ndarray, size: int) -> np.ndarray:
-    """Normalised image [N,1,S,S] + lung probability [N,1,S',S'] -> member input [N,3,size,size]."""
-    image = resize_batch(image.astype(np.float32, copy=False), size)
-    lung = resize_batch(lung.astype(np.float32, copy=False), size)
-    zeros = np.zeros_like(image)
-    return np.ascontiguousarray(np.concatenate([image, lung, zeros], axis=1))
 
 
 def default_providers() -> list[str]:

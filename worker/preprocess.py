@@ -120,8 +120,7 @@ def preprocess_geometry(image: np.ndarray, params: PreprocessParams) -> Geometry
     )
 
 
-def preprocess(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
-    """Display image -> square, resized, contrast-equalised uint8 image of params.size."""
+def _gray(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3:
         code = cv2.COLOR_BGR2GRAY if image.shape[2] == 3 else cv2.COLOR_BGRA2GRAY
         image = cv2.cvtColor(image, code)
@@ -129,6 +128,12 @@ def preprocess(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
         raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
     if image.dtype != np.uint8:
         raise ValueError(f"expected uint8 display pixels, got {image.dtype}")
+    return image
+
+
+def preprocess(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """Display image -> square, resized, contrast-equalised uint8 image of params.size."""
+    image = _gray(image)
     square = pad_square(crop_borders(image, params))
     interpolation = cv2.INTER_AREA if square.shape[0] > params.size else cv2.INTER_LINEAR
     resized = cv2.resize(square, (params.size, params.size), interpolation=interpolation)
@@ -136,6 +141,20 @@ def preprocess(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
         clipLimit=params.clahe_clip, tileGridSize=(params.clahe_tile, params.clahe_tile)
     )
     return clahe.apply(resized)
+
+
+def preprocess_mask(mask: np.ndarray, image: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """A label mask of `image` (same rows and columns) through the same crop, pad and resize.
+
+    For training: lung masks aligned with `preprocess(image, params)`. Nearest-neighbour
+    resizing keeps the label values; padding is 0 (background); no CLAHE.
+    """
+    image = _gray(image)
+    if mask.shape != image.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the image's {image.shape}")
+    r0, r1, c0, c1 = crop_box(image, params)
+    square = pad_square(np.ascontiguousarray(mask[r0:r1, c0:c1]))
+    return cv2.resize(square, (params.size, params.size), interpolation=cv2.INTER_NEAREST)
 
 
 def to_model_input(images: np.ndarray, params: PreprocessParams) -> np.ndarray:

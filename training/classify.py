@@ -1,0 +1,380 @@
+"""Training one ensemble member: the paper's recipe, with the reference code's faults fixed.
+
+Adam with exponential learning-rate decay and L2 (weight decay), class-balanced sampling,
+augmentation on the fly, mixed precision and channels-last on CUDA. Every epoch is
+checkpointed (`last.pt`, resumable); the kept checkpoint (`best.pt`) is chosen on validation
+AUC - or on the validation AUC of the sources holding both classes - never on test. Seeds
+for initialisation, sampling and augmentation derive from the experiment seed, per epoch, so a
+resumed run continues as the uninterrupted one would have.
+
+After training, the best model scores every cached image (`predictions.npz`: probability and
+embedding); evaluation and export read those.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training.augment import make_augmenter
+from training.cache import Cache
+from training.config import ExperimentConfig
+from training.data import mixed_sources
+from training.datasets import MemberDataset, loader, take, training_sampler
+from training.metrics import roc_auc
+from training.models import Classifier, count_parameters
+from training.splits import Split, split_sha
+from training.torchutil import (
+    amp_context,
+    array_sha256,
+    derive_seed,
+    eval_mode,
+    fingerprint,
+    load_checkpoint,
+    needs_grad_scaler,
+    prepare_stage,
+    read_json,
+    save_checkpoint,
+    seed_everything,
+    write_json,
+)
+from worker.classes import CxrClass
+from worker.preprocess import PreprocessParams
+
+log = logging.getLogger(__name__)
+
+LungInput = Literal["unet", "zeros"]
+ImageInput = Literal["preprocessed", "raw"]
+
+
+@dataclass(frozen=True)
+class MemberRun:
+    """Everything that defines one member's training."""
+
+    name: str
+    architecture: str
+    input_size: int
+    head: tuple[int, int, int]
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_decay: float
+    weight_decay: float
+    balanced_sampling: bool
+    selection: str
+    amp: bool
+    channels_last: bool
+    num_workers: int
+    seed: int
+    checkpoint: str | None = None
+    lung: LungInput = "unet"
+    images: ImageInput = "preprocessed"
+
+
+def member_run(
+    cfg: ExperimentConfig,
+    name: str,
+    split: int,
+    variant: str | None = None,
+    checkpoint_base: Path | None = None,
+) -> MemberRun:
+    m = cfg.member(name)
+    c = cfg.classifier
+    checkpoint = m.checkpoint
+    if checkpoint is not None and checkpoint_base is not None:
+        from training.config import expand
+
+        checkpoint = str(expand(checkpoint, checkpoint_base))
+    return MemberRun(
+        name=name if variant is None else f"{name}--{variant}",
+        architecture=m.architecture,
+        input_size=cfg.member_size(m),
+        head=c.head,
+        epochs=m.epochs or c.epochs,
+        batch_size=m.batch_size or c.batch_size,
+        lr=m.lr or c.lr,
+        lr_decay=c.lr_decay,
+        weight_decay=c.weight_decay,
+        balanced_sampling=c.balanced_sampling,
+        selection=c.selection,
+        amp=c.amp,
+        channels_last=c.channels_last,
+        num_workers=c.num_workers,
+        seed=derive_seed(cfg.seed, "member", name, split, variant),
+        checkpoint=checkpoint,
+        lung="zeros" if variant == "no-seg" else "unet",
+        images="raw" if variant == "no-prep" else "preprocessed",
+    )
+
+
+def build_member(run: MemberRun) -> Classifier:
+    """A fresh member, or one initialised from `run.checkpoint` (ours or torchvision's)."""
+    if run.checkpoint is None:
+        return Classifier(run.architecture, run.head)
+    payload = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and "model" in payload and "architecture" in payload:
+        if payload["architecture"] != run.architecture:
+            raise ValueError(
+                f"{run.checkpoint} holds a {payload['architecture']}, not a {run.architecture}"
+            )
+        head = tuple(int(w) for w in payload["head"])
+        if len(head) != 3:
+            raise ValueError(f"{run.checkpoint}: head {head} is not three layers")
+        model = Classifier(run.architecture, (head[0], head[1], head[2]))
+        model.load_state_dict(payload["model"])
+        if model.head_widths != run.head:
+            raise ValueError(f"{run.checkpoint} has head {model.head_widths}, not {run.head}")
+        return model
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+    return Classifier(run.architecture, run.head, backbone_state=state)
+
+
+def load_member(folder: Path, which: str = "best.pt") -> Classifier:
+    payload = load_checkpoint(folder / which)
+    model = Classifier(payload["architecture"], tuple(payload["head"]))
+    model.load_state_dict(payload["model"])
+    return model.eval()
+
+
+def predict(
+    model: Classifier,
+    images: np.ndarray,
+    lungs: np.ndarray | None,
+    params: PreprocessParams,
+    input_size: int,
+    device: torch.device,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """P(COVID-19) [N] and embeddings [N,D], in fp32, from worker-identical inputs."""
+    labels = np.zeros(len(images), dtype=np.int64)
+    dataset = MemberDataset(images, lungs, labels, params, input_size)
+    probs: list[np.ndarray] = []
+    embeddings: list[np.ndarray] = []
+    model = model.to(device)
+    with eval_mode(model):
+        for x, _ in loader(dataset, batch_size):
+            logits, emb = model(x.to(device))
+            probs.append(
+                torch.softmax(logits.float(), dim=1)[:, int(CxrClass.COVID19)].cpu().numpy()
+            )
+            embeddings.append(emb.float().cpu().numpy())
+    if not probs:
+        return np.zeros(0), np.zeros((0, model.embedding_dim), dtype=np.float32)
+    return np.concatenate(probs).astype(np.float64), np.concatenate(embeddings)
+
+
+def _validation_metrics(
+    prob: np.ndarray, labels: np.ndarray, same_source: np.ndarray
+) -> dict[str, float]:
+    eps = 1e-7
+    p = np.clip(prob, eps, 1 - eps)
+    loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))) if len(p) else 0.0
+    return {
+        "val_auc": roc_auc(labels, prob) if len(p) else float("nan"),
+        "val_same_source_auc": roc_auc(labels[same_source], prob[same_source])
+        if same_source.any()
+        else float("nan"),
+        "val_loss": loss,
+        "val_accuracy": float(np.mean((prob >= 0.5) == labels)) if len(p) else float("nan"),
+    }
+
+
+def _brief(entry: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in entry.items()
+        if k != "epoch"
+    )
+
+
+def _selection_value(metrics: dict[str, float], selection: str) -> tuple[float, str]:
+    """The checkpoint criterion; falls back when the chosen AUC is undefined on this split."""
+    for name in (selection, "val_auc"):
+        if np.isfinite(metrics[name]):
+            return metrics[name], name
+    return -metrics["val_loss"], "-val_loss"
+
+
+def train_member(
+    run: MemberRun,
+    cfg: ExperimentConfig,
+    cache: Cache,
+    lungs: np.ndarray | None,
+    split: Split,
+    out_dir: Path,
+    device: torch.device,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train (or resume, or reuse) one member on `split`; return result.json's content.
+
+    `lungs`: the U-Net maps of every cache row (for `run.images`); ignored when run.lung is
+    "zeros".
+    """
+    images_all = cache.raw if run.images == "raw" else cache.images
+    if images_all is None:
+        raise ValueError("the cache has no raw variant: rebuild it with [cache] raw_variant")
+    if run.lung == "unet" and lungs is None:
+        raise ValueError(f"{run.name}: no lung maps (train the segmentation first)")
+    lungs_all = lungs if run.lung == "unet" else None
+    labels_all = cache.labels
+    mixed = set(mixed_sources(cache.records))
+    train_rows, val_rows = cache.rows(split.train), cache.rows(split.val)
+    if len(np.unique(labels_all[train_rows])) < 2:
+        raise ValueError(f"{run.name}: the training set holds one class only")
+    same_source = np.array([cache.records[r].source in mixed for r in val_rows], dtype=bool)
+    stage_fp = fingerprint(
+        {
+            "run": asdict(run),
+            "cache": cache.info.get("key"),
+            "split": split.model_dump(),
+            "augment": cfg.augment.model_dump(mode="json"),
+            "lungs": None if lungs_all is None else array_sha256(lungs_all),
+        }
+    )
+    state = prepare_stage(out_dir, stage_fp, resume)
+    if state == "done":
+        log.info("%s: already trained with these settings", run.name)
+        result: dict[str, Any] = read_json(out_dir / "result.json")
+        return result
+
+    seed_everything(run.seed)
+    model = build_member(run).to(device)
+    memory_format = (
+        torch.channels_last
+        if run.channels_last and device.type == "cuda"
+        else torch.contiguous_format
+    )
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=run.lr_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, run.amp))
+    start_epoch, best, best_epoch = 0, -np.inf, -1
+    history: list[dict[str, Any]] = []
+    if state == "resume":
+        last = load_checkpoint(out_dir / "last.pt", device)
+        model.load_state_dict(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        scheduler.load_state_dict(last["scheduler"])
+        scaler.load_state_dict(last["scaler"])
+        start_epoch, best, best_epoch = last["epoch"] + 1, last["best"], last["best_epoch"]
+        history = last["history"]
+        log.info("%s: resuming at epoch %d", run.name, start_epoch + 1)
+
+    augment = make_augmenter(cfg.augment, "probability", run.seed)
+    train_labels = labels_all[train_rows]
+    dataset = MemberDataset(
+        take(images_all, train_rows),
+        None if lungs_all is None else take(lungs_all, train_rows),
+        train_labels,
+        cache.params,
+        run.input_size,
+        augment,
+    )
+    val_images = take(images_all, val_rows)
+    val_lungs = None if lungs_all is None else take(lungs_all, val_rows)
+    val_labels = labels_all[val_rows]
+    meta = {"architecture": run.architecture, "head": list(run.head), "name": run.name}
+    for epoch in range(start_epoch, run.epochs):
+        generator = torch.Generator().manual_seed(derive_seed(run.seed, "epoch", epoch))
+        if augment is not None:
+            augment.reseed(derive_seed(run.seed, "augment", epoch))
+        batches = loader(
+            dataset,
+            run.batch_size,
+            sampler=training_sampler(train_labels, run.balanced_sampling, generator),
+            generator=generator,
+            num_workers=run.num_workers,
+            pin_memory=device.type == "cuda",
+            drop_last=len(dataset) > run.batch_size,
+        )
+        model.train()
+        total, count = 0.0, 0
+        for x, y in tqdm(
+            batches, desc=f"{run.name} epoch {epoch + 1}/{run.epochs}", leave=False, disable=None
+        ):
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            with amp_context(device, run.amp):
+                logits, _ = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach()) * len(x)
+            count += len(x)
+        scheduler.step()
+        prob, _ = predict(model, val_images, val_lungs, cache.params, run.input_size, device)
+        metrics = _validation_metrics(prob, val_labels, same_source)
+        value, used = _selection_value(metrics, run.selection)
+        entry = {
+            "epoch": epoch,
+            "train_loss": total / max(count, 1),
+            **metrics,
+            "selected_on": used,
+        }
+        history.append(entry)
+        if value > best:
+            best, best_epoch = value, epoch
+            save_checkpoint(
+                out_dir / "best.pt",
+                {"model": model.state_dict(), "epoch": epoch, "fingerprint": stage_fp, **meta},
+            )
+        save_checkpoint(
+            out_dir / "last.pt",
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "best_epoch": best_epoch,
+                "history": history,
+                "fingerprint": stage_fp,
+                **meta,
+            },
+        )
+        log.info("%s epoch %d/%d: %s", run.name, epoch + 1, run.epochs, _brief(entry))
+
+    best_model = load_member(out_dir).to(device)
+    prob, emb = predict(best_model, images_all, lungs_all, cache.params, run.input_size, device)
+    np.savez_compressed(
+        out_dir / "predictions.npz", ids=np.array(cache.ids), probability=prob, embedding=emb
+    )
+    chosen = history[best_epoch]
+    result = {
+        "fingerprint": stage_fp,
+        "split_sha": split_sha(split),
+        "run": asdict(run),
+        "parameters": count_parameters(best_model),
+        "best_epoch": best_epoch,
+        "selected_on": chosen["selected_on"],
+        "validation": {k: v for k, v in chosen.items() if k.startswith("val_")},
+        "history": history,
+    }
+    write_json(out_dir / "result.json", result)
+    return result
+
+
+@dataclass
+class MemberPredictions:
+    ids: list[str]
+    probability: np.ndarray
+    embedding: np.ndarray
+
+
+def read_predictions(folder: Path, ids: list[str]) -> MemberPredictions:
+    """A trained member's scores for `ids` (in that order)."""
+    with np.load(folder / "predictions.npz") as npz:
+        stored = npz["ids"].tolist()
+        where = {rid: i for i, rid in enumerate(stored)}
+        rows = np.array([where[rid] for rid in ids], dtype=np.int64)
+        return MemberPredictions(ids, npz["probability"][rows], npz["embedding"][rows])

@@ -1,0 +1,154 @@
+"""Torch datasets over the cache: model inputs built with the worker's own helpers.
+
+The member input is `worker.model_input.member_input(to_model_input(image), lung, size)`, the
+segmentation input `resize_batch(to_model_input(image), seg_size)`: without augmentation a
+sample is exactly what the worker computes for that image and lung map.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler
+
+from training.augment import Augmenter
+from worker.model_input import member_input, resize_batch
+from worker.preprocess import PreprocessParams, to_model_input
+
+IGNORE = 127
+LUNG = 255
+
+
+class MemberDataset(Dataset[tuple[torch.Tensor, int]]):
+    """(member input [3,M,M] float32, label) per image.
+
+    `lungs`: the U-Net probability maps [n,1,s,s] as the worker computes them, or None for
+    the without-segmentation ablation (the lung channel is then zeros).
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        lungs: np.ndarray | None,
+        labels: np.ndarray,
+        params: PreprocessParams,
+        input_size: int,
+        augment: Augmenter | None = None,
+    ) -> None:
+        if lungs is not None and len(lungs) != len(images):
+            raise ValueError(f"{len(lungs)} lung maps for {len(images)} images")
+        if len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        self.images, self.lungs, self.labels = images, lungs, np.asarray(labels)
+        self.params, self.input_size, self.augment = params, input_size, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.images[i]
+        lung = None if self.lungs is None else self.lungs[i, 0].astype(np.float32)
+        if self.augment is not None:
+            if lung is not None:  # the same geometry for the lung map, at the image's size
+                side = image.shape[0]
+                lung = cv2.resize(lung, (side, side), interpolation=cv2.INTER_LINEAR)
+            image, lung = self.augment(image, lung)
+        x = to_model_input(image[None], self.params)
+        lung_batch = np.zeros_like(x) if lung is None else lung[None, None]
+        return torch.from_numpy(member_input(x, lung_batch, self.input_size)[0]), int(
+            self.labels[i]
+        )
+
+
+class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """(U-Net input [1,s,s], lung target [1,s,s], valid [1,s,s]) from uint8 0/127/255 masks."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        params: PreprocessParams,
+        input_size: int,
+        augment: Augmenter | None = None,
+    ) -> None:
+        if images.shape != masks.shape:
+            raise ValueError(f"images {images.shape} and masks {masks.shape} differ")
+        self.images, self.masks = images, masks
+        self.params, self.input_size, self.augment = params, input_size, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, mask = self.images[i], self.masks[i]
+        if self.augment is not None:
+            image, augmented = self.augment(image, mask)
+            assert augmented is not None
+            mask = augmented
+        x = resize_batch(to_model_input(image[None], self.params), self.input_size)[0]
+        s = self.input_size
+        small = cv2.resize(mask, (s, s), interpolation=cv2.INTER_NEAREST)
+        target = (small == LUNG).astype(np.float32)[None]
+        valid = (small != IGNORE).astype(np.float32)[None]
+        return torch.from_numpy(x), torch.from_numpy(target), torch.from_numpy(valid)
+
+
+def training_sampler(
+    labels: np.ndarray, balanced: bool, generator: torch.Generator
+) -> Sampler[int]:
+    """Class-balanced (each class drawn equally often) or plain random order, one epoch long."""
+    if not balanced:
+        return RandomSampler(range(len(labels)), generator=generator)
+    counts = np.bincount(labels, minlength=2).astype(np.float64)
+    weights = 1.0 / counts[labels]
+    return WeightedRandomSampler(
+        weights.tolist(), num_samples=len(labels), replacement=True, generator=generator
+    )
+
+
+def _reseed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    if info is None:  # pragma: no cover - only called in workers
+        return
+    seed = torch.initial_seed() % 2**31  # derived from the loader's (seeded) generator
+    np.random.seed(seed)
+    augment = getattr(info.dataset, "augment", None)
+    if augment is not None:
+        augment.reseed(seed)
+
+
+def loader(
+    dataset: Dataset[Any],
+    batch_size: int,
+    *,
+    sampler: Sampler[int] | None = None,
+    generator: torch.Generator | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader[Any]:
+    # fork: workers share the parent's image arrays copy-on-write; spawn/forkserver (the
+    # default from Python 3.14) would pickle them into every worker, every epoch.
+    context = "fork" if num_workers and "fork" in mp.get_all_start_methods() else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        multiprocessing_context=context,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=_reseed_worker if num_workers else None,
+        generator=generator,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=False,
+    )
+
+
+def take(array: np.ndarray, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array[np.asarray(rows, dtype=np.int64)])
