@@ -153,6 +153,11 @@ class ExportConfig(_Section):
     fp16: bool = Field(default=True, description="fp16-weight variant + its AUC change")
     int8: bool = Field(default=False, description="dynamic int8 variant + its AUC change")
     max_bundle_mb: float = Field(default=60.0, gt=0)
+    invariance: bool = Field(
+        default=True,
+        description="score the test images' original files under JPEG q75, 2x rescale and a"
+        " black border through each exported bundle (training.invariance)",
+    )
 
 
 class ExperimentConfig(_Section):

@@ -29,6 +29,7 @@ from training.cache import Cache
 from training.card import card_notes
 from training.classify import load_member, read_predictions
 from training.config import ExperimentConfig
+from training.data import Record
 from training.export import (
     MODEL_CARD,
     ExportError,
@@ -38,6 +39,7 @@ from training.export import (
     torch_embeddings,
     write_bundle,
 )
+from training.invariance import invariance_lines
 from training.layout import RunPaths
 from training.metrics import roc_auc
 from training.models import count_parameters
@@ -115,8 +117,9 @@ def make_variant(bundle_dir: Path, out_dir: Path, kind: str) -> Path:
     (out_dir / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
     card = out_dir / MODEL_CARD
     card.write_text(
-        f"> Variant **{kind}** of {manifest.name}: see the parent bundle's card; the AUC change"
-        " is in the run's export.json.\n\n" + card.read_text(encoding="utf-8"),
+        f"> Variant **{kind}** of {manifest.name} (its own device UID): the models below with"
+        f" {kind} weights. Its measured AUC change and invariance are at the end of this card."
+        "\n\n" + card.read_text(encoding="utf-8"),
         encoding="utf-8",
     )
     load_bundle(out_dir)
@@ -284,7 +287,13 @@ def export_run(
             if kind == "fp16"
             else "dynamic int8 (onnxruntime)",
         }
+    if cfg.export.invariance:
+        records = [cache.records[r] for r in test_rows]
+        result["invariance"] = _invariance(out_dir, result, records, paths.report)
     _append_card(out_dir, result)
+    for kind, v in result["variants"].items():
+        if "path" in v:
+            _append_card(Path(v["path"]), result, variant=kind)
     if out_dir != final:
         shutil.rmtree(final)
         out_dir.rename(final)
@@ -294,7 +303,23 @@ def export_run(
     return result
 
 
-def _append_card(bundle_dir: Path, result: Json) -> None:
+def _invariance(bundle_dir: Path, result: Json, records: list[Record], report_dir: Path) -> Json:
+    """The invariance audit of the bundle and of each variant (each is served as it is)."""
+    from training.invariance import invariance_audit
+
+    missing = [r.id for r in records if not Path(r.image).is_file()]
+    if missing or not records:
+        return {"note": f"skipped: {len(missing)} of {len(records)} test images not found"}
+    out: Json = {
+        "bundle": invariance_audit(bundle_dir, records, figure=report_dir / "invariance.png")
+    }
+    for kind, v in result["variants"].items():
+        if "path" in v:
+            out[kind] = invariance_audit(Path(v["path"]), records)
+    return out
+
+
+def _append_card(bundle_dir: Path, result: Json, variant: str | None = None) -> None:
     """The serving check and variant results, measured after the bundle was written.
 
     model_card.md is not among the manifest's checksummed files: adding to it leaves the
@@ -316,6 +341,14 @@ def _append_card(bundle_dir: Path, result: Json) -> None:
             )
         else:
             lines.append(f"- {kind} variant: {v['note']}")
+    inv = result.get("invariance", {})
+    mine = inv.get(variant or "bundle")
+    if mine:
+        lines += ["", *invariance_lines(mine)]
+        if mine.get("figure"):
+            lines += ["", "The distribution: `invariance.png` in the run's report folder."]
+    elif inv.get("note"):
+        lines += ["", "## Invariance", "", f"Not measured: {inv['note']}."]
     card = bundle_dir / MODEL_CARD
     card.write_text(card.read_text(encoding="utf-8") + "\n".join(lines) + "\n", encoding="utf-8")
 
