@@ -36,7 +36,12 @@ class _JsonFormatter(JsonFormatter):
 
 def make_formatter(log_format: str = "text") -> logging.Formatter:
     if log_format == "json":
-        return _JsonFormatter(list(JSON_FIELDS), rename_fields=JSON_FIELDS, json_ensure_ascii=False)
+        return _JsonFormatter(
+            list(JSON_FIELDS),
+            datefmt="%Y-%m-%dT%H:%M:%S%z",
+            rename_fields=JSON_FIELDS,
+            json_ensure_ascii=False,
+        )
     return logging.Formatter(FORMAT)
 
 
