@@ -157,8 +157,7 @@ def test_metrics_audit_and_json_logs_for_sent_studies(
 
     assert storescu(node, [phi, lateral]) == 0
     subprocess.run(  # refused with 0xA900: storescu reports it; only the node's count matters
-        [require_tool("storescu"), "-aet", "MODALITY", "-aec", "CXRNODE", "127.0.0.1"]
-        + [str(node.port), str(empty)],
+        [require_tool("storescu"), "-aet", "MODALITY", "-aec", "CXRNODE", "127.0.0.1", str(node.port), str(empty)],
         capture_output=True,
         timeout=120,
     )
@@ -229,8 +228,7 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            + ["--dir", str(tmp_path)],
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -276,7 +274,7 @@ def test_health_is_503_while_redis_is_down(
     redis_proc.wait(timeout=20)
     for port in (http_port, worker_port):
         wait_for(lambda port=port: health(port)[0] == 503, 60, f"/health on {port} to be 503")
-        status, report = health(port)
+        _status, report = health(port)
         checks = report["checks"]
         assert report["status"] == "unhealthy"
         assert checks["broker"]["ok"] is False  # type: ignore[index]
