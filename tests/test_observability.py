@@ -157,7 +157,8 @@ def test_metrics_audit_and_json_logs_for_sent_studies(
 
     assert storescu(node, [phi, lateral]) == 0
     subprocess.run(  # refused with 0xA900: storescu reports it; only the node's count matters
-        [require_tool("storescu"), "-aet", "MODALITY", "-aec", "CXRNODE", "127.0.0.1", str(node.port), str(empty)],
+        [require_tool("storescu"), "-aet", "MODALITY", "-aec", "CXRNODE", "127.0.0.1"]
+        + [str(node.port), str(empty)],  # noqa: RUF005
         capture_output=True,
         timeout=120,
     )
@@ -228,7 +229,8 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            + ["--dir", str(tmp_path)],  # noqa: RUF005
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -266,7 +268,7 @@ def test_health_is_503_while_redis_is_down(
     )
     for port in (http_port, worker_port):
         wait_for(lambda port=port: health(port)[0] == 200, 90, f"/health on {port} to be 200")
-    status, report = health(worker_port)
+    _, report = health(worker_port)
     assert report["checks"]["bundle"]["ok"] is True  # type: ignore[index]
     assert value(scrape(worker_port), "process_open_fds") > 0  # the worker's own /metrics
 
