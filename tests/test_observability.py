@@ -156,9 +156,9 @@ def test_metrics_audit_and_json_logs_for_sent_studies(
     empty_ds.save_as(empty)
 
     assert storescu(node, [phi, lateral]) == 0
+    storescu_args = [require_tool("storescu"), "-aet", "MODALITY", "-aec", "CXRNODE", "127.0.0.1"]
     subprocess.run(  # refused with 0xA900: storescu reports it; only the node's count matters
-        [require_tool("storescu"), "-aet", "MODALITY", "-aec", "CXRNODE", "127.0.0.1"]
-        + [str(node.port), str(empty)],  # noqa: RUF005
+        [*storescu_args, str(node.port), str(empty)],
         capture_output=True,
         timeout=120,
     )
@@ -227,10 +227,11 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes
     port = free_port()
     running: list[subprocess.Popen[bytes]] = []
 
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            + ["--dir", str(tmp_path)],  # noqa: RUF005
+            [*args, "--dir", str(tmp_path)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
