@@ -337,7 +337,9 @@ class Ledger:
                     "UPDATE jobs SET state = ?, reason = NULL, updated_at = ? WHERE job_id = ?",
                     (str(JobState.DELIVERED), now, job_id),
                 )
-            elif str(DeliveryState.FAILED) in states:
+            elif str(DeliveryState.FAILED) in states and state is DeliveryState.FAILED:
+                # the reason names the object that was dead-lettered now; a later success
+                # of another object leaves it as it is
                 db.execute(
                     "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE job_id = ?",
                     (

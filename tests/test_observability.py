@@ -289,3 +289,50 @@ def test_health_is_503_while_redis_is_down(
     redis_server()  # back on the same port: healthy again, no restart needed
     for port in (http_port, worker_port):
         wait_for(lambda port=port: health(port)[0] == 200, 60, f"/health on {port} back to 200")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_status_page_in_chromium_shows_jobs_dead_letter_and_bundle(
+    start_node: Callable[..., NodeProcess],
+    storescp: Peer,
+    chest_cr: Path,
+    tmp_path: Path,
+) -> None:
+    from tests.test_viewer import chromium, page_text
+
+    port = free_port()
+    dead = f"DEAD@127.0.0.1:{free_port()}"  # nothing listens there
+    node = start_node(
+        destinations=f"{storescp.address},{dead}", delivery_attempts="1", http_port=str(port)
+    )
+    assert storescu(node, [chest_cr]) == 0
+    ledger = Ledger(node.data_dir / "ledger.sqlite3")
+    wait_for(lambda: ledger.counts()["failed"] == 1, 240, "the dead letter")
+    (job,) = ledger.recent(10)
+    wait_for(lambda: len(of_class(storescp.received(), COMPREHENSIVE_SR)) == 1, 60, "the SR")
+
+    run = chromium("--dump-dom", f"http://127.0.0.1:{port}/", profile=tmp_path / "profile")
+    assert run.returncode == 0 and "<html" in run.stdout.lower(), run.stderr[-2000:]
+    text = page_text(run.stdout)
+    assert "Not for diagnostic use" in text
+    assert job.job_id in text and str(chest_cr.name) not in text
+    assert "1 failed" in text  # jobs by state
+    assert f"cxr-node retry {job.job_id}" in text  # the dead letter and how to retry it
+    assert f"to {dead} failed" in text  # its reason names the destination
+    assert "0.0.0-random" in text and plumbing_device_uid() in text  # the bundle in use
+    assert "RANDOM WEIGHTS" in text
+
+    samples = scrape(port)
+    assert value(samples, "cxr_failed_total", stage="delivery") == 2  # the SR and SC to DEAD
+    assert value(samples, "cxr_delivered_total", kind="sr", destination=storescp.address) == 1
+    failed_lines = [
+        a for a in audit_lines(node) if a["event"] == "delivery" and a["destination"] == dead
+    ]
+    assert {a["kind"] for a in failed_lines} == {"sr", "sc"}
+    assert all(str(a["status"]).startswith("failed") for a in failed_lines)
+    # read-only: no state change over HTTP
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=b"", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=20)
+    assert refused.value.code == 405
