@@ -225,3 +225,44 @@ class BundleCache:
                     return bundle
         found = self._store.find(device_uid=device_uid)
         return self._load(found.root) if found is not None else current
+
+
+def smoke_test(bundle: Bundle, onnx_threads: int = 0) -> dict[str, float]:
+    """Run the bundle once, the way a worker and the node use it, on a synthetic chest-like
+    image: preprocessing, segmentation, every member, and the reference index. Raises
+    BundleError when an output is missing or out of range."""
+    import numpy as np
+
+    from dicom_node.retrieval import ReferenceIndex
+    from worker.inference import Ensemble
+    from worker.preprocess import preprocess
+
+    size = 512
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    lungs = ((xx - 0.3) ** 2 / 0.02 + (yy - 0.5) ** 2 / 0.09 < 1) | (
+        (xx - 0.7) ** 2 / 0.02 + (yy - 0.5) ** 2 / 0.09 < 1
+    )
+    image = np.where(lungs, 60, 190).astype(np.uint8)
+    manifest = bundle.manifest
+    try:
+        prepared = preprocess(image, manifest.preprocessing)
+        (prediction,) = Ensemble(bundle, intra_op_threads=onnx_threads).predict(prepared[None])
+        similar = ReferenceIndex(bundle).query(prediction.embedding, manifest.index.k)
+    except BundleError:
+        raise
+    except Exception as exc:
+        raise BundleError(f"smoke inference failed: {type(exc).__name__}: {exc}") from exc
+    problems = []
+    if not 0.0 <= prediction.probability <= 1.0 or not np.isfinite(prediction.probability):
+        problems.append(f"probability {prediction.probability} outside [0, 1]")
+    if prediction.embedding.shape != (manifest.index.dim,):
+        problems.append(f"embedding shape {prediction.embedding.shape} != ({manifest.index.dim},)")
+    if not np.all(np.isfinite(prediction.embedding)):
+        problems.append("embedding not finite")
+    if prediction.lung_probability.shape != prepared.shape:
+        problems.append(f"lung map shape {prediction.lung_probability.shape}")
+    if manifest.index.count and not similar:
+        problems.append("reference index returned nothing")
+    if problems:
+        raise BundleError("smoke inference: " + "; ".join(problems))
+    return {"probability": prediction.probability, "similar": float(len(similar))}
