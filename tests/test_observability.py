@@ -264,7 +264,7 @@ def test_health_is_503_while_redis_is_down(
     redis_proc = redis_server()
     url = f"redis://127.0.0.1:{redis_server.port}/0"  # type: ignore[attr-defined]
     http_port, worker_port = free_port(), free_port()
-    start_node(
+    node = start_node(
         worker=True, broker_url=url, http_port=str(http_port), worker_http_port=str(worker_port)
     )
     for port in (http_port, worker_port):
@@ -285,6 +285,8 @@ def test_health_is_503_while_redis_is_down(
     # the node's other checks still pass: only the broker is down
     _, report = health(http_port)
     assert [n for n, c in report["checks"].items() if not c["ok"]] == ["broker"]  # type: ignore[union-attr]
+    down = node.cli("health")  # what a monitoring script or HEALTHCHECK runs
+    assert down.returncode == 1 and "broker unreachable" in down.stdout
 
     redis_server()  # back on the same port: healthy again, no restart needed
     for port in (http_port, worker_port):
@@ -336,3 +338,43 @@ def test_status_page_in_chromium_shows_jobs_dead_letter_and_bundle(
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=20)
     assert refused.value.code == 405
+
+
+def test_cleanup_deletes_files_of_old_finished_jobs_only(tmp_path: Path) -> None:
+    import os
+    import sys
+    import time
+
+    from dicom_node.ledger import Job, JobState
+
+    data = tmp_path / "data"
+    ledger = Ledger(data / "ledger.sqlite3")
+    old = time.time() - 40 * 86400
+    files = {}
+    for name, state in (("done", JobState.DELIVERED), ("dead", JobState.FAILED)):
+        spool = data / "spool" / f"{name}.dcm"
+        result = data / "results" / f"{name}-sr.dcm"
+        for path in (spool, result):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x" * 1000)
+        files[name] = (spool, result)
+        ledger.add(
+            Job(name, generate_uid(), "1.2", "1.3", "1.4", "CR1", str(spool), state, None,
+                generate_uid(), generate_uid(), None, old, old)
+        )  # fmt: skip
+    with ledger._connect() as db:  # make them old
+        db.execute("UPDATE jobs SET updated_at = ?", (old,))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    env.update(CXR_DATA_DIR=str(data), CXR_RETENTION_DAYS="30")
+    done = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "cleanup"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "deleted 2 files" in done.stdout
+    assert not any(p.exists() for p in files["done"])  # delivered 40 days ago: gone
+    assert all(p.exists() for p in files["dead"])  # a dead letter waits for the operator
+    assert ledger.get("done") is not None  # the ledger keeps its history
