@@ -162,6 +162,9 @@ def test_metrics_audit_and_json_logs_for_sent_studies(
         capture_output=True,
         timeout=120,
     )
+    echo = [require_tool("echoscu"), "-aet", "INTRUDER", "-aec", "NOTTHENODE", "127.0.0.1"]
+    # called with the wrong AE title: the association is rejected
+    subprocess.run([*echo, str(node.port)], capture_output=True, timeout=60)
     ledger = Ledger(node.data_dir / "ledger.sqlite3")
     wait_for(lambda: ledger.counts()["delivered"] == 1, 240, "the study delivered")
     wait_for(
@@ -191,8 +194,12 @@ def test_metrics_audit_and_json_logs_for_sent_studies(
     # the audit log: the associations, each instance by UIDs, each delivered object
     lines = audit_lines(node)
     associations = [a for a in lines if a["event"] == "association"]
-    assert associations and all(a["calling_ae"] == "MODALITY" for a in associations)
-    assert {a["outcome"] for a in associations} == {"accepted"}
+    accepted = [a for a in associations if a["outcome"] == "accepted"]
+    assert accepted and all(a["calling_ae"] == "MODALITY" for a in accepted)
+    assert all(a["address"] == "127.0.0.1" and a["called_ae"] == "CXRNODE" for a in accepted)
+    (rejected,) = [a for a in associations if a["outcome"] == "rejected"]
+    assert rejected["calling_ae"] == "INTRUDER" and rejected["called_ae"] == "NOTTHENODE"
+    assert rejected["reason"] == "called AE title is not this node's"
     received = {a["sop_instance_uid"]: a for a in lines if a["event"] == "received"}
     phi_uid = str(dcmread(phi, stop_before_pixels=True).SOPInstanceUID)
     assert received[phi_uid]["outcome"] == "analyse"
