@@ -24,6 +24,7 @@ from dicom_node.report import COMPREHENSIVE_SR, sr_summary
 from tests.conftest import PLUMBING_BUNDLE, NodeProcess, Peer, wait_for
 from tests.test_e2e import of_class, storescu
 from worker.bundle import BundleError, load_bundle
+from worker.contracts import InferRequest
 
 
 def make_bundle(
@@ -204,3 +205,41 @@ def test_new_bundle_installed_while_jobs_run_loses_none(
     assert storescu(node, [again]) == 0
     wait_for(lambda: len(_device_by_source(storescp)) == 8, 240, "the 8th SR")
     assert _device_by_source(storescp)[_uid(again)] == old_uid
+
+
+def test_a_job_started_before_a_switch_finishes_on_its_bundle(
+    tmp_path: Path, chest_cr: Path
+) -> None:
+    """Deterministic version of the race: prepare on the old bundle, switch, then infer and
+    finalize as the worker and the node do (bundle looked up by fingerprint / device UID)."""
+    from dicom_node import pipeline
+    from tests.test_pipeline import make_node, receive
+    from worker.inference import get_ensemble, run_infer
+
+    node = make_node(tmp_path, hospital_k=0)
+    started = receive(node, chest_cr, "PAT1")
+    request = pipeline.prepare(node, started)  # preprocessed for the plumbing bundle
+    assert request is not None
+
+    new_uid = generate_uid()
+    v2 = make_bundle(tmp_path / "v2", "0.0.1-random", device_uid=new_uid)
+    ModelStore(node.settings.models_dir).install(v2, node.settings.bundle_in_use, lambda b: None)
+    assert node.bundle.manifest.device_uid == new_uid  # the node sees the switch at once
+
+    def work(job_request: InferRequest) -> str:
+        # what the infer task does, then finalize on the node; the SR's device UID
+        bundle = node.bundles.by_fingerprint(job_request.bundle_fingerprint)
+        bundle, ensemble = get_ensemble(bundle.root, 1)
+        result = run_infer(job_request, ensemble, bundle)
+        pipeline.finalize(node, result)
+        sr = dcmread(node.result_path(result.job_id))
+        return str(sr_summary(sr)["device_uid"])
+
+    assert work(request) == plumbing_uid()  # finished on the bundle it started on
+    later = receive(node, chest_cr, "PAT2")
+    later_request = pipeline.prepare(node, later)
+    assert (
+        later_request is not None and later_request.bundle_fingerprint != request.bundle_fingerprint
+    )
+    assert work(later_request) == new_uid  # new jobs: the new model
+    assert node.ledger.counts()["analysed"] == 2
