@@ -139,8 +139,10 @@ def prepare(node: NodeRuntime, job_id: str) -> InferRequest | None:
     try:
         display = decode_display(ds, max_pixels=node.settings.max_pixels)
     except PixelDecodeError as exc:
-        node.ledger.set_state(job_id, JobState.REJECTED, f"pixel data not analysable: {exc}")
-        node.metrics.inc("rejected")
+        if node.ledger.set_state(
+            job_id, JobState.REJECTED, f"pixel data not analysable: {exc}", only_from=UNFINISHED
+        ):
+            node.metrics.inc("rejected")
         log.warning("job %s: not analysable: %s", job_id, exc)
         return None
     bundle = node.bundle

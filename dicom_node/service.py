@@ -41,7 +41,6 @@ def run_worker(settings: Settings, roles: list[str], name: str) -> None:
     register_tasks(app, settings)
     if settings.worker_http_port:
         from dicom_node.observe import WorkerMetrics, worker_app
-        from dicom_node.web import start_http
 
         metrics = WorkerMetrics()
         metrics.connect()
