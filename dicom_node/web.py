@@ -55,7 +55,8 @@ class StatusView:
 
 
 def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    text = datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return f"<span class='when'>{text}</span>"
 
 
 def _latency(job: Job) -> str:
@@ -80,7 +81,7 @@ def render_status(view: StatusView) -> str:
         [
             f"<code>{e(j.job_id)}</code>",
             f"<span class='state {e(str(j.state))}'>{e(str(j.state))}</span>",
-            e(_when(j.received_at)),
+            _when(j.received_at),
             e(_latency(j)),
             e(j.calling_ae),
             f"<code>{e(j.sop_instance_uid)}</code>",
@@ -91,7 +92,7 @@ def render_status(view: StatusView) -> str:
     failures = [
         [
             f"<code>{e(j.job_id)}</code>",
-            e(_when(j.updated_at)),
+            _when(j.updated_at),
             e(j.reason or ""),
             f"<code>cxr-node retry {e(j.job_id)}</code>",
         ]
@@ -112,7 +113,9 @@ def render_status(view: StatusView) -> str:
 <style>
 body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 1em; }}
-td, th {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; font-size: 90%; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; font-size: 90%;
+  vertical-align: top; }}
+code, .when {{ white-space: nowrap; }}
 .count {{ display: inline-block; margin-right: 1.5em; }}
 .state.failed {{ color: #b00; font-weight: bold; }}
 .state.delivered {{ color: #070; }}
