@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -264,21 +265,48 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen[bytes
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_health_is_503_while_redis_is_down(
+def test_queue_depth_worker_metrics_and_health_while_redis_is_down(
     start_node: Callable[..., NodeProcess],
     redis_server: Callable[[], subprocess.Popen[bytes]],
+    chest_cr: Path,
+    tmp_path: Path,
 ) -> None:
     redis_proc = redis_server()
     url = f"redis://127.0.0.1:{redis_server.port}/0"  # type: ignore[attr-defined]
     http_port, worker_port = free_port(), free_port()
-    node = start_node(
-        worker=True, broker_url=url, http_port=str(http_port), worker_http_port=str(worker_port)
+    node = start_node(broker_url=url, http_port=str(http_port), worker_http_port=str(worker_port))
+    wait_for(lambda: health(http_port)[0] == 200, 90, "the node's /health to be 200")
+
+    # no inference worker yet: the prepared job waits in the "infer" queue
+    assert storescu(node, [chest_cr]) == 0
+    wait_for(
+        lambda: value(scrape(http_port), "cxr_queue_depth", queue="infer") == 1,
+        120,
+        "one message in the infer queue",
     )
-    for port in (http_port, worker_port):
-        wait_for(lambda port=port: health(port)[0] == 200, 90, f"/health on {port} to be 200")
+    assert value(scrape(http_port), "cxr_jobs", state="analysing") == 1
+
+    # an inference worker with its own health and metrics port takes it
+    log = (tmp_path / "infer-worker.stderr").open("wb")
+    node.extra.append(
+        subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "worker"],
+            env=node.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    )
+    wait_for(lambda: health(worker_port)[0] == 200, 90, "the worker's /health to be 200")
     _, report = health(worker_port)
     assert report["checks"]["bundle"]["ok"] is True  # type: ignore[index]
-    assert value(scrape(worker_port), "process_open_fds") > 0  # the worker's own /metrics
+    ledger = Ledger(node.data_dir / "ledger.sqlite3")
+    wait_for(lambda: ledger.counts()["delivered"] == 1, 240, "the job delivered (outbox)")
+    assert value(scrape(http_port), "cxr_queue_depth", queue="infer") == 0
+    worker_metrics = scrape(worker_port)
+    assert value(worker_metrics, "cxr_worker_tasks_total", task="cxr.infer", state="SUCCESS") == 1
+    assert value(worker_metrics, "cxr_worker_task_seconds_count", task="cxr.infer") == 1
+    assert value(worker_metrics, "process_open_fds") > 0
 
     redis_proc.terminate()
     redis_proc.wait(timeout=20)
