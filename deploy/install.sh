@@ -19,11 +19,13 @@ python3 -m venv "$prefix/.venv"
 "$prefix/.venv/bin/pip" install -q "$prefix"
 
 install -m 0644 deploy/systemd/cxr-node.service deploy/systemd/cxr-worker@.service /etc/systemd/system/
+install -m 0644 deploy/logrotate/cxr-node /etc/logrotate.d/cxr-node
 if [ "$role" = node ] || [ "$role" = both ]; then
   [ -f /etc/cxr-node/node.env ] || install -m 0640 deploy/examples/single-host.env /etc/cxr-node/node.env
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
   install -m 0644 deploy/redis/cxr-redis.conf /etc/cxr-node/cxr-redis.conf
   install -m 0644 deploy/systemd/cxr-redis.service /etc/systemd/system/
+  install -m 0644 deploy/systemd/cxr-cleanup.service deploy/systemd/cxr-cleanup.timer /etc/systemd/system/
 fi
 if [ "$role" = worker ] || [ "$role" = both ]; then
   [ -f /etc/cxr-node/worker.env ] || install -m 0640 deploy/examples/worker.env /etc/cxr-node/worker.env
@@ -31,4 +33,5 @@ fi
 systemctl daemon-reload
 echo "Installed. Edit /etc/cxr-node/*.env, then:"
 echo "  systemctl enable --now cxr-node          # node host (add cxr-redis with a broker URL)"
-echo "  systemctl enable --now cxr-worker@1      # each inference worker process"
+echo "  systemctl enable --now cxr-cleanup.timer  # node host: daily cxr-node cleanup (CXR_RETENTION_DAYS)"
+echo "  systemctl enable --now cxr-worker@8081   # each inference worker process (name = its HTTP port)"

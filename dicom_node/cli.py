@@ -1,4 +1,4 @@
-"""`cxr-node`: serve, worker, send, echo, status, retry, label."""
+"""`cxr-node`: serve, worker, send, echo, status, retry, label, models, health, cleanup."""
 
 from __future__ import annotations
 
@@ -171,6 +171,157 @@ def label(
             "note: the hospital index holds no image of this study yet; the label applies "
             "once one is analysed"
         )
+
+
+models_app = typer.Typer(help="Install, list and roll back model bundles.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("install")
+def models_install(
+    bundle: Annotated[Path, typer.Argument(help="a bundle folder (manifest.json, ONNX files)")],
+    activate: Annotated[
+        bool, typer.Option(help="make it the bundle in use now (--no-activate: copy only)")
+    ] = True,
+) -> None:
+    """Validate a bundle (manifest, checksums, smoke inference, same class map and schema as
+    the bundle in use, a device UID of its own), copy it under CXR_DATA_DIR/models and switch
+    to it atomically. Running node and workers use it from their next job on."""
+    from dicom_node.models import ModelStore, smoke_test
+    from worker.bundle import BundleError
+
+    settings = _settings()
+    store = ModelStore(settings.models_dir)
+    try:
+        target = store.install(
+            bundle,
+            settings.bundle_in_use,
+            lambda b: console.print(f"smoke inference: {smoke_test(b, settings.onnx_threads)}"),
+            activate=activate,
+        )
+    except BundleError as exc:
+        console.print(f"[red]bundle refused:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"installed {target}")
+    if activate:
+        console.print(
+            "now current: new jobs use it; jobs already under way finish with the previous one "
+            "(`cxr-node models rollback` returns to it)"
+        )
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The installed bundles, and which one is in use."""
+    from dicom_node.models import ModelStore
+
+    settings = _settings()
+    table = Table(title=f"bundles in {settings.models_dir}")
+    for column in ("folder", "name", "version", "device UID", "role"):
+        table.add_column(column)
+    for item in ModelStore(settings.models_dir).installed():
+        m = item.bundle.manifest
+        role = "current" if item.current else "previous" if item.previous else ""
+        table.add_row(item.path.name, m.name, m.version, m.device_uid, role)
+    console.print(table)
+    console.print(f"in use: {settings.bundle_in_use.resolve()}")
+
+
+@models_app.command("rollback")
+def models_rollback() -> None:
+    """Switch back to the previous bundle (atomically; from the next job on)."""
+    from dicom_node.models import ModelStore
+    from worker.bundle import BundleError
+
+    settings = _settings()
+    try:
+        target = ModelStore(settings.models_dir).rollback()
+    except BundleError as exc:
+        console.print(f"[red]no rollback:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"current: {target}")
+
+
+@app.command()
+def health(
+    worker: Annotated[
+        bool, typer.Option(help="ask a `cxr-node worker` (CXR_WORKER_HTTP_PORT) instead")
+    ] = False,
+    url: Annotated[str | None, typer.Option(help="the /health URL; default: from settings")] = None,
+) -> None:
+    """Ask the node's (or a worker's) /health; exit status 0 when healthy, 1 when not."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    settings = _settings()
+    if url is None:
+        port = settings.worker_http_port if worker else settings.http_port
+        if not port:
+            console.print(
+                "[red]no HTTP port configured (CXR_HTTP_PORT / CXR_WORKER_HTTP_PORT)[/red]"
+            )
+            raise typer.Exit(2)
+        host = "127.0.0.1" if settings.http_bind in ("0.0.0.0", "::", "") else settings.http_bind
+        url = f"http://{host}:{port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            code, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        code, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        console.print(f"[red]{url}: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    try:
+        console.print_json(json.dumps(json.loads(body)))
+    except ValueError:
+        console.print(body.decode(errors="replace"))
+    if code != 200:
+        raise typer.Exit(1)
+
+
+@app.command()
+def cleanup(
+    days: Annotated[
+        float | None, typer.Option(help="age in days; default: CXR_RETENTION_DAYS")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="only say what would be deleted")] = False,
+) -> None:
+    """Delete the spooled image and result files of finished jobs (delivered or rejected)
+    older than the retention period. Ledger rows, failed jobs, the outbox and the hospital
+    index are kept."""
+    import time
+
+    from dicom_node.ledger import Ledger, OutputKind
+    from dicom_node.metrics import MetricsStore
+
+    settings = _settings()
+    keep_days = settings.retention_days if days is None else days
+    if keep_days <= 0:
+        console.print("retention is 0: nothing is deleted")
+        return
+    if not settings.ledger_path.exists():
+        console.print("no ledger: nothing to clean up")
+        return
+    cutoff = time.time() - keep_days * 86400
+    files = freed = jobs = 0
+    for job in Ledger(settings.ledger_path).finished_before(cutoff):
+        paths = [Path(job.spool_path)] if job.spool_path else []
+        paths += [settings.results_dir / f"{job.job_id}-{kind}.dcm" for kind in OutputKind]
+        existing = [p for p in paths if p.is_file()]
+        jobs += bool(existing)
+        for path in existing:
+            files += 1
+            freed += path.stat().st_size
+            if not dry_run:
+                path.unlink()
+    if not dry_run and settings.metrics_path.exists():
+        MetricsStore(settings.metrics_path).forget_once_keys(cutoff)
+    verb = "would delete" if dry_run else "deleted"
+    console.print(
+        f"{verb} {files} files ({freed / 1e6:.1f} MB) of {jobs} jobs finished more than "
+        f"{keep_days:g} days ago"
+    )
 
 
 if __name__ == "__main__":

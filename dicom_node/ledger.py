@@ -337,7 +337,9 @@ class Ledger:
                     "UPDATE jobs SET state = ?, reason = NULL, updated_at = ? WHERE job_id = ?",
                     (str(JobState.DELIVERED), now, job_id),
                 )
-            elif str(DeliveryState.FAILED) in states:
+            elif str(DeliveryState.FAILED) in states and state is DeliveryState.FAILED:
+                # the reason names the object that was dead-lettered now; a later success
+                # of another object leaves it as it is
                 db.execute(
                     "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE job_id = ?",
                     (
@@ -394,5 +396,27 @@ class Ledger:
             rows = db.execute(
                 "SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY updated_at DESC LIMIT ?",
                 (str(JobState.FAILED), str(JobState.REJECTED), limit),
+            )
+            return [_job(r) for r in rows]
+
+    def recent(self, limit: int = 50) -> list[Job]:
+        """The most recently received jobs, newest first (the status page)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs ORDER BY received_at DESC LIMIT ?", (limit,))
+            return [_job(r) for r in rows]
+
+    def check_writable(self) -> None:
+        """Take the write lock and let it go (health check); raises sqlite3.Error if the
+        ledger cannot be written."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+
+    def finished_before(self, before: float) -> list[Job]:
+        """Jobs that need nothing more (delivered, rejected) last changed before `before`."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE state IN (?, ?) AND updated_at < ? ORDER BY updated_at",
+                (str(JobState.DELIVERED), str(JobState.REJECTED), before),
             )
             return [_job(r) for r in rows]

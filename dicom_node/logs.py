@@ -1,6 +1,10 @@
 """Logging for the node and its workers: stderr plus a file in the data folder.
 
-Log lines carry job ids and UIDs only, never patient names, ids or birth dates.
+Log lines carry job ids and UIDs only, never patient names, ids or birth dates. With
+`CXR_LOG_FORMAT=json` each line is one JSON object (python-json-logger) with a fixed set of
+fields - time, level, process, logger, message (and exc_info) - so that a log shipper can
+parse it; extra attributes that libraries attach to records (Celery puts task arguments
+there) are left out.
 """
 
 from __future__ import annotations
@@ -8,11 +12,40 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
 
 FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
+#: The fields of a JSON log line, in order (renamed from the LogRecord attributes).
+JSON_FIELDS = {
+    "asctime": "time",
+    "levelname": "level",
+    "processName": "process",
+    "name": "logger",
+    "message": "message",
+}
 
-def setup_logging(level: str, log_file: Path | None) -> None:
+
+class _JsonFormatter(JsonFormatter):
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        keep = {*JSON_FIELDS.values(), "exc_info", "stack_info"}
+        return {k: v for k, v in log_data.items() if k in keep}
+
+
+def make_formatter(log_format: str = "text") -> logging.Formatter:
+    if log_format == "json":
+        return _JsonFormatter(
+            list(JSON_FIELDS),
+            datefmt="%Y-%m-%dT%H:%M:%S%z",
+            rename_fields=JSON_FIELDS,
+            json_ensure_ascii=False,
+        )
+    return logging.Formatter(FORMAT)
+
+
+def setup_logging(level: str, log_file: Path | None, log_format: str = "text") -> None:
     root = logging.getLogger()
     root.setLevel(level.upper())
     for handler in list(root.handlers):
@@ -22,7 +55,7 @@ def setup_logging(level: str, log_file: Path | None) -> None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for handler in handlers:
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(make_formatter(log_format))
         root.addHandler(handler)
     # pynetdicom at INFO narrates every association; its DEBUG level dumps data sets.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))

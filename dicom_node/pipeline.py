@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,10 +22,21 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread
 
+from dicom_node.audit import AuditLog
 from dicom_node.delivery import OUTBOX, backoff_seconds, send_files, to_outbox
 from dicom_node.hospital_index import HospitalEntry, HospitalIndex
-from dicom_node.ledger import UNFINISHED, DeliveryState, JobState, Ledger, OutputKind, OutputUids
+from dicom_node.ledger import (
+    UNFINISHED,
+    Delivery,
+    DeliveryState,
+    JobState,
+    Ledger,
+    OutputKind,
+    OutputUids,
+)
 from dicom_node.lungs import lung_map_on_image, lung_mask, lung_outlines
+from dicom_node.metrics import MetricsStore
+from dicom_node.models import BundleCache, ModelStore
 from dicom_node.pixels import PixelDecodeError, decode_display
 from dicom_node.report import ReportOptions, ReportUids, build_sr, is_present
 from dicom_node.retrieval import ReferenceIndex
@@ -32,7 +44,7 @@ from dicom_node.segmentation import SegOptions, build_seg
 from dicom_node.settings import Destination, Settings
 from dicom_node.spool import write_durably
 from dicom_node.summary import ScOptions, SummaryFacts, build_sc, render_summary
-from worker.bundle import Bundle, load_bundle
+from worker.bundle import Bundle
 from worker.contracts import InferRequest, InferResult, SimilarItem, decode_png, encode_png
 from worker.preprocess import preprocess, preprocess_geometry
 
@@ -45,31 +57,60 @@ class NodeRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
+        self._reference: dict[str, ReferenceIndex] = {}
+        self._hospital: dict[str, HospitalIndex] = {}
 
     @cached_property
     def ledger(self) -> Ledger:
         return Ledger(self.settings.ledger_path)
 
     @cached_property
+    def bundles(self) -> BundleCache:
+        return BundleCache(
+            lambda: self.settings.bundle_in_use, ModelStore(self.settings.models_dir)
+        )
+
+    @property
     def bundle(self) -> Bundle:
-        with self._lock:
-            return load_bundle(self.settings.bundle)
+        """The bundle in use now (an installed switch is seen on the next call)."""
+        return self.bundles.current()
 
     @cached_property
+    def metrics(self) -> MetricsStore:
+        return MetricsStore(self.settings.metrics_path)
+
+    @cached_property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.settings.audit_path)
+
+    def reference_index_for(self, bundle: Bundle) -> ReferenceIndex:
+        key = bundle.manifest.device_uid
+        with self._lock:
+            if key not in self._reference:
+                self._reference[key] = ReferenceIndex(bundle)
+            return self._reference[key]
+
+    def hospital_index_for(self, bundle: Bundle) -> HospitalIndex:
+        """A bundle's embedding space of the hospital index (node host only)."""
+        manifest = bundle.manifest
+        with self._lock:
+            if manifest.device_uid not in self._hospital:
+                self._hospital[manifest.device_uid] = HospitalIndex(
+                    self.settings.hospital_dir,
+                    space=manifest.device_uid,
+                    dim=manifest.index.dim,
+                    metric=manifest.index.space,
+                )
+            return self._hospital[manifest.device_uid]
+
+    @property
     def reference_index(self) -> ReferenceIndex:
-        return ReferenceIndex(self.bundle)
+        return self.reference_index_for(self.bundle)
 
-    @cached_property
+    @property
     def hospital_index(self) -> HospitalIndex:
-        """This bundle's embedding space of the hospital index (node host only)."""
-        manifest = self.bundle.manifest
-        with self._lock:
-            return HospitalIndex(
-                self.settings.hospital_dir,
-                space=manifest.device_uid,
-                dim=manifest.index.dim,
-                metric=manifest.index.space,
-            )
+        """The current bundle's embedding space of the hospital index."""
+        return self.hospital_index_for(self.bundle)
 
     def result_path(self, job_id: str, kind: OutputKind = OutputKind.SR) -> Path:
         return self.settings.results_dir / f"{job_id}-{kind}.dcm"
@@ -98,20 +139,26 @@ def prepare(node: NodeRuntime, job_id: str) -> InferRequest | None:
     try:
         display = decode_display(ds, max_pixels=node.settings.max_pixels)
     except PixelDecodeError as exc:
-        node.ledger.set_state(job_id, JobState.REJECTED, f"pixel data not analysable: {exc}")
+        if node.ledger.set_state(
+            job_id, JobState.REJECTED, f"pixel data not analysable: {exc}", only_from=UNFINISHED
+        ):
+            node.metrics.inc("rejected")
         log.warning("job %s: not analysable: %s", job_id, exc)
         return None
-    image = preprocess(display, node.bundle.manifest.preprocessing)
+    bundle = node.bundle
+    image = preprocess(display, bundle.manifest.preprocessing)
     node.ledger.set_state(job_id, JobState.ANALYSING, only_from=UNFINISHED)
+    node.metrics.observe("prepare", time.time() - job.received_at, once=job_id)
     return InferRequest(
-        job_id=job_id, bundle_fingerprint=node.bundle.fingerprint, image_png=encode_png(image)
+        job_id=job_id, bundle_fingerprint=bundle.fingerprint, image_png=encode_png(image)
     )
 
 
 def analysis_failed(node: NodeRuntime, job_id: str, error: str) -> None:
-    node.ledger.set_state(
+    if node.ledger.set_state(
         job_id, JobState.FAILED, f"analysis failed: {error}", only_from=UNFINISHED
-    )
+    ):
+        node.metrics.inc("failed", stage="analysis")
     log.error("job %s: analysis failed: %s", job_id, error)
 
 
@@ -144,32 +191,38 @@ def load_source(node: NodeRuntime, spool_path: str) -> Source:
     return Source(header=ds, display=display)
 
 
-def locate_lungs(node: NodeRuntime, source: Source, result: InferResult) -> Lungs:
+def locate_lungs(
+    node: NodeRuntime, source: Source, result: InferResult, bundle: Bundle | None = None
+) -> Lungs:
     """Undo the preprocessing geometry on the worker's lung map."""
     if source.display is None or not result.lung_mask_png:
         return Lungs()
-    params = node.bundle.manifest.preprocessing
+    params = (bundle or node.bundle).manifest.preprocessing
     geometry = preprocess_geometry(source.display, params)
     mask = lung_mask(lung_map_on_image(decode_png(result.lung_mask_png), geometry))
     return Lungs(mask=mask, outlines=lung_outlines(mask))
 
 
-def patient_key(node: NodeRuntime, header: Dataset) -> str | None:
-    return node.hospital_index.patient_key(
+def patient_key(node: NodeRuntime, header: Dataset, bundle: Bundle | None = None) -> str | None:
+    return node.hospital_index_for(bundle or node.bundle).patient_key(
         str(header.get("PatientID") or ""), str(header.get("IssuerOfPatientID") or "")
     )
 
 
-def find_similar(node: NodeRuntime, header: Dataset, result: InferResult) -> list[SimilarItem]:
-    """Earlier hospital studies of other patients first, then reference-set items."""
+def find_similar(
+    node: NodeRuntime, header: Dataset, result: InferResult, bundle: Bundle | None = None
+) -> list[SimilarItem]:
+    """Earlier hospital studies of other patients first, then reference-set items, in the
+    embedding space of the bundle that produced the result."""
     settings = node.settings
+    bundle = bundle or node.bundle
     items: list[SimilarItem] = []
     if settings.hospital_index and settings.hospital_k > 0:
         try:
-            items += node.hospital_index.query(
+            items += node.hospital_index_for(bundle).query(
                 result.embedding,
                 settings.hospital_k,
-                patient_key=patient_key(node, header),
+                patient_key=patient_key(node, header, bundle),
                 study_instance_uid=str(header.StudyInstanceUID),
             )
         except Exception:  # the result matters more than its neighbours
@@ -178,7 +231,7 @@ def find_similar(node: NodeRuntime, header: Dataset, result: InferResult) -> lis
                 result.job_id,
             )
     if settings.similar_k > 0:
-        items += node.reference_index.query(result.embedding, settings.similar_k)
+        items += node.reference_index_for(bundle).query(result.embedding, settings.similar_k)
     return items
 
 
@@ -189,6 +242,7 @@ def build_report(
     uids: OutputUids,
     similar: list[SimilarItem],
     lungs: Lungs,
+    bundle: Bundle | None = None,
 ) -> Dataset:
     options = ReportOptions(
         include_similar=bool(similar),
@@ -196,17 +250,21 @@ def build_report(
         hospital_fields=frozenset(node.settings.hospital_fields),
     )
     report_uids = ReportUids(uids.series_instance_uid, uids.sop_instance_uid)
-    return build_sr(
-        header, result, node.bundle.manifest, similar, report_uids, options, lungs.outlines
-    )
+    manifest = (bundle or node.bundle).manifest
+    return build_sr(header, result, manifest, similar, report_uids, options, lungs.outlines)
 
 
 def build_summary(
-    node: NodeRuntime, source: Source, result: InferResult, uids: OutputUids, lungs: Lungs
+    node: NodeRuntime,
+    source: Source,
+    result: InferResult,
+    uids: OutputUids,
+    lungs: Lungs,
+    bundle: Bundle | None = None,
 ) -> Dataset | None:
     if source.display is None:
         return None
-    manifest = node.bundle.manifest
+    manifest = (bundle or node.bundle).manifest
     header = source.header
     facts = SummaryFacts(
         finding_present=is_present(result.probability, manifest.threshold),
@@ -225,21 +283,23 @@ def build_summary(
 
 
 def build_lung_seg(
-    node: NodeRuntime, source: Source, uids: OutputUids, lungs: Lungs
+    node: NodeRuntime, source: Source, uids: OutputUids, lungs: Lungs, bundle: Bundle | None = None
 ) -> Dataset | None:
     if lungs.mask is None:
         return None
     return build_seg(
         source.header,
         lungs.mask,
-        node.bundle.manifest,
+        (bundle or node.bundle).manifest,
         uids.series_instance_uid,
         uids.sop_instance_uid,
         SegOptions(),
     )
 
 
-def remember(node: NodeRuntime, header: Dataset, result: InferResult) -> None:
+def remember(
+    node: NodeRuntime, header: Dataset, result: InferResult, bundle: Bundle | None = None
+) -> None:
     """Add the analysed image to the hospital index (once: a redone job finds it there)."""
     if not node.settings.hospital_index:
         return
@@ -250,10 +310,10 @@ def remember(node: NodeRuntime, header: Dataset, result: InferResult) -> None:
         series_instance_uid=str(header.SeriesInstanceUID),
         study_date=str(header.get("StudyDate") or "") or None,
         probability=result.probability,
-        patient_key=patient_key(node, header),
+        patient_key=patient_key(node, header, bundle),
     )
     try:
-        node.hospital_index.add(entry, result.embedding)
+        node.hospital_index_for(bundle or node.bundle).add(entry, result.embedding)
     except Exception:  # the result goes out all the same
         log.exception("job %s: the image could not be added to the hospital index", result.job_id)
 
@@ -272,19 +332,28 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
     job = node.ledger.get(result.job_id)
     if job is None or job.state not in UNFINISHED or not job.spool_path:
         return []
+    started = time.time()
+    node.metrics.observe("infer", result.inference_ms / 1000.0, once=job.job_id)
+    if job.state is JobState.ANALYSING:  # since prepare: queue wait and inference
+        node.metrics.observe("queue_infer", started - job.updated_at, once=job.job_id)
+    # The bundle that produced the result (a newer one may be installed meanwhile): its
+    # preprocessing geometry, embedding space and identity in the SR.
+    bundle = node.bundles.by_device_uid(result.device_uid)
     uids = node.ledger.output_uids(job.job_id)
     source = load_source(node, job.spool_path)
-    lungs = _optional_lungs(node, job.job_id, source, result)
-    similar = find_similar(node, source.header, result)
+    lungs = _optional_lungs(node, job.job_id, source, result, bundle)
+    similar = find_similar(node, source.header, result, bundle)
 
     objects = {
         OutputKind.SR: build_report(
-            node, source.header, result, uids[OutputKind.SR], similar, lungs
+            node, source.header, result, uids[OutputKind.SR], similar, lungs, bundle
         )
     }
     builders = {
-        OutputKind.SC: lambda: build_summary(node, source, result, uids[OutputKind.SC], lungs),
-        OutputKind.SEG: lambda: build_lung_seg(node, source, uids[OutputKind.SEG], lungs),
+        OutputKind.SC: lambda: build_summary(
+            node, source, result, uids[OutputKind.SC], lungs, bundle
+        ),
+        OutputKind.SEG: lambda: build_lung_seg(node, source, uids[OutputKind.SEG], lungs, bundle),
     }
     for kind in node.outputs[1:]:
         built = _optional(job.job_id, kind, builders[kind])
@@ -295,11 +364,13 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
         ds.save_as(buffer, enforce_file_format=True)
         write_durably(node.result_path(job.job_id, kind), buffer.getvalue())
 
-    remember(node, source.header, result)
+    remember(node, source.header, result, bundle)
     node.ledger.add_deliveries(job.job_id, node.destinations, list(objects))
-    node.ledger.set_state(
+    if node.ledger.set_state(
         job.job_id, JobState.ANALYSED, probability=result.probability, only_from=UNFINISHED
-    )
+    ):
+        node.metrics.inc("analysed")
+        node.metrics.observe("finalize", time.time() - started, once=job.job_id)
     log.info(
         "job %s: analysed, p=%.3f, bundle %s %s, %.0f ms inference; %s; %d lung outline(s), "
         "%d similar",
@@ -320,9 +391,11 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
     return list(dict.fromkeys(pending))
 
 
-def _optional_lungs(node: NodeRuntime, job_id: str, source: Source, result: InferResult) -> Lungs:
+def _optional_lungs(
+    node: NodeRuntime, job_id: str, source: Source, result: InferResult, bundle: Bundle
+) -> Lungs:
     try:
-        return locate_lungs(node, source, result)
+        return locate_lungs(node, source, result, bundle)
     except Exception:
         log.exception("job %s: lung outline failed; results go without it", job_id)
         return Lungs()
@@ -346,6 +419,7 @@ def deliver(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome
     if not pending:
         return DeliveryOutcome(delivered=False)
     paths = [node.result_path(job_id, d.kind) for d in pending]
+    started = time.time()
     if destination == OUTBOX:
         errors = [_to_outbox(path, node.settings.outbox_dir) for path in paths]
     else:
@@ -355,16 +429,20 @@ def deliver(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome
         except (OSError, ValueError) as exc:  # unreadable result file, bad destination
             errors = [str(exc)] * len(paths)
 
+    node.metrics.observe("deliver", time.time() - started)
     retry_in: float | None = None
     for delivery, error in zip(pending, errors, strict=True):
         kind = delivery.kind
+        attempts = delivery.attempts + 1
+        _audit_delivery(node, job_id, delivery, error, attempts)
         if error is None:
             node.ledger.record_attempt(job_id, destination, DeliveryState.DELIVERED, kind=kind)
+            node.metrics.inc("delivered", kind=str(kind), destination=destination)
             log.info("job %s: %s delivered to %s", job_id, kind.upper(), destination)
             continue
-        attempts = delivery.attempts + 1
         if attempts >= node.settings.delivery_attempts:
             node.ledger.record_attempt(job_id, destination, DeliveryState.FAILED, error, kind)
+            node.metrics.inc("failed", stage="delivery")
             log.error(
                 "job %s: delivery of the %s to %s failed after %d attempts, dead-lettered: %s",
                 job_id,
@@ -375,6 +453,7 @@ def deliver(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome
             )
             continue
         node.ledger.record_attempt(job_id, destination, DeliveryState.PENDING, error, kind)
+        node.metrics.inc("delivery_retries", destination=destination)
         delay = backoff_seconds(attempts, node.settings.delivery_backoff_s)
         retry_in = delay if retry_in is None else min(retry_in, delay)
         log.warning(
@@ -387,7 +466,30 @@ def deliver(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome
             error,
         )
     delivered = all(error is None for error in errors)
+    job = node.ledger.get(job_id)
+    if job is not None and job.state is JobState.DELIVERED:
+        node.metrics.observe("end_to_end", time.time() - job.received_at, once=job_id)
     return DeliveryOutcome(delivered=delivered, retry_in=retry_in)
+
+
+def _audit_delivery(
+    node: NodeRuntime, job_id: str, delivery: Delivery, error: str | None, attempt: int
+) -> None:
+    """One audit line per object and attempt: its UIDs, where it went, and how it went."""
+    job = node.ledger.get(job_id)
+    uids = node.ledger.output_uids(job_id).get(delivery.kind)
+    node.audit.record(
+        "delivery",
+        job_id=job_id,
+        kind=str(delivery.kind),
+        sop_instance_uid=uids.sop_instance_uid if uids else None,
+        series_instance_uid=uids.series_instance_uid if uids else None,
+        study_instance_uid=job.study_instance_uid if job else None,
+        source_sop_instance_uid=job.sop_instance_uid if job else None,
+        destination=delivery.destination,
+        status="delivered" if error is None else f"failed: {error}",
+        attempt=attempt,
+    )
 
 
 def _to_outbox(path: Path, outbox: Path) -> str | None:

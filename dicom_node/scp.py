@@ -11,7 +11,8 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.uid import (
     JPEG2000,
@@ -78,19 +79,48 @@ TRANSFER_SYNTAXES: list[str] = [
 Enqueue = Callable[[str], None]
 
 
+class StoreEvents:
+    """Told of each C-STORE outcome (the audit log and the metrics); does nothing by default.
+    Called after the outcome is decided; an error here never changes the status."""
+
+    def received(self, job: Job, address: str) -> None:
+        """A new instance is durable and in the ledger (state received or rejected)."""
+
+    def duplicate(self, sop_instance_uid: str, calling_ae: str, address: str) -> None:
+        """An instance already in the ledger arrived again (answered with success)."""
+
+    def refused(self, code: int, sop_instance_uid: str, calling_ae: str, address: str) -> None:
+        """An instance was refused with an error status."""
+
+
 @dataclass
 class StoreHandler:
     settings: Settings
     ledger: Ledger
     enqueue: Enqueue
+    events: StoreEvents = field(default_factory=StoreEvents)
 
     def __call__(self, event: Event) -> int:
         started = time.perf_counter()
         try:
-            return self._store(event, started)
+            code = self._store(event, started)
         except Exception:  # the handler must answer, whatever happened
             log.exception("C-STORE failed unexpectedly; answering 0x%04X", status.CANNOT_UNDERSTAND)
-            return status.CANNOT_UNDERSTAND
+            code = status.CANNOT_UNDERSTAND
+        if code != status.SUCCESS:
+            self._tell(
+                lambda: self.events.refused(
+                    code, _sop_uid(event), event.assoc.requestor.ae_title.strip(), _address(event)
+                )
+            )
+        return code
+
+    @staticmethod
+    def _tell(call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception:
+            log.exception("C-STORE event hook failed (the status stands)")
 
     def _store(self, event: Event, started: float) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip()
@@ -119,6 +149,7 @@ class StoreHandler:
 
         existing = self.ledger.by_sop_instance(sop_uid)
         if existing is not None:
+            self._tell(lambda: self.events.duplicate(sop_uid, calling_ae, _address(event)))
             log.info(
                 "C-STORE sop=%s duplicate of job %s (%s): not analysed again",
                 sop_uid,
@@ -170,7 +201,9 @@ class StoreHandler:
         if not self.ledger.add(job):  # a concurrent association stored it first
             spool_path.unlink(missing_ok=True)
             log.info("C-STORE sop=%s duplicate (concurrent): not analysed again", sop_uid)
+            self._tell(lambda: self.events.duplicate(sop_uid, calling_ae, _address(event)))
             return status.SUCCESS
+        self._tell(lambda: self.events.received(job, _address(event)))
 
         if analyse:
             try:
@@ -199,6 +232,16 @@ class StoreHandler:
         return status.SUCCESS
 
 
+def _address(event: Event) -> str:
+    return str(event.assoc.requestor.address)
+
+
+def _sop_uid(event: Event) -> str:
+    """The SOP Instance UID from the C-STORE request (no data set decoding)."""
+    request = getattr(event, "request", None)
+    return str(getattr(request, "AffectedSOPInstanceUID", "") or "")
+
+
 def handle_echo(event: Event) -> int:
     log.info("C-ECHO from %s", event.assoc.requestor.ae_title.strip())
     return status.SUCCESS
@@ -216,15 +259,24 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_scp(settings: Settings, ledger: Ledger, enqueue: Enqueue) -> ThreadedAssociationServer:
-    """Start listening in the background; the caller shuts the server down."""
+def start_scp(
+    settings: Settings,
+    ledger: Ledger,
+    enqueue: Enqueue,
+    events: StoreEvents | None = None,
+    extra_handlers: list[tuple[Any, Callable[[Event], None]]] | None = None,
+) -> ThreadedAssociationServer:
+    """Start listening in the background; the caller shuts the server down. `events` and
+    `extra_handlers` (notification events such as EVT_ACCEPTED) feed the audit log."""
     settings.make_dirs()
-    handler = StoreHandler(settings, ledger, enqueue)
+    handler = StoreHandler(settings, ledger, enqueue, events or StoreEvents())
     ae = make_ae(settings)
+    handlers: list[Any] = [(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, handle_echo)]
+    handlers += extra_handlers or []
     server: ThreadedAssociationServer | None = ae.start_server(
         (settings.bind, settings.port),
         block=False,
-        evt_handlers=[(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, handle_echo)],
+        evt_handlers=handlers,
     )
     assert server is not None  # block=False always returns the server
     log.info("SCP %s listening on %s:%d", settings.ae_title, settings.bind, settings.port)

@@ -15,14 +15,18 @@ import subprocess
 import sys
 import threading
 
+from dicom_node.audit import AuditLog
 from dicom_node.ledger import Ledger
 from dicom_node.logs import setup_logging
+from dicom_node.metrics import MetricsStore
+from dicom_node.models import BundleCache, ModelStore
+from dicom_node.observe import NodeStoreEvents, association_handlers, node_app
 from dicom_node.queue import DELIVER, INFER_QUEUE, NODE_QUEUE, PREPARE, make_celery, queue_name
 from dicom_node.recovery import PeriodicSweep, sweep
 from dicom_node.scp import start_scp
 from dicom_node.settings import Settings
 from dicom_node.tasks import register_tasks
-from worker.bundle import load_bundle
+from dicom_node.web import start_http
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +36,18 @@ SWEEP_INTERVAL_S = 60.0
 def run_worker(settings: Settings, roles: list[str], name: str) -> None:
     """Run a Celery worker for the queues of `roles` ("node", "infer") until stopped (blocks)."""
     queues = [queue_name(settings, role) for role in roles]
-    setup_logging(settings.log_level, settings.log_dir / f"worker-{name}.log")
+    setup_logging(settings.log_level, settings.log_dir / f"worker-{name}.log", settings.log_format)
     app = make_celery(settings)
     register_tasks(app, settings)
+    if settings.worker_http_port:
+        from dicom_node.observe import WorkerMetrics, worker_app
+
+        metrics = WorkerMetrics()
+        metrics.connect()
+        bundles = BundleCache(lambda: settings.bundle_in_use, ModelStore(settings.models_dir))
+        start_http(
+            settings.http_bind, settings.worker_http_port, worker_app(settings, bundles, metrics)
+        )
     argv = [
         "worker",
         f"--queues={','.join(queues)}",
@@ -52,7 +65,9 @@ def run_worker(settings: Settings, roles: list[str], name: str) -> None:
 def _spawn_worker(settings: Settings, queues: list[str]) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["CXR_DATA_DIR"] = str(settings.data_dir.resolve())
-    env["CXR_BUNDLE"] = str(settings.bundle.resolve())
+    # absolute, not resolved: a bundle reached through a link is looked up again per job
+    env["CXR_BUNDLE"] = str(settings.bundle.absolute())
+    env["CXR_WORKER_HTTP_PORT"] = "0"  # the node's own HTTP port reports on its child
     cmd = [
         sys.executable,
         "-m",
@@ -69,16 +84,13 @@ def _spawn_worker(settings: Settings, queues: list[str]) -> subprocess.Popen[byt
 def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     """Run the node host until SIGTERM/SIGINT (or `stop` is set)."""
     settings.make_dirs()
-    setup_logging(settings.log_level, settings.log_dir / "node.log")
-    bundle = load_bundle(settings.bundle)  # fail fast, with the reason, on a bad bundle
-    log.info(
-        "bundle %s %s (%d members)%s",
-        bundle.manifest.name,
-        bundle.manifest.version,
-        len(bundle.manifest.members),
-        " - RANDOM WEIGHTS, plumbing only" if bundle.manifest.random_weights else "",
-    )
+    setup_logging(settings.log_level, settings.log_dir / "node.log", settings.log_format)
+    bundles = BundleCache(lambda: settings.bundle_in_use, ModelStore(settings.models_dir))
+    bundle = bundles.current()  # fail fast, with the reason, on a bad bundle
+    log.info("bundle %s: %d members", bundle.root, len(bundle.manifest.members))
     ledger = Ledger(settings.ledger_path)
+    audit = AuditLog(settings.audit_path)
+    events = NodeStoreEvents(audit, MetricsStore(settings.metrics_path))
     app = make_celery(settings)
 
     def enqueue_prepare(job_id: str) -> None:
@@ -96,7 +108,16 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
 
     sweep(ledger, enqueue_prepare, enqueue_deliver, older_than_s=0)
     child = _spawn_worker(settings, queues)
-    server = start_scp(settings, ledger, enqueue_prepare)
+    http = None
+    if settings.http_port:
+        http = start_http(
+            settings.http_bind,
+            settings.http_port,
+            node_app(settings, ledger, bundles, lambda: child.poll() is None),
+        )
+    server = start_scp(
+        settings, ledger, enqueue_prepare, events, association_handlers(audit, settings)
+    )
     periodic = PeriodicSweep(
         lambda: sweep(ledger, enqueue_prepare, enqueue_deliver, settings.visibility_timeout_s),
         SWEEP_INTERVAL_S,
@@ -111,6 +132,8 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
         log.info("shutting down")
         periodic.stop()
         server.shutdown()
+        if http is not None:
+            http.stop()
         child.terminate()
         try:
             child.wait(timeout=30)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
@@ -128,6 +128,34 @@ class Settings(BaseSettings):
         default=500, ge=0, description="refuse new instances (0xA700) below this free space"
     )
     log_level: str = Field(default="INFO")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="log lines as text, or one JSON object per line"
+    )
+    http_port: int = Field(
+        default=8080,
+        ge=0,
+        le=65535,
+        description="HTTP port of the node: /metrics (Prometheus), /health, status page at /; "
+        "0: no HTTP server",
+    )
+    http_bind: str = Field(
+        default="127.0.0.1",
+        description="address the HTTP server listens on (0.0.0.0 to let Prometheus scrape it "
+        "from another host)",
+    )
+    worker_http_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="HTTP port of a `cxr-node worker` process for its /health and /metrics; "
+        "0: none",
+    )
+    retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="`cxr-node cleanup` deletes the spooled image and result files of finished "
+        "jobs older than this; 0: keep everything",
+    )
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -199,6 +227,26 @@ class Settings(BaseSettings):
     @property
     def ledger_path(self) -> Path:
         return self.data_dir / "ledger.sqlite3"
+
+    @property
+    def models_dir(self) -> Path:
+        """Bundles installed with `cxr-node models install`, and the `current` link."""
+        return self.data_dir / "models"
+
+    @property
+    def bundle_in_use(self) -> Path:
+        """The bundle the node and workers use: the installed `current` one if there is one,
+        otherwise `bundle`. A path through the link, so a switch is seen on the next use."""
+        current = self.models_dir / "current"
+        return current if current.exists() else self.bundle
+
+    @property
+    def audit_path(self) -> Path:
+        return self.log_dir / "audit.jsonl"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.data_dir / "metrics.sqlite3"
 
     @property
     def embedded(self) -> bool:

@@ -35,7 +35,10 @@ def register_tasks(app: Celery, settings: Settings) -> None:
 
         request = InferRequest.model_validate(payload)
         try:
-            bundle, ensemble = get_ensemble(settings.bundle, settings.onnx_threads)
+            # the bundle the image was preprocessed for: the current one, or (just after a
+            # switch) the one before it, which finishes the jobs it started
+            wanted = node.bundles.by_fingerprint(request.bundle_fingerprint)
+            bundle, ensemble = get_ensemble(wanted.root, settings.onnx_threads)
             result = run_infer(request, ensemble, bundle)
         except Exception as exc:
             log.exception("job %s: inference failed", request.job_id)

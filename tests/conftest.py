@@ -151,6 +151,7 @@ def node_env(data_dir: Path, port: int, **overrides: str) -> dict[str, str]:
             "CXR_DELIVERY_BACKOFF_S": "1",
             "CXR_LOG_LEVEL": "INFO",
             "CXR_MIN_FREE_DISK_MB": "0",
+            "CXR_HTTP_PORT": "0",  # tests that want the HTTP port pass http_port=...
         }
     )
     env.update({f"CXR_{k.upper()}": v for k, v in overrides.items()})

@@ -106,3 +106,29 @@ def test_dockerfiles_copy_existing_paths(dockerfile: Path) -> None:
 def test_shell_scripts_parse() -> None:
     for script in [DEPLOY / "install.sh", DEPLOY / "install-system-deps.sh", REPO / ".ci" / "run"]:
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+
+
+def test_monitoring_files_use_the_metrics_the_node_exports() -> None:
+    from dicom_node.metrics import COUNTERS
+
+    exported = {f"cxr_{name}_total" for name in COUNTERS} | {
+        "cxr_stage_seconds_bucket",
+        "cxr_jobs",
+        "cxr_queue_depth",
+        "cxr_disk_free_bytes",
+        "cxr_bundle_info",
+    }
+    prometheus = yaml.safe_load((DEPLOY / "monitoring" / "prometheus.yml").read_text())
+    assert prometheus["rule_files"] == ["cxr-alerts.yml"]
+    rules = yaml.safe_load((DEPLOY / "monitoring" / "cxr-alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    used = {name for expr in exprs for name in re.findall(r"\bcxr_[a-z_]+", expr)}
+    assert used and used <= exported, used - exported
+    promtool = shutil.which("promtool")
+    if promtool:
+        out = subprocess.run(
+            [promtool, "check", "rules", str(DEPLOY / "monitoring" / "cxr-alerts.yml")],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr

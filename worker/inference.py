@@ -171,7 +171,9 @@ def run_infer(request: InferRequest, ensemble: Ensemble, bundle: Bundle) -> Infe
     )
 
 
-@functools.lru_cache(maxsize=4)
+# Two: the bundle in use and, just after a switch, the previous one finishing its jobs; an
+# older one is dropped (and its GPU memory freed) when a third is loaded.
+@functools.lru_cache(maxsize=2)
 def _cached(root: Path, intra_op_threads: int) -> tuple[Bundle, Ensemble]:
     bundle = load_bundle(root)
     return bundle, Ensemble(bundle, intra_op_threads=intra_op_threads)

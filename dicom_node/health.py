@@ -1,0 +1,110 @@
+"""Health checks and gauges read at request time: broker, ledger, disk, bundle, queue depth.
+
+A check returns (ok, detail); `/health` answers 200 when every check is ok, 503 otherwise,
+with the details as JSON so that an operator (or a load balancer) sees which one failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dicom_node.ledger import Ledger
+from dicom_node.queue import INFER_QUEUE, NODE_QUEUE, queue_name
+from dicom_node.settings import Settings
+from dicom_node.spool import free_bytes
+
+Check = Callable[[], tuple[bool, str]]
+
+# kombu's Redis transport keeps a queue's messages of priority p > 0 in "<queue>\x06\x16<p>".
+_PRIORITY_SEP = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+_REDIS_TIMEOUT_S = 2.0
+
+
+def _redis(url: str):  # type: ignore[no-untyped-def]
+    import redis
+
+    return redis.Redis.from_url(
+        url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S
+    )
+
+
+def check_broker(settings: Settings) -> tuple[bool, str]:
+    if settings.embedded:
+        folder = settings.queue_dir
+        ok = folder.is_dir() and os.access(folder, os.W_OK)
+        return ok, f"embedded queue in {folder}" + ("" if ok else ": not writable")
+    try:
+        _redis(settings.broker_url or "").ping()
+    except Exception as exc:  # any failure to reach the broker is the answer
+        return False, f"broker unreachable: {type(exc).__name__}: {exc}"
+    return True, "broker answers"
+
+
+def check_ledger(ledger: Ledger) -> tuple[bool, str]:
+    try:
+        ledger.check_writable()
+    except (sqlite3.Error, OSError) as exc:
+        return False, f"ledger not writable: {exc}"
+    return True, "ledger writable"
+
+
+def check_disk(settings: Settings) -> tuple[bool, str]:
+    try:
+        free = free_bytes(settings.data_dir)
+    except OSError as exc:
+        return False, f"data folder unavailable: {exc}"
+    need = settings.min_free_disk_mb * 1024 * 1024
+    mb = free // (1024 * 1024)
+    if free < need:
+        return False, f"{mb} MB free, below CXR_MIN_FREE_DISK_MB={settings.min_free_disk_mb}"
+    return True, f"{mb} MB free"
+
+
+def check_bundle(load: Callable[[], object]) -> tuple[bool, str]:
+    try:
+        bundle = load()
+    except Exception as exc:
+        return False, f"bundle not usable: {exc}"
+    manifest = getattr(bundle, "manifest", None)
+    return True, f"{getattr(manifest, 'name', '?')} {getattr(manifest, 'version', '?')}"
+
+
+def queue_depths(settings: Settings) -> dict[str, int]:
+    """Messages waiting per queue role (not counting those a worker holds)."""
+    names = {role: queue_name(settings, role) for role in (NODE_QUEUE, INFER_QUEUE)}
+    if settings.embedded:
+        folder = settings.queue_dir / "messages"
+        files = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+        return {
+            role: sum(1 for f in files if f.partition(".")[2] == f"{name}.msg")
+            for role, name in names.items()
+        }
+    client = _redis(settings.broker_url or "")
+    depths = {}
+    for role, name in names.items():
+        keys = [name, *(f"{name}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS)]
+        depths[role] = sum(int(client.llen(key)) for key in keys)
+    return depths
+
+
+@dataclass
+class Health:
+    """Named checks; all must pass."""
+
+    checks: dict[str, Check] = field(default_factory=dict)
+
+    def run(self) -> tuple[bool, dict[str, object]]:
+        results: dict[str, object] = {}
+        healthy = True
+        for name, check in self.checks.items():
+            try:
+                ok, detail = check()
+            except Exception as exc:
+                ok, detail = False, f"check failed: {type(exc).__name__}: {exc}"
+            healthy &= ok
+            results[name] = {"ok": ok, "detail": detail}
+        return healthy, {"status": "ok" if healthy else "unhealthy", "checks": results}

@@ -1,0 +1,294 @@
+"""Wiring of the observability parts: what the SCP tells the audit log and the metrics, and
+the HTTP applications of the node (`serve`) and of a `cxr-node worker`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from pynetdicom import evt
+from pynetdicom.events import Event
+
+from dicom_node.audit import AuditLog
+from dicom_node.health import (
+    Health,
+    check_broker,
+    check_bundle,
+    check_disk,
+    check_ledger,
+    queue_depths,
+)
+from dicom_node.ledger import Job, JobState, Ledger
+from dicom_node.metrics import GaugeSource, MetricsStore, NodeCollector
+from dicom_node.models import BundleCache, ModelStore
+from dicom_node.scp import StoreEvents
+from dicom_node.settings import Settings
+from dicom_node.spool import free_bytes
+from dicom_node.web import StatusView, WsgiApp, make_app
+
+log = logging.getLogger(__name__)
+
+
+class NodeStoreEvents(StoreEvents):
+    """C-STORE outcomes to the audit log and the metrics."""
+
+    def __init__(self, audit: AuditLog, metrics: MetricsStore) -> None:
+        self.audit = audit
+        self.metrics = metrics
+
+    def received(self, job: Job, address: str) -> None:
+        self.metrics.inc("received")
+        if job.state is JobState.REJECTED:
+            self.metrics.inc("rejected")
+        self.audit.record(
+            "received",
+            job_id=job.job_id,
+            calling_ae=job.calling_ae,
+            address=address,
+            sop_class_uid=job.sop_class_uid,
+            sop_instance_uid=job.sop_instance_uid,
+            series_instance_uid=job.series_instance_uid,
+            study_instance_uid=job.study_instance_uid,
+            outcome="analyse" if job.state is JobState.RECEIVED else "not analysed",
+            reason=job.reason,
+        )
+
+    def duplicate(self, sop_instance_uid: str, calling_ae: str, address: str) -> None:
+        self.audit.record(
+            "received",
+            calling_ae=calling_ae,
+            address=address,
+            sop_instance_uid=sop_instance_uid,
+            outcome="duplicate",
+        )
+
+    def refused(self, code: int, sop_instance_uid: str, calling_ae: str, address: str) -> None:
+        status = f"0x{code:04X}"
+        self.metrics.inc("refused", status=status)
+        self.audit.record(
+            "refused",
+            calling_ae=calling_ae,
+            address=address,
+            sop_instance_uid=sop_instance_uid or None,
+            status=status,
+        )
+
+
+def association_handlers(
+    audit: AuditLog, settings: Settings
+) -> list[tuple[Any, Callable[[Event], None]]]:
+    """EVT_ACCEPTED / EVT_REJECTED to the audit log: who called, from where, and the outcome."""
+
+    def record(event: Event, outcome: str) -> None:
+        requestor = event.assoc.requestor
+        calling = requestor.ae_title.strip()
+        primitive = getattr(requestor, "primitive", None)
+        called = str(getattr(primitive, "called_ae_title", "") or "").strip() or None
+        reason = None
+        if outcome == "rejected":
+            if called is not None and called != settings.ae_title:
+                reason = "called AE title is not this node's"
+            elif settings.allowed_calling_aes and calling not in settings.allowed_calling_aes:
+                reason = "calling AE title not allowed"
+            else:
+                reason = "association limit or negotiation"
+        try:
+            audit.record(
+                "association",
+                calling_ae=calling,
+                called_ae=called,
+                address=str(requestor.address),
+                port=int(requestor.port),
+                outcome=outcome,
+                reason=reason,
+            )
+        except Exception:  # never disturb the association
+            log.exception("audit of an association failed")
+
+    return [
+        (evt.EVT_ACCEPTED, lambda event: record(event, "accepted")),
+        (evt.EVT_REJECTED, lambda event: record(event, "rejected")),
+    ]
+
+
+def _info(bundles: BundleCache) -> dict[str, str]:
+    try:
+        m = bundles.current().manifest
+    except Exception:
+        return {}
+    return {
+        "name": m.name,
+        "version": m.version,
+        "device_uid": m.device_uid,
+        "random_weights": str(m.random_weights).lower(),
+    }
+
+
+def node_gauges(settings: Settings, ledger: Ledger) -> GaugeSource:
+    def read() -> list[tuple[str, str, list[str], list[tuple[list[str], float]]]]:
+        gauges: list[tuple[str, str, list[str], list[tuple[list[str], float]]]] = []
+        counts = ledger.counts()
+        gauges.append(
+            (
+                "cxr_jobs",
+                "jobs in the ledger by state now",
+                ["state"],
+                [([s], float(n)) for s, n in counts.items()],
+            )
+        )
+        try:
+            depths = queue_depths(settings)
+            gauges.append(
+                (
+                    "cxr_queue_depth",
+                    "messages waiting in each queue (node: prepare/finalize/deliver; infer)",
+                    ["queue"],
+                    [([q], float(n)) for q, n in depths.items()],
+                )
+            )
+        except Exception as exc:  # the broker is down: /health says so; no gauge then
+            log.warning("queue depth not available: %s", exc)
+        with contextlib.suppress(OSError):
+            gauges.append(
+                (
+                    "cxr_disk_free_bytes",
+                    "free space on the data folder's file system",
+                    [],
+                    [([], float(free_bytes(settings.data_dir)))],
+                )
+            )
+        return gauges
+
+    return read
+
+
+def node_app(
+    settings: Settings, ledger: Ledger, bundles: BundleCache, worker_alive: Callable[[], bool]
+) -> WsgiApp:
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    registry.register(
+        NodeCollector(
+            MetricsStore(settings.metrics_path),
+            node_gauges(settings, ledger),
+            lambda: _info(bundles),
+        )
+    )
+    health = Health(
+        {
+            "broker": lambda: check_broker(settings),
+            "ledger": lambda: check_ledger(ledger),
+            "disk": lambda: check_disk(settings),
+            "bundle": lambda: check_bundle(bundles.current),
+            "worker": lambda: (
+                (True, "node worker process running")
+                if worker_alive()
+                else (False, "node worker process not running (restarting)")
+            ),
+        }
+    )
+    store = ModelStore(settings.models_dir)
+
+    def installed() -> list[dict[str, str]]:
+        return [
+            {
+                "version": i.bundle.manifest.version,
+                "device_uid": i.bundle.manifest.device_uid,
+                "folder": i.path.name,
+                "role": "current" if i.current else "previous" if i.previous else "",
+            }
+            for i in store.installed()
+        ]
+
+    def bundle_facts() -> dict[str, str]:
+        try:
+            bundle = bundles.current()
+        except Exception as exc:
+            return {"error": str(exc)}
+        m = bundle.manifest
+        facts = {
+            "name": m.name,
+            "version": m.version,
+            "device UID": m.device_uid,
+            "created": m.created.isoformat(),
+            "threshold": f"{m.threshold:.4f}",
+            "members": ", ".join(member.name for member in m.members),
+            "folder": str(bundle.root),
+        }
+        if m.random_weights:
+            facts["note"] = "RANDOM WEIGHTS: plumbing only, scores mean nothing"
+        return facts
+
+    view = StatusView(
+        title=f"CXR node {settings.ae_title}",
+        counts=ledger.counts,
+        recent=lambda: ledger.recent(50),
+        failures=lambda: [j for j in ledger.last_errors(50) if j.state is JobState.FAILED],
+        bundle=bundle_facts,
+        installed=installed,
+    )
+    return make_app(registry, health, view)
+
+
+class WorkerMetrics:
+    """In-process metrics of one `cxr-node worker` (its tasks run in its threads)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.tasks = Counter(
+            "cxr_worker_tasks",
+            "tasks this worker finished, by task and Celery state",
+            ["task", "state"],
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "cxr_worker_task_seconds",
+            "time this worker spent on a task",
+            ["task"],
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.started: dict[str, float] = {}
+
+    def connect(self) -> None:
+        """Count tasks through Celery's signals (no change to the tasks themselves)."""
+        from celery import signals
+
+        def prerun(task_id: str | None = None, **_: object) -> None:
+            if task_id:
+                self.started[task_id] = time.perf_counter()
+
+        def postrun(
+            task_id: str | None = None, task: Any = None, state: str | None = None, **_: object
+        ) -> None:
+            name = getattr(task, "name", "?")
+            began = self.started.pop(task_id or "", None)
+            self.tasks.labels(name, state or "?").inc()
+            if began is not None:
+                self.seconds.labels(name).observe(time.perf_counter() - began)
+
+        signals.task_prerun.connect(prerun, weak=False)
+        signals.task_postrun.connect(postrun, weak=False)
+
+
+def worker_app(settings: Settings, bundles: BundleCache, metrics: WorkerMetrics) -> WsgiApp:
+    health = Health(
+        {
+            "broker": lambda: check_broker(settings),
+            "bundle": lambda: check_bundle(bundles.current),
+        }
+    )
+    return make_app(metrics.registry, health)
