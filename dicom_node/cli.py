@@ -29,9 +29,14 @@ def _settings() -> Settings:
 @app.command()
 def serve() -> None:
     """Run the node: SCP, queue, node-side worker (and inference with the embedded queue)."""
+    from dicom_node.security import ExposureError
     from dicom_node.service import serve as run
 
-    run(_settings())
+    try:
+        run(_settings())
+    except ExposureError as exc:
+        console.print(f"[red]refusing to start:[/red] {exc}")
+        raise typer.Exit(2) from exc
 
 
 @app.command()

@@ -345,6 +345,19 @@ def deliver(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome
     ]
     if not pending:
         return DeliveryOutcome(delivered=False)
+    if destination not in node.destinations:
+        # results go only where the settings say, whatever a queue message or an old ledger
+        # row names (the destinations may have changed since the job was analysed)
+        for delivery in pending:
+            node.ledger.record_attempt(
+                job_id,
+                destination,
+                DeliveryState.FAILED,
+                "not a configured destination (CXR_DESTINATIONS)",
+                delivery.kind,
+            )
+        log.error("job %s: %s is not a configured destination: not sent", job_id, destination)
+        return DeliveryOutcome(delivered=False)
     paths = [node.result_path(job_id, d.kind) for d in pending]
     if destination == OUTBOX:
         errors = [_to_outbox(path, node.settings.outbox_dir) for path in paths]

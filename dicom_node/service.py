@@ -20,6 +20,7 @@ from dicom_node.logs import setup_logging
 from dicom_node.queue import DELIVER, INFER_QUEUE, NODE_QUEUE, PREPARE, make_celery, queue_name
 from dicom_node.recovery import PeriodicSweep, sweep
 from dicom_node.scp import start_scp
+from dicom_node.security import check_exposure
 from dicom_node.settings import Settings
 from dicom_node.tasks import register_tasks
 from worker.bundle import load_bundle
@@ -70,6 +71,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     """Run the node host until SIGTERM/SIGINT (or `stop` is set)."""
     settings.make_dirs()
     setup_logging(settings.log_level, settings.log_dir / "node.log")
+    check_exposure(settings)  # before anything starts: no half-started node
     bundle = load_bundle(settings.bundle)  # fail fast, with the reason, on a bad bundle
     log.info(
         "bundle %s %s (%d members)%s",

@@ -6,12 +6,13 @@ environment variables win. Built once in the CLI and passed down; nothing reads 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -128,6 +129,41 @@ class Settings(BaseSettings):
         default=500, ge=0, description="refuse new instances (0xA700) below this free space"
     )
     log_level: str = Field(default="INFO")
+    # --- who may talk to the node, and how much (docs/RELIABILITY.md) ---
+    allowed_addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated source addresses or networks (CIDR) allowed to connect; "
+        "empty: any",
+    )
+    accept_any_caller: bool = Field(
+        default=False,
+        description="allow `serve` on a non-loopback address without a calling AE or address "
+        "allow-list (off: the node refuses to start so)",
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate of the node: DICOM TLS on the SCP port"
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(
+        default=None, description="PEM CA bundle that client certificates are checked against"
+    )
+    tls_require_client_cert: bool = Field(
+        default=False, description="TLS: refuse peers without a certificate signed by tls_ca"
+    )
+    max_associations: int = Field(
+        default=10, ge=1, description="concurrent associations; more are rejected (transient)"
+    )
+    max_pdu_size: int = Field(
+        default=1_048_576, ge=0, description="largest P-DATA PDU the node accepts; 0: unlimited"
+    )
+    max_instance_mb: int = Field(default=256, ge=1, description="refuse larger instances (0xA700)")
+    acse_timeout_s: float = Field(
+        default=30, gt=0, description="wait for association requests and releases"
+    )
+    dimse_timeout_s: float = Field(default=60, gt=0, description="wait for DIMSE messages")
+    network_timeout_s: float = Field(
+        default=60, gt=0, description="an association idle this long is closed"
+    )
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -153,6 +189,27 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_aes(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("allowed_addresses", mode="before")
+    @classmethod
+    def _parse_addresses(cls, value: Any) -> Any:
+        value = _split_csv(value)
+        if isinstance(value, list):
+            for item in value:
+                ipaddress.ip_network(str(item), strict=False)  # ValueError says which
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
+        if self.tls_require_client_cert and (self.tls_cert is None or self.tls_ca is None):
+            raise ValueError("tls_require_client_cert needs tls_cert, tls_key and tls_ca")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @classmethod
     def settings_customise_sources(
