@@ -98,8 +98,9 @@ def prepare(node: NodeRuntime, job_id: str) -> InferRequest | None:
     try:
         display = decode_display(ds, max_pixels=node.settings.max_pixels)
     except PixelDecodeError as exc:
-        node.ledger.set_state(job_id, JobState.REJECTED, f"pixel data not analysable: {exc}")
-        log.warning("job %s: not analysable: %s", job_id, exc)
+        reason = f"pixel data not analysable: {exc}"
+        node.ledger.set_state(job_id, JobState.REJECTED, reason)
+        log.warning("job %s: %s", job_id, reason)  # the ledger's reason, word for word
         return None
     image = preprocess(display, node.bundle.manifest.preprocessing)
     node.ledger.set_state(job_id, JobState.ANALYSING, only_from=UNFINISHED)
