@@ -135,15 +135,20 @@ def status(
 
 @app.command()
 def retry(job_id: Annotated[str, typer.Argument(help="a failed (dead-lettered) job")]) -> None:
-    """Retry the failed deliveries of a dead-lettered job."""
+    """Retry a failed (dead-lettered) job: its failed deliveries, or its analysis when that
+    is what failed."""
     from dicom_node.ledger import Ledger
-    from dicom_node.queue import DELIVER, make_celery
+    from dicom_node.queue import DELIVER, PREPARE, make_celery
 
     settings = _settings()
     ledger = Ledger(settings.ledger_path)
     destinations = ledger.retry_failed(job_id)
     if not destinations:
-        console.print(f"job {job_id} has no failed deliveries")
+        if ledger.retry_analysis(job_id):
+            make_celery(settings).send_task(PREPARE, args=[job_id])
+            console.print(f"job {job_id}: analysis re-queued")
+            return
+        console.print(f"job {job_id} is not a failed job")
         raise typer.Exit(1)
     celery = make_celery(settings)
     for destination in destinations:

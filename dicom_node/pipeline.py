@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -335,10 +336,29 @@ class DeliveryOutcome:
     retry_in: float | None = None
 
 
+#: How long one delivery run may hold its claim on a job's deliveries to a destination: well
+#: over what sending its objects can take (30 s time-outs per step), so a live run keeps it,
+#: and a run that died frees it for the recovery sweep.
+CLAIM_LEASE_S = 300.0
+
+
 def deliver(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome:
     """One delivery attempt of every object still pending for `destination` (one
     association); says whether and when to try again. Each object keeps its own count of
-    attempts and is dead-lettered on its own."""
+    attempts and is dead-lettered on its own.
+
+    Only the run that claims the deliveries sends (`Ledger.claim`): a second queue message
+    for the same job and destination finds nothing to do."""
+    if not node.ledger.claim(job_id, destination, CLAIM_LEASE_S):
+        log.debug("job %s: nothing to send to %s, or another run is sending", job_id, destination)
+        return DeliveryOutcome(delivered=False)
+    try:
+        return _deliver_claimed(node, job_id, destination)
+    finally:
+        node.ledger.release(job_id, destination)
+
+
+def _deliver_claimed(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome:
     pending = [
         d
         for d in node.ledger.deliveries(job_id)
@@ -410,3 +430,34 @@ def _to_outbox(path: Path, outbox: Path) -> str | None:
     except OSError as exc:
         return str(exc)
     return None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What failed and where, without the exception's message: messages of DICOM libraries
+    can quote attribute values, patient names among them, and this goes to the ledger and
+    the log."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    return f"{type(exc).__name__} in {last.name} ({Path(last.filename).name}:{last.lineno})"
+
+
+def prepare_or_fail(node: NodeRuntime, job_id: str) -> InferRequest | None:
+    """`prepare`, with an unexpected error ending the job in the visible failed state (an
+    operator can retry it) rather than leaving it to be redone forever by the sweep."""
+    try:
+        return prepare(node, job_id)
+    except Exception as exc:
+        analysis_failed(node, job_id, f"preparation failed: {describe_failure(exc)}")
+        return None
+
+
+def finalize_or_fail(node: NodeRuntime, result: InferResult) -> list[str]:
+    """`finalize`, with an error building or storing the results ending the job in the
+    visible failed state."""
+    try:
+        return finalize(node, result)
+    except Exception as exc:
+        analysis_failed(node, result.job_id, f"results not built: {describe_failure(exc)}")
+        return []

@@ -164,6 +164,12 @@ class Settings(BaseSettings):
     network_timeout_s: float = Field(
         default=60, gt=0, description="an association idle this long is closed"
     )
+    recovery_interval_s: float = Field(
+        default=60,
+        gt=0,
+        description="how often the node checks the ledger for work to re-enqueue (and the "
+        "broker for a restart)",
+    )
 
     @field_validator("destinations", mode="before")
     @classmethod

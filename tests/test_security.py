@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +21,9 @@ from pynetdicom import AE
 
 from dicom_node import status
 from dicom_node.checks import Verdict, check_instance
-from dicom_node.ledger import DeliveryState, Job, JobState, Ledger
+from dicom_node.ledger import DeliveryState, Job, JobState
 from dicom_node.pipeline import NodeRuntime, deliver
-from dicom_node.scp import VERIFICATION, start_scp
+from dicom_node.scp import VERIFICATION
 from dicom_node.security import (
     ExposureError,
     address_allowed,
@@ -34,6 +34,7 @@ from dicom_node.security import (
 )
 from dicom_node.settings import Settings
 from tests.conftest import PLUMBING_BUNDLE, Peer, free_port, node_env, require_tool
+from tests.peers import Scp
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -116,40 +117,6 @@ def test_crafted_uids_are_refused_by_the_check(chest_cr: Path) -> None:
 
 
 # --- an SCP in this process -----------------------------------------------------------------
-
-
-@dataclass
-class Scp:
-    settings: Settings
-    ledger: Ledger
-    enqueued: list[str]
-
-    @property
-    def port(self) -> int:
-        return self.settings.port
-
-
-@pytest.fixture
-def scp(tmp_path: Path) -> Iterator[Callable[..., Scp]]:
-    servers = []
-
-    def start(**overrides: object) -> Scp:
-        settings = Settings(
-            port=free_port(),
-            bind="127.0.0.1",
-            data_dir=tmp_path / "node",
-            bundle=PLUMBING_BUNDLE,
-            min_free_disk_mb=0,
-            **overrides,  # type: ignore[arg-type]
-        )
-        ledger = Ledger(settings.ledger_path)
-        enqueued: list[str] = []
-        servers.append(start_scp(settings, ledger, enqueued.append))
-        return Scp(settings, ledger, enqueued)
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 def echoscu(port: int, *args: str, calling: str = "MODALITY") -> subprocess.CompletedProcess[str]:
