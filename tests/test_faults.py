@@ -281,32 +281,49 @@ def test_node_killed_and_restarted_with_jobs_in_every_state(
     pacs_factory: Callable[..., Pacs],
     tmp_path: Path,
 ) -> None:
+    """Kill the whole node (SCP, queue, worker: its process group) with SIGKILL while one
+    batch is delivered and the next is arriving, then start it again on the same data."""
     pacs = pacs_factory()
     settings = {"destinations": pacs.address, "produce_sc": "false", "recovery_interval_s": "2"}
     node = start_node(**settings)
-    files = make_instances(tmp_path / "in", 12)
+    first = make_instances(tmp_path / "in", 4)
     lateral = synthetic_cr(128, seed=99)
     lateral.ViewPosition = "LL"
-    files.append(write(lateral, tmp_path / "in" / "lateral.dcm"))
+    first.append(write(lateral, tmp_path / "in" / "lateral.dcm"))
+    assert storescu_statuses(node.port, first) == [status.SUCCESS] * 5
+    wait_delivered(node, 4)
+    second = make_instances(tmp_path / "in2", 8)
     ledger = ledger_of(node)
-    statuses = storescu_statuses(node.port, files)
-    assert statuses == [status.SUCCESS] * 13
-    # kill everything of the node (SCP, queue, worker) once some jobs are done and some not
     unfinished = (JobState.RECEIVED, JobState.ANALYSING, JobState.ANALYSED)
+    sender = threading.Thread(
+        target=lambda: subprocess.run(
+            ["storescu", "-aet", "MODALITY", "-aec", "CXRNODE", "127.0.0.1", str(node.port)]
+            + [str(p) for p in second],
+            capture_output=True,
+            timeout=300,
+        )
+    )
+    sender.start()
 
-    def mixed() -> bool:
+    def under_way() -> bool:
         counts = ledger.counts()
-        return counts["delivered"] >= 1 and sum(counts[s] for s in unfinished) >= 1
+        return (
+            sum(counts[s] for s in unfinished) >= 3
+            and counts["analysing"] + counts["analysed"] >= 1
+        )
 
-    wait_for(lambda: mixed() or ledger.counts()["delivered"] == 12, 240, "jobs half done")
+    wait_for(under_way, 240, "jobs of the second batch under way", interval=0.02)
     kill_group(node.process)
     at_kill = ledger.counts()
+    sender.join()
     print("states when the node was killed:", at_kill)
-    assert sum(at_kill[s] for s in unfinished) >= 1, at_kill
-    assert at_kill["rejected"] == 1
+    assert at_kill["delivered"] >= 4 and at_kill["rejected"] == 1
+    assert sum(at_kill[s] for s in unfinished) >= 3, at_kill
 
     restarted = start_node(**settings)
     assert restarted.data_dir == node.data_dir
+    # the sender sends again what the dead node had not answered (duplicates: success)
+    assert storescu_statuses(restarted.port, second) == [status.SUCCESS] * 8
     wait_delivered(restarted, 12)
     assert ledger.counts()["rejected"] == 1
     wanted = expected_srs(restarted)
