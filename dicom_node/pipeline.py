@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import threading
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +24,7 @@ from pydicom import Dataset, dcmread
 from dicom_node.delivery import OUTBOX, backoff_seconds, send_files, to_outbox
 from dicom_node.hospital_index import HospitalEntry, HospitalIndex
 from dicom_node.ledger import UNFINISHED, DeliveryState, JobState, Ledger, OutputKind, OutputUids
+from dicom_node.logs import describe_failure
 from dicom_node.lungs import lung_map_on_image, lung_mask, lung_outlines
 from dicom_node.pixels import PixelDecodeError, decode_display
 from dicom_node.report import ReportOptions, ReportUids, build_sr, is_present
@@ -430,17 +430,6 @@ def _to_outbox(path: Path, outbox: Path) -> str | None:
     except OSError as exc:
         return str(exc)
     return None
-
-
-def describe_failure(exc: BaseException) -> str:
-    """What failed and where, without the exception's message: messages of DICOM libraries
-    can quote attribute values, patient names among them, and this goes to the ledger and
-    the log."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return type(exc).__name__
-    last = frames[-1]
-    return f"{type(exc).__name__} in {last.name} ({Path(last.filename).name}:{last.lineno})"
 
 
 def prepare_or_fail(node: NodeRuntime, job_id: str) -> InferRequest | None:

@@ -45,6 +45,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import status
 from dicom_node.checks import Verdict, check_instance
 from dicom_node.ledger import Job, JobState, Ledger
+from dicom_node.logs import describe_failure
 from dicom_node.security import (
     Network,
     address_allowed,
@@ -99,8 +100,13 @@ class StoreHandler:
         started = time.perf_counter()
         try:
             return self._store(event, started)
-        except Exception:  # the handler must answer, whatever happened
-            log.exception("C-STORE failed unexpectedly; answering 0x%04X", status.CANNOT_UNDERSTAND)
+        except Exception as exc:  # the handler must answer, whatever happened
+            # no traceback: its messages can quote attribute values (patient data)
+            log.error(
+                "C-STORE failed unexpectedly (%s); answering 0x%04X",
+                describe_failure(exc),
+                status.CANNOT_UNDERSTAND,
+            )
             return status.CANNOT_UNDERSTAND
 
     def _store(self, event: Event, started: float) -> int:
@@ -129,7 +135,16 @@ class StoreHandler:
             )
             return status.CANNOT_UNDERSTAND
 
-        check = check_instance(ds, str(event.context.abstract_syntax), self.settings.max_pixels)
+        try:  # values are decoded on access: a malformed one raises here
+            check = check_instance(ds, str(event.context.abstract_syntax), self.settings.max_pixels)
+        except Exception as exc:
+            log.warning(
+                "C-STORE sop=%s from %s refused: data set cannot be read (%s)",
+                _loggable(sop_uid),
+                calling_ae,
+                describe_failure(exc),
+            )
+            return status.CANNOT_UNDERSTAND
         if check.verdict is Verdict.REFUSE:
             log.warning(
                 "C-STORE sop=%s from %s refused with 0x%04X: %s",
