@@ -122,7 +122,7 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="first retry delay; doubles each try, capped at 10 min"
     )
     visibility_timeout_s: int = Field(
-        default=1800, ge=60, description="Redis: an unacknowledged task is redelivered after this"
+        default=1800, ge=10, description="Redis: an unacknowledged task is redelivered after this"
     )
     max_pixels: int = Field(default=100_000_000, description="refuse images with more pixels")
     min_free_disk_mb: int = Field(

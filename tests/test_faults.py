@@ -144,7 +144,7 @@ def test_worker_killed_mid_job_is_redone_and_delivered_once(
         broker_url=own_redis.url,
         destinations=pacs.address,
         produce_sc="false",
-        visibility_timeout_s="60",
+        visibility_timeout_s="15",
         recovery_interval_s="3",
     )
     log = tmp_path / "worker.log"
