@@ -383,3 +383,18 @@ def test_results_only_to_configured_destinations(storescp: Peer, tmp_path: Path)
     assert row.state is DeliveryState.FAILED
     assert "not a configured destination" in (row.last_error or "")
     assert storescp.received() == []
+
+
+@pytest.mark.parametrize("name", ["single-host.env", "node-with-gpu-workers.env", "compose.env"])
+def test_shipped_node_examples_pass_the_exposure_check(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_deploy import DEPLOY, env_file
+
+    for key in [k for k in __import__("os").environ if k.startswith("CXR_")]:
+        monkeypatch.delenv(key)
+    for key, value in env_file(DEPLOY / "examples" / name).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.allowed_calling_aes  # the examples keep strangers out
+    check_exposure(settings)
