@@ -10,7 +10,9 @@ command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 { command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ]; } || need+=(orthanc)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
-command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # tests start their own on a free port
+# the reliability and security tests: certificates for DICOM TLS, and a Redis of their own
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 SUDO=""

@@ -14,6 +14,7 @@ from pydicom import Dataset
 from pydicom.uid import UID
 
 from dicom_node import status
+from dicom_node.security import is_valid_uid
 
 
 class Verdict(Enum):
@@ -48,8 +49,11 @@ def _text(ds: Dataset, keyword: str) -> str:
 def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> Check:
     """Decide what to do with one received instance (header only; pixels are decoded later)."""
     for keyword in REQUIRED_UIDS:
-        if not str(ds.get(keyword, "")).strip():
+        value = str(ds.get(keyword, "")).strip()
+        if not value:
             return Check(Verdict.REFUSE, f"missing {keyword}", status.MISSING_ATTRIBUTE)
+        if not is_valid_uid(value):  # never let a crafted UID near a file name or a query
+            return Check(Verdict.REFUSE, f"{keyword} is not a valid UID", status.INVALID_UID)
     if str(ds.SOPClassUID) != negotiated_sop_class:
         return Check(
             Verdict.REFUSE,
@@ -71,6 +75,9 @@ def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> C
             f"image of {rows}x{cols} exceeds {max_pixels} pixels",
             status.DATASET_MISMATCH,
         )
+    short = _pixel_data_short(ds, rows, cols)
+    if short:
+        return Check(Verdict.REFUSE, short, status.DATASET_MISMATCH)
 
     if _made_by_a_node(ds):
         return Check(Verdict.NOT_ANALYSABLE, "a result image of a CXR node: not analysed again")
@@ -86,6 +93,35 @@ def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> C
             Verdict.NOT_ANALYSABLE, f"view position {view}: lateral views are not analysed"
         )
     return Check(Verdict.ANALYSE)
+
+
+def _pixel_data_short(ds: Dataset, rows: int, cols: int) -> str:
+    """Why the pixel data cannot hold the image its header declares ("" when it can).
+
+    Native pixel data has a known size; an encapsulated stream must at least not be empty
+    (whether it decodes is found out later, off the network thread)."""
+    if "PixelData" not in ds:
+        return ""
+    value = ds.PixelData
+    length = len(value) if value is not None else 0
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and UID(str(syntax)).is_encapsulated:
+        return "" if length else "empty pixel data"
+    if "BitsAllocated" not in ds:
+        return ""  # the decoder will say what is missing
+    try:
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return "Bits Allocated, Samples per Pixel or Number of Frames invalid"
+    if bits <= 0 or samples <= 0 or frames <= 0:
+        return f"invalid image attributes: {bits} bits, {samples} samples, {frames} frames"
+    expected = (rows * cols * samples * frames * bits + 7) // 8
+    if length < expected:
+        return f"pixel data holds {length} bytes, the header declares {expected}"
+    return ""
 
 
 def _made_by_a_node(ds: Dataset) -> bool:

@@ -29,9 +29,14 @@ def _settings() -> Settings:
 @app.command()
 def serve() -> None:
     """Run the node: SCP, queue, node-side worker (and inference with the embedded queue)."""
+    from dicom_node.security import ExposureError
     from dicom_node.service import serve as run
 
-    run(_settings())
+    try:
+        run(_settings())
+    except ExposureError as exc:
+        console.print(f"[red]refusing to start:[/red] {exc}")
+        raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -130,15 +135,20 @@ def status(
 
 @app.command()
 def retry(job_id: Annotated[str, typer.Argument(help="a failed (dead-lettered) job")]) -> None:
-    """Retry the failed deliveries of a dead-lettered job."""
+    """Retry a failed (dead-lettered) job: its failed deliveries, or its analysis when that
+    is what failed."""
     from dicom_node.ledger import Ledger
-    from dicom_node.queue import DELIVER, make_celery
+    from dicom_node.queue import DELIVER, PREPARE, make_celery
 
     settings = _settings()
     ledger = Ledger(settings.ledger_path)
     destinations = ledger.retry_failed(job_id)
     if not destinations:
-        console.print(f"job {job_id} has no failed deliveries")
+        if ledger.retry_analysis(job_id):
+            make_celery(settings).send_task(PREPARE, args=[job_id])
+            console.print(f"job {job_id}: analysis re-queued")
+            return
+        console.print(f"job {job_id} is not a failed job")
         raise typer.Exit(1)
     celery = make_celery(settings)
     for destination in destinations:

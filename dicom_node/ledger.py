@@ -117,6 +117,7 @@ class Delivery:
     last_error: str | None
     updated_at: float
     kind: OutputKind = OutputKind.SR
+    claimed_until: float | None = None  # a delivery run holds it until then (see claim)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,15 @@ def _migrate_deliveries(db: sqlite3.Connection) -> None:
     db.execute("COMMIT")
 
 
+def _add_claims(db: sqlite3.Connection) -> None:
+    """Ledgers from before delivery claims lack the column; add it (processes race)."""
+    db.execute("BEGIN IMMEDIATE")
+    columns = [r[1] for r in db.execute("PRAGMA table_info(deliveries)")]
+    if "claimed_until" not in columns:
+        db.execute("ALTER TABLE deliveries ADD COLUMN claimed_until REAL")
+    db.execute("COMMIT")
+
+
 def _new_outputs(job: Job) -> list[tuple[str, str, str, str]]:
     rows = [(job.job_id, str(OutputKind.SR), job.sr_series_uid, job.sr_sop_uid)]
     rows += [
@@ -177,6 +187,7 @@ class Ledger:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
             _migrate_deliveries(db)
+            _add_claims(db)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -382,6 +393,48 @@ class Ledger:
                 )
             db.execute("COMMIT")
         return dests
+
+    def claim(self, job_id: str, destination: str, lease_s: float) -> bool:
+        """Take the pending deliveries of a job to one destination for one delivery run.
+
+        Queue messages can come twice (a redelivered message, a recovery sweep, a redone
+        finalize); only the run holding the claim sends, so an object is not sent twice by
+        two runs at once. The claim lapses after lease_s, so a run that died frees it."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            cur = db.execute(
+                "UPDATE deliveries SET claimed_until = ? WHERE job_id = ? AND destination = ? "
+                "AND state = ? AND (claimed_until IS NULL OR claimed_until < ?)",
+                (now + lease_s, job_id, destination, str(DeliveryState.PENDING), now),
+            )
+            db.execute("COMMIT")
+            return cur.rowcount > 0
+
+    def release(self, job_id: str, destination: str) -> None:
+        with self._connect() as db:
+            db.execute(
+                "UPDATE deliveries SET claimed_until = NULL WHERE job_id = ? AND destination = ?",
+                (job_id, destination),
+            )
+
+    def retry_analysis(self, job_id: str) -> bool:
+        """Operator retry of a job whose analysis failed (it has no failed deliveries): back to
+        received, to be prepared again. False when the job is not such a job."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            failed_deliveries = db.execute(
+                "SELECT COUNT(*) FROM deliveries WHERE job_id = ? AND state = ?",
+                (job_id, str(DeliveryState.FAILED)),
+            ).fetchone()[0]
+            cur = db.execute(
+                "UPDATE jobs SET state = ?, reason = NULL, updated_at = ? "
+                "WHERE job_id = ? AND state = ? AND ? = 0",
+                (str(JobState.RECEIVED), now, job_id, str(JobState.FAILED), failed_deliveries),
+            )
+            db.execute("COMMIT")
+            return cur.rowcount == 1
 
     # --- reporting --------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,13 @@ def setup_logging(level: str, log_file: Path | None, log_format: str = "text") -
         root.addHandler(handler)
     # pynetdicom at INFO narrates every association; its DEBUG level dumps data sets.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What failed and where, without the exception's message: messages of DICOM libraries
+    can quote attribute values, patient names among them."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    return f"{type(exc).__name__} in {last.name} ({Path(last.filename).name}:{last.lineno})"

@@ -34,6 +34,7 @@ from dicom_node.ledger import (
     OutputKind,
     OutputUids,
 )
+from dicom_node.logs import describe_failure
 from dicom_node.lungs import lung_map_on_image, lung_mask, lung_outlines
 from dicom_node.metrics import MetricsStore
 from dicom_node.models import BundleCache, ModelStore
@@ -139,11 +140,10 @@ def prepare(node: NodeRuntime, job_id: str) -> InferRequest | None:
     try:
         display = decode_display(ds, max_pixels=node.settings.max_pixels)
     except PixelDecodeError as exc:
-        if node.ledger.set_state(
-            job_id, JobState.REJECTED, f"pixel data not analysable: {exc}", only_from=UNFINISHED
-        ):
+        reason = f"pixel data not analysable: {exc}"
+        if node.ledger.set_state(job_id, JobState.REJECTED, reason, only_from=UNFINISHED):
             node.metrics.inc("rejected")
-        log.warning("job %s: not analysable: %s", job_id, exc)
+        log.warning("job %s: %s", job_id, reason)  # the ledger's reason, word for word
         return None
     bundle = node.bundle
     image = preprocess(display, bundle.manifest.preprocessing)
@@ -407,16 +407,48 @@ class DeliveryOutcome:
     retry_in: float | None = None
 
 
+#: How long one delivery run may hold its claim on a job's deliveries to a destination: well
+#: over what sending its objects can take (30 s time-outs per step), so a live run keeps it,
+#: and a run that died frees it for the recovery sweep.
+CLAIM_LEASE_S = 300.0
+
+
 def deliver(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome:
     """One delivery attempt of every object still pending for `destination` (one
     association); says whether and when to try again. Each object keeps its own count of
-    attempts and is dead-lettered on its own."""
+    attempts and is dead-lettered on its own.
+
+    Only the run that claims the deliveries sends (`Ledger.claim`): a second queue message
+    for the same job and destination finds nothing to do."""
+    if not node.ledger.claim(job_id, destination, CLAIM_LEASE_S):
+        log.debug("job %s: nothing to send to %s, or another run is sending", job_id, destination)
+        return DeliveryOutcome(delivered=False)
+    try:
+        return _deliver_claimed(node, job_id, destination)
+    finally:
+        node.ledger.release(job_id, destination)
+
+
+def _deliver_claimed(node: NodeRuntime, job_id: str, destination: str) -> DeliveryOutcome:
     pending = [
         d
         for d in node.ledger.deliveries(job_id)
         if d.destination == destination and d.state is DeliveryState.PENDING
     ]
     if not pending:
+        return DeliveryOutcome(delivered=False)
+    if destination not in node.destinations:
+        # results go only where the settings say, whatever a queue message or an old ledger
+        # row names (the destinations may have changed since the job was analysed)
+        for delivery in pending:
+            node.ledger.record_attempt(
+                job_id,
+                destination,
+                DeliveryState.FAILED,
+                "not a configured destination (CXR_DESTINATIONS)",
+                delivery.kind,
+            )
+        log.error("job %s: %s is not a configured destination: not sent", job_id, destination)
         return DeliveryOutcome(delivered=False)
     paths = [node.result_path(job_id, d.kind) for d in pending]
     started = time.time()
@@ -498,3 +530,23 @@ def _to_outbox(path: Path, outbox: Path) -> str | None:
     except OSError as exc:
         return str(exc)
     return None
+
+
+def prepare_or_fail(node: NodeRuntime, job_id: str) -> InferRequest | None:
+    """`prepare`, with an unexpected error ending the job in the visible failed state (an
+    operator can retry it) rather than leaving it to be redone forever by the sweep."""
+    try:
+        return prepare(node, job_id)
+    except Exception as exc:
+        analysis_failed(node, job_id, f"preparation failed: {describe_failure(exc)}")
+        return None
+
+
+def finalize_or_fail(node: NodeRuntime, result: InferResult) -> list[str]:
+    """`finalize`, with an error building or storing the results ending the job in the
+    visible failed state."""
+    try:
+        return finalize(node, result)
+    except Exception as exc:
+        analysis_failed(node, result.job_id, f"results not built: {describe_failure(exc)}")
+        return []

@@ -133,6 +133,14 @@ def decode_display(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
         raise PixelDecodeError(
             DecodeFailure.BAD_ATTRIBUTES, f"unexpected {type(exc).__name__}: {exc}"
         ) from exc
+    except BaseException as exc:
+        # Decoders written in Rust (pylibjpeg-rle) turn a panic on a malformed stream into
+        # pyo3's PanicException, a BaseException: found by tests/test_fuzz.py.
+        if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+        raise PixelDecodeError(
+            DecodeFailure.DECODER_FAILURE, f"the decoder failed ({type(exc).__name__})"
+        ) from exc
 
 
 def _decode_display(ds: Dataset, max_pixels: int) -> np.ndarray:

@@ -7,7 +7,11 @@ happen later, on the node's queue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import ssl
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -42,6 +46,14 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import status
 from dicom_node.checks import Verdict, check_instance
 from dicom_node.ledger import Job, JobState, Ledger
+from dicom_node.logs import describe_failure
+from dicom_node.security import (
+    Network,
+    address_allowed,
+    is_valid_uid,
+    networks,
+    server_tls_context,
+)
 from dicom_node.settings import Settings
 from dicom_node.spool import free_bytes, write_durably
 
@@ -104,8 +116,13 @@ class StoreHandler:
         started = time.perf_counter()
         try:
             code = self._store(event, started)
-        except Exception:  # the handler must answer, whatever happened
-            log.exception("C-STORE failed unexpectedly; answering 0x%04X", status.CANNOT_UNDERSTAND)
+        except Exception as exc:  # the handler must answer, whatever happened
+            # no traceback: its messages can quote attribute values (patient data)
+            log.error(
+                "C-STORE failed unexpectedly (%s); answering 0x%04X",
+                describe_failure(exc),
+                status.CANNOT_UNDERSTAND,
+            )
             code = status.CANNOT_UNDERSTAND
         if code != status.SUCCESS:
             self._tell(
@@ -119,11 +136,23 @@ class StoreHandler:
     def _tell(call: Callable[[], None]) -> None:
         try:
             call()
-        except Exception:
-            log.exception("C-STORE event hook failed (the status stands)")
+        except Exception as exc:
+            log.error("C-STORE event hook failed (%s); the status stands", describe_failure(exc))
 
     def _store(self, event: Event, started: float) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip()
+        encoded = getattr(event.request, "DataSet", None)  # the data set as received
+        size = encoded.getbuffer().nbytes if encoded is not None else 0
+        if size > self.settings.max_instance_mb * 1024 * 1024:
+            log.warning(
+                "C-STORE from %s refused with 0x%04X: %d bytes exceed %d MB",
+                calling_ae,
+                status.OUT_OF_RESOURCES,
+                size,
+                self.settings.max_instance_mb,
+            )
+            return status.OUT_OF_RESOURCES
+
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
@@ -136,11 +165,20 @@ class StoreHandler:
             )
             return status.CANNOT_UNDERSTAND
 
-        check = check_instance(ds, str(event.context.abstract_syntax), self.settings.max_pixels)
+        try:  # values are decoded on access: a malformed one raises here
+            check = check_instance(ds, str(event.context.abstract_syntax), self.settings.max_pixels)
+        except Exception as exc:
+            log.warning(
+                "C-STORE sop=%s from %s refused: data set cannot be read (%s)",
+                _loggable(sop_uid),
+                calling_ae,
+                describe_failure(exc),
+            )
+            return status.CANNOT_UNDERSTAND
         if check.verdict is Verdict.REFUSE:
             log.warning(
                 "C-STORE sop=%s from %s refused with 0x%04X: %s",
-                sop_uid or "?",
+                _loggable(sop_uid),
                 calling_ae,
                 check.status,
                 check.reason,
@@ -242,6 +280,11 @@ def _sop_uid(event: Event) -> str:
     return str(getattr(request, "AffectedSOPInstanceUID", "") or "")
 
 
+def _loggable(uid: str) -> str:
+    """A UID for a log line: a refused one may be anything, so it is quoted and cut short."""
+    return uid if is_valid_uid(uid) else repr(uid[:80]) if uid else "?"
+
+
 def handle_echo(event: Event) -> int:
     log.info("C-ECHO from %s", event.assoc.requestor.ae_title.strip())
     return status.SUCCESS
@@ -249,7 +292,11 @@ def handle_echo(event: Event) -> int:
 
 def make_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs for 10 MB radiographs
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.network_timeout = settings.network_timeout_s
     ae.add_supported_context(VERIFICATION)
     for sop_class in STORAGE_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -257,6 +304,41 @@ def make_ae(settings: Settings) -> AE:
         ae.require_calling_aet = list(settings.allowed_calling_aes)
     ae.require_called_aet = True
     return ae
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's server, with the checks that come before any DICOM is read: the source
+    address allow-list (the connection is closed at once), and a time limit on the TLS
+    handshake, which pynetdicom does in its accept loop with a blocking socket (a silent
+    client would otherwise stop the node accepting anyone)."""
+
+    allowed: list[Network] = []  # noqa: RUF012  (set once, before serving)
+    handshake_timeout_s: float = 30.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if not address_allowed(str(address[0]), self.allowed):
+            log.warning("connection from %s refused: address not allowed", address[0])
+            _close(client)
+            raise OSError("address not allowed")  # socketserver skips the request
+        if self.ssl_context is None:
+            return client, address
+        client.settimeout(self.handshake_timeout_s)
+        try:
+            wrapped = self.ssl_context.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("connection from %s refused: TLS handshake failed (%s)", address[0], exc)
+            _close(client)
+            raise OSError("TLS handshake failed") from exc
+        wrapped.settimeout(None)
+        return wrapped, address
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 def start_scp(
@@ -273,11 +355,23 @@ def start_scp(
     ae = make_ae(settings)
     handlers: list[Any] = [(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, handle_echo)]
     handlers += extra_handlers or []
-    server: ThreadedAssociationServer | None = ae.start_server(
+    server = ae.make_server(
         (settings.bind, settings.port),
-        block=False,
+        ssl_context=server_tls_context(settings),
         evt_handlers=handlers,
+        server_class=GuardedServer,
     )
-    assert server is not None  # block=False always returns the server
-    log.info("SCP %s listening on %s:%d", settings.ae_title, settings.bind, settings.port)
+    assert isinstance(server, GuardedServer)
+    server.allowed = networks(settings)
+    server.handshake_timeout_s = settings.acse_timeout_s
+    # as AE.start_server(block=False) does: the AE lists its servers, and shutdown() unlists
+    ae._servers.append(server)
+    threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
+    log.info(
+        "SCP %s listening on %s:%d%s",
+        settings.ae_title,
+        settings.bind,
+        settings.port,
+        " (DICOM TLS)" if settings.tls else "",
+    )
     return server

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 from dicom_node.audit import AuditLog
 from dicom_node.ledger import Ledger
@@ -24,13 +25,12 @@ from dicom_node.observe import NodeStoreEvents, association_handlers, node_app
 from dicom_node.queue import DELIVER, INFER_QUEUE, NODE_QUEUE, PREPARE, make_celery, queue_name
 from dicom_node.recovery import PeriodicSweep, sweep
 from dicom_node.scp import start_scp
+from dicom_node.security import check_exposure
 from dicom_node.settings import Settings
 from dicom_node.tasks import register_tasks
 from dicom_node.web import start_http
 
 log = logging.getLogger(__name__)
-
-SWEEP_INTERVAL_S = 60.0
 
 
 def run_worker(settings: Settings, roles: list[str], name: str) -> None:
@@ -62,6 +62,64 @@ def run_worker(settings: Settings, roles: list[str], name: str) -> None:
     app.worker_main(argv)
 
 
+def _die_with_parent_hook() -> Callable[[], object] | None:
+    """A preexec hook for the worker child: be sent SIGTERM when the node process dies,
+    however it dies, so that a killed node leaves no orphan consuming its queue (Linux).
+    Resolved before the fork: between fork and exec only the ready-made call runs."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+def broker_identity(settings: Settings) -> str | None:
+    """The Redis server's run id: a new one means the broker restarted, and whatever was
+    queued may be gone. None with the embedded queue, or when Redis does not answer."""
+    if settings.embedded or not str(settings.broker_url).startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    try:
+        client = redis.Redis.from_url(str(settings.broker_url), socket_timeout=5)
+        try:
+            return str(client.info("server")["run_id"])
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, KeyError):
+        return None
+
+
+class Recovery:
+    """The periodic sweep: work untouched for the visibility time-out is re-enqueued, and all
+    unfinished work at once when the broker restarted (its queues may have been lost)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        enqueue_prepare: Callable[[str], None],
+        enqueue_deliver: Callable[[str, str], None],
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.enqueue_prepare = enqueue_prepare
+        self.enqueue_deliver = enqueue_deliver
+        self.broker = broker_identity(settings)
+
+    def __call__(self) -> int:
+        older_than = float(self.settings.visibility_timeout_s)
+        broker = broker_identity(self.settings)
+        if broker is not None and broker != self.broker:
+            if self.broker is not None:
+                log.warning("recovery: the broker restarted; re-enqueueing all unfinished work")
+                older_than = 0.0
+            self.broker = broker
+        return sweep(self.ledger, self.enqueue_prepare, self.enqueue_deliver, older_than)
+
+
 def _spawn_worker(settings: Settings, queues: list[str]) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["CXR_DATA_DIR"] = str(settings.data_dir.resolve())
@@ -78,16 +136,23 @@ def _spawn_worker(settings: Settings, queues: list[str]) -> subprocess.Popen[byt
         "--name",
         "node",
     ]
-    return subprocess.Popen(cmd, env=env)
+    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent_hook())
 
 
 def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     """Run the node host until SIGTERM/SIGINT (or `stop` is set)."""
     settings.make_dirs()
     setup_logging(settings.log_level, settings.log_dir / "node.log", settings.log_format)
+    check_exposure(settings)  # before anything starts: no half-started node
     bundles = BundleCache(lambda: settings.bundle_in_use, ModelStore(settings.models_dir))
     bundle = bundles.current()  # fail fast, with the reason, on a bad bundle
-    log.info("bundle %s: %d members", bundle.root, len(bundle.manifest.members))
+    log.info(
+        "bundle %s %s (%d members)%s",
+        bundle.manifest.name,
+        bundle.manifest.version,
+        len(bundle.manifest.members),
+        " - RANDOM WEIGHTS, plumbing only" if bundle.manifest.random_weights else "",
+    )
     ledger = Ledger(settings.ledger_path)
     audit = AuditLog(settings.audit_path)
     events = NodeStoreEvents(audit, MetricsStore(settings.metrics_path))
@@ -119,8 +184,8 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
         settings, ledger, enqueue_prepare, events, association_handlers(audit, settings)
     )
     periodic = PeriodicSweep(
-        lambda: sweep(ledger, enqueue_prepare, enqueue_deliver, settings.visibility_timeout_s),
-        SWEEP_INTERVAL_S,
+        Recovery(settings, ledger, enqueue_prepare, enqueue_deliver),
+        settings.recovery_interval_s,
     )
     periodic.start()
     try:

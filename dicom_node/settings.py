@@ -6,12 +6,13 @@ environment variables win. Built once in the CLI and passed down; nothing reads 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -121,7 +122,7 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="first retry delay; doubles each try, capped at 10 min"
     )
     visibility_timeout_s: int = Field(
-        default=1800, ge=60, description="Redis: an unacknowledged task is redelivered after this"
+        default=1800, ge=10, description="Redis: an unacknowledged task is redelivered after this"
     )
     max_pixels: int = Field(default=100_000_000, description="refuse images with more pixels")
     min_free_disk_mb: int = Field(
@@ -156,6 +157,47 @@ class Settings(BaseSettings):
         description="`cxr-node cleanup` deletes the spooled image and result files of finished "
         "jobs older than this; 0: keep everything",
     )
+    # --- who may talk to the node, and how much (docs/RELIABILITY.md) ---
+    allowed_addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated source addresses or networks (CIDR) allowed to connect; "
+        "empty: any",
+    )
+    accept_any_caller: bool = Field(
+        default=False,
+        description="allow `serve` on a non-loopback address without a calling AE or address "
+        "allow-list (off: the node refuses to start so)",
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate of the node: DICOM TLS on the SCP port"
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(
+        default=None, description="PEM CA bundle that client certificates are checked against"
+    )
+    tls_require_client_cert: bool = Field(
+        default=False, description="TLS: refuse peers without a certificate signed by tls_ca"
+    )
+    max_associations: int = Field(
+        default=10, ge=1, description="concurrent associations; more are rejected (transient)"
+    )
+    max_pdu_size: int = Field(
+        default=1_048_576, ge=0, description="largest P-DATA PDU the node accepts; 0: unlimited"
+    )
+    max_instance_mb: int = Field(default=256, ge=1, description="refuse larger instances (0xA700)")
+    acse_timeout_s: float = Field(
+        default=30, gt=0, description="wait for association requests and releases"
+    )
+    dimse_timeout_s: float = Field(default=60, gt=0, description="wait for DIMSE messages")
+    network_timeout_s: float = Field(
+        default=60, gt=0, description="an association idle this long is closed"
+    )
+    recovery_interval_s: float = Field(
+        default=60,
+        gt=0,
+        description="how often the node checks the ledger for work to re-enqueue (and the "
+        "broker for a restart)",
+    )
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -181,6 +223,27 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_aes(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("allowed_addresses", mode="before")
+    @classmethod
+    def _parse_addresses(cls, value: Any) -> Any:
+        value = _split_csv(value)
+        if isinstance(value, list):
+            for item in value:
+                ipaddress.ip_network(str(item), strict=False)  # ValueError says which
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
+        if self.tls_require_client_cert and (self.tls_cert is None or self.tls_ca is None):
+            raise ValueError("tls_require_client_cert needs tls_cert, tls_key and tls_ca")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @classmethod
     def settings_customise_sources(

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 
 def write_durably(path: Path, data: bytes | memoryview) -> None:
     """Write to a temporary name, fsync, rename into place, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
+    # a name of its own per writer: two runs of a redone step may write the same file at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
     try:
         with tmp.open("wb") as fh:
             fh.write(data)

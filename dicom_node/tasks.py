@@ -25,7 +25,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
 
     @app.task(name=PREPARE)
     def prepare(job_id: str) -> None:
-        request = pipeline.prepare(node, job_id)
+        request = pipeline.prepare_or_fail(node, job_id)
         if request is not None:
             app.send_task(INFER, args=[request.model_dump()])
 
@@ -53,7 +53,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(name=FINALIZE)
     def finalize(payload: dict[str, Any]) -> None:
         result = InferResult.model_validate(payload)
-        for destination in pipeline.finalize(node, result):
+        for destination in pipeline.finalize_or_fail(node, result):
             app.send_task(DELIVER, args=[result.job_id, destination])
 
     @app.task(name=DELIVER, bind=True, max_retries=None)

@@ -214,3 +214,8 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
                 continue
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError("a process of the node's group outlived it")
+
+
+# Fixtures of the reliability tests (an in-process SCP, storescp keeping duplicates, a Redis of
+# the test's own); imported last, as tests.peers uses the helpers above.
+from tests.peers import own_redis, pacs_factory, scp  # noqa: E402, F401
