@@ -22,6 +22,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 
 from dicom_node.delivery import OUTBOX, backoff_seconds, send_files, to_outbox
+from dicom_node.display_cache import DisplayCache
 from dicom_node.hospital_index import HospitalEntry, HospitalIndex
 from dicom_node.ledger import UNFINISHED, DeliveryState, JobState, Ledger, OutputKind, OutputUids
 from dicom_node.lungs import lung_map_on_image, lung_mask, lung_outlines
@@ -54,6 +55,11 @@ class NodeRuntime:
     def bundle(self) -> Bundle:
         with self._lock:
             return load_bundle(self.settings.bundle)
+
+    @cached_property
+    def display_cache(self) -> DisplayCache:
+        """Display images decoded by prepare, for finalize in the same process."""
+        return DisplayCache(self.settings.display_cache_mb * 1024 * 1024)
 
     @cached_property
     def reference_index(self) -> ReferenceIndex:
@@ -102,6 +108,7 @@ def prepare(node: NodeRuntime, job_id: str) -> InferRequest | None:
         log.warning("job %s: not analysable: %s", job_id, exc)
         return None
     image = preprocess(display, node.bundle.manifest.preprocessing)
+    node.display_cache.put(job_id, display)
     node.ledger.set_state(job_id, JobState.ANALYSING, only_from=UNFINISHED)
     return InferRequest(
         job_id=job_id, bundle_fingerprint=node.bundle.fingerprint, image_png=encode_png(image)
@@ -131,10 +138,14 @@ class Lungs:
     outlines: list[np.ndarray] = field(default_factory=list)  # closed (col, row) polylines
 
 
-def load_source(node: NodeRuntime, spool_path: str) -> Source:
+def load_source(node: NodeRuntime, spool_path: str, job_id: str | None = None) -> Source:
+    """The header, and the display image: kept by prepare, or decoded again."""
+    display: np.ndarray | None = node.display_cache.take(job_id) if job_id else None
+    if display is not None:
+        return Source(header=dcmread(spool_path, stop_before_pixels=True), display=display)
     ds = dcmread(spool_path)
     try:
-        display: np.ndarray | None = decode_display(ds, max_pixels=node.settings.max_pixels)
+        display = decode_display(ds, max_pixels=node.settings.max_pixels)
     except PixelDecodeError as exc:  # prepare decoded it, so this is unexpected
         log.error("source %s cannot be decoded again: %s", spool_path, exc)
         display = None
@@ -273,7 +284,7 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
     if job is None or job.state not in UNFINISHED or not job.spool_path:
         return []
     uids = node.ledger.output_uids(job.job_id)
-    source = load_source(node, job.spool_path)
+    source = load_source(node, job.spool_path, job.job_id)
     lungs = _optional_lungs(node, job.job_id, source, result)
     similar = find_similar(node, source.header, result)
 

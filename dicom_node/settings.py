@@ -128,6 +128,12 @@ class Settings(BaseSettings):
         default=500, ge=0, description="refuse new instances (0xA700) below this free space"
     )
     log_level: str = Field(default="INFO")
+    display_cache_mb: int = Field(
+        default=256,
+        ge=0,
+        description="memory for decoded images kept between a job's prepare and finalize "
+        "steps (spares a second decode); 0: decode twice",
+    )
 
     @field_validator("destinations", mode="before")
     @classmethod
