@@ -12,7 +12,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from pydicom import Dataset
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -92,11 +94,20 @@ class StoreHandler:
             log.exception("C-STORE failed unexpectedly; answering 0x%04X", status.CANNOT_UNDERSTAND)
             return status.CANNOT_UNDERSTAND
 
+    def read(self, event: Event) -> Dataset:
+        """The received data set with its file meta (subclasses read it from a file)."""
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        return ds
+
+    def spool(self, event: Event, path: Path) -> None:
+        """Make the received instance durable at `path` (raises OSError on failure)."""
+        write_durably(path, event.encoded_dataset(include_meta=True))
+
     def _store(self, event: Event, started: float) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip()
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            ds = self.read(event)
             sop_uid = str(ds.get("SOPInstanceUID", "")).strip()
         except Exception as exc:
             log.warning(
@@ -139,7 +150,7 @@ class StoreHandler:
         job_id = uuid.uuid4().hex[:16]
         spool_path = self.settings.spool_dir / f"{job_id}.dcm"
         try:
-            write_durably(spool_path, event.encoded_dataset(include_meta=True))
+            self.spool(event, spool_path)
         except OSError as exc:
             log.error(
                 "C-STORE sop=%s refused with 0x%04X: spool write failed (%s)",

@@ -18,6 +18,7 @@ import threading
 from dicom_node.ledger import Ledger
 from dicom_node.logs import setup_logging
 from dicom_node.queue import DELIVER, INFER_QUEUE, NODE_QUEUE, PREPARE, make_celery, queue_name
+from dicom_node.receiver import Receivers
 from dicom_node.recovery import PeriodicSweep, sweep
 from dicom_node.scp import start_scp
 from dicom_node.settings import Settings
@@ -96,7 +97,8 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
 
     sweep(ledger, enqueue_prepare, enqueue_deliver, older_than_s=0)
     child = _spawn_worker(settings, queues)
-    server = start_scp(settings, ledger, enqueue_prepare)
+    receivers = Receivers(settings) if settings.receiver_processes > 1 else None
+    server = start_scp(settings, ledger, enqueue_prepare) if receivers is None else None
     periodic = PeriodicSweep(
         lambda: sweep(ledger, enqueue_prepare, enqueue_deliver, settings.visibility_timeout_s),
         SWEEP_INTERVAL_S,
@@ -107,10 +109,15 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
             if child.poll() is not None:
                 log.error("worker process exited with %s; restarting it", child.returncode)
                 child = _spawn_worker(settings, queues)
+            if receivers is not None:
+                receivers.check()
     finally:
         log.info("shutting down")
         periodic.stop()
-        server.shutdown()
+        if server is not None:
+            server.shutdown()
+        if receivers is not None:
+            receivers.stop()
         child.terminate()
         try:
             child.wait(timeout=30)

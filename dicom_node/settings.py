@@ -134,6 +134,13 @@ class Settings(BaseSettings):
         description="memory for decoded images kept between a job's prepare and finalize "
         "steps (spares a second decode); 0: decode twice",
     )
+    receiver_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="processes receiving C-STORE on the DICOM port (SO_REUSEPORT, write-to-file "
+        "receive); 1: the SCP runs in the node process",
+    )
 
     @field_validator("destinations", mode="before")
     @classmethod
