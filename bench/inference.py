@@ -77,10 +77,10 @@ def _torch_twin(bundle: Bundle, name: str, weights: dict[str, Any] | None) -> An
         return UNetExport(unet).eval()
     spec = bundle.member_by_name[name]
     experiment = manifest.config.get("experiment")
-    head = PAPER_HEAD
+    head = manifest.config.get("head", PAPER_HEAD)  # plumbing bundles say it here
     if isinstance(experiment, dict):
-        head = tuple(experiment.get("classifier", {}).get("head", PAPER_HEAD))
-    model = build_classifier(spec.architecture, head)
+        head = experiment.get("classifier", {}).get("head", head)
+    model = build_classifier(spec.architecture, tuple(head))  # type: ignore[arg-type]
     if weights is not None:
         model.load_state_dict(weights[name])
     return ClassifierExport(model).eval()

@@ -134,6 +134,12 @@ class Settings(BaseSettings):
         description="memory for decoded images kept between a job's prepare and finalize "
         "steps (spares a second decode); 0: decode twice",
     )
+    embedded_poll_s: float = Field(
+        default=0.1,
+        gt=0,
+        le=10,
+        description="embedded queue: seconds between looks for new messages when idle",
+    )
     receiver_processes: int = Field(
         default=1,
         ge=1,
