@@ -5,7 +5,7 @@ Receivers (each on its own free port, all on this machine):
   (a process per association): the practical upper bound;
 - node-scp: the node's SCP as `cxr-node serve` runs it by default (one process, data set
   decoded in memory, `dicom_node.scp.StoreHandler`); "(before)": as it was before this
-  benchmark (maximum PDU offered "unlimited", no idle ledger connection);
+  benchmark (maximum PDU offered "unlimited");
 - node-recv-N: N receiver processes (`dicom_node.receiver`, CXR_RECEIVER_PROCESSES=N):
   SO_REUSEPORT, pynetdicom's write-to-file receive, rename into the spool.
 The node's receivers do what the node does on every instance: check, spool with fsync,
@@ -180,8 +180,7 @@ def node_receivers(n: int) -> Callable[[int, Path], list[subprocess.Popen[bytes]
 def serve_scp(before: bool) -> None:
     """The node's default SCP alone (what `cxr-node serve` runs), until SIGTERM.
 
-    before: as it was before this benchmark (maximum PDU "unlimited", ledger connections
-    all closed after each operation)."""
+    before: as it was before this benchmark (maximum PDU offered "unlimited")."""
     import threading
 
     from dicom_node import scp
@@ -195,7 +194,7 @@ def serve_scp(before: bool) -> None:
     app = make_celery(settings)
     server = scp.start_scp(
         settings,
-        Ledger(settings.ledger_path, keep_open=not before),
+        Ledger(settings.ledger_path),
         lambda job_id: app.send_task(PREPARE, args=[job_id]),
     )
     stop = threading.Event()
@@ -286,36 +285,13 @@ def scenario(
     return rows
 
 
-def ledger_rows(count: int, work: Path) -> list[list[object]]:
-    """Recording an instance in the ledger (add + output UIDs), before and after the ledger
-    kept an idle connection open (which spares a WAL checkpoint on every close)."""
-    from dicom_node.ledger import Ledger
-    from tests.test_ledger import make_job
-
-    rows = []
-    times: dict[str, list[float]] = {"before": [], "after": []}
-    ledgers = {
-        "before": Ledger(work / "before.sqlite3", keep_open=False),
-        "after": Ledger(work / "after.sqlite3"),
-    }
-    for i in range(count):
-        for name, ledger in ledgers.items():
-            start = time.perf_counter()
-            ledger.add(make_job(f"j{i}", f"1.2.826.0.1.{i}"))
-            ledger.output_uids(f"j{i}")
-            times[name].append(time.perf_counter() - start)
-    t0, t1 = median(times["before"]), median(times["after"])
-    rows.append(["ledger add + output_uids", count, t0 * 1000, t1 * 1000, t0 / t1])
-    return rows
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=12, help="instances per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--senders", default="1,4")
     parser.add_argument("--kinds", default="uncompressed,jpeg2000")
-    parser.add_argument("--processes", type=int, default=4, help="node receiver processes")
+    parser.add_argument("--processes", default="2,4", help="node receiver processes (4 senders)")
     parser.add_argument("--smoke", action="store_true", help="2 small runs")
     parser.add_argument("--serve-scp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
@@ -325,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.smoke:
         args.count, args.repeats, args.senders, args.kinds = 2, 1, "2", "jpeg2000"
-        args.processes = 2
+        args.processes = "2"
     for tool in ("storescp", "storescu"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} (DCMTK) is not installed: deploy/install-system-deps.sh")
@@ -340,19 +316,10 @@ def main(argv: list[str] | None = None) -> None:
                 if senders == 1:
                     names = ["storescp", "node-scp (before)", "node-scp", "node-recv-1"]
                 else:
-                    names = [
-                        "storescp --fork",
-                        "node-scp (before)",
-                        "node-scp",
-                        f"node-recv-{args.processes}",
-                    ]
+                    names = ["storescp --fork", "node-scp (before)", "node-scp"]
+                    names += [f"node-recv-{n}" for n in args.processes.split(",")]
                 rows += scenario(kind, template, senders, names, args.count, args.repeats, work)
                 print(f"- {kind}, {senders} sender(s): done", flush=True)
-        print("\n### Recording an instance in the ledger (SQLite WAL, synchronous FULL)\n")
-        table(
-            ["operation", "n", "before ms", "after ms", "speed-up"],
-            ledger_rows(10 if args.smoke else 100, work),
-        )
     print()
     table(
         [

@@ -170,18 +170,13 @@ def _new_outputs(job: Job) -> list[tuple[str, str, str, str]]:
 
 
 class Ledger:
-    def __init__(self, path: Path, keep_open: bool = True) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
             _migrate_deliveries(db)
-        # Closing the last connection to a WAL database checkpoints it (fsyncs): with one
-        # short connection per operation that was most of the cost of recording an instance
-        # (bench/ingest.py). An idle connection held for the ledger's lifetime keeps the
-        # others from being the last; SQLite still checkpoints as the WAL grows.
-        self._keeper = sqlite3.connect(self.path, check_same_thread=False) if keep_open else None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
