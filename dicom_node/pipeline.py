@@ -75,6 +75,9 @@ class NodeRuntime:
                 space=manifest.device_uid,
                 dim=manifest.index.dim,
                 metric=manifest.index.space,
+                m=manifest.index.m,
+                ef_construction=manifest.index.ef_construction,
+                ef_search=manifest.index.ef_search,
             )
 
     def result_path(self, job_id: str, kind: OutputKind = OutputKind.SR) -> Path:

@@ -99,3 +99,16 @@ def test_display_cache_can_be_turned_off(tmp_path: Path, chest_cr: Path) -> None
     job_id = receive(node, chest_cr, "PAT1")
     assert pipeline.prepare(node, job_id) is not None
     assert len(node.display_cache) == 0
+
+
+def test_both_indexes_search_with_the_bundles_index_parameters(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    spec = node.bundle.manifest.index
+    assert node.reference_index.index.ef == max(spec.ef_search, spec.k)
+    hospital = node.hospital_index
+    assert (hospital.m, hospital.ef_construction, hospital.ef_search) == (
+        spec.m,
+        spec.ef_construction,
+        spec.ef_search,
+    )
+    assert hospital._index.ef == spec.ef_search
