@@ -146,38 +146,10 @@ def fp16_compute_variant(src: Path, dst: Path) -> Path:
     return dst
 
 
-class _Reader:
-    """CalibrationDataReader over single images."""
-
-    def __init__(self, inputs: np.ndarray) -> None:
-        self._items = iter([{INPUT_NAME: inputs[i : i + 1]} for i in range(len(inputs))])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._items, None)
-
-
 def int8_static_variant(src: Path, dst: Path, calibration: np.ndarray) -> Path:
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from training.quantize import int8_static
 
-    prepared = dst.with_suffix(".pre.onnx")
-    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=False)
-    quantize_static(
-        str(prepared),
-        str(dst),
-        _Reader(calibration),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
-    prepared.unlink(missing_ok=True)
+    int8_static(src, dst, calibration)
     return dst
 
 

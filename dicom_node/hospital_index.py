@@ -9,10 +9,10 @@ see it):
   the embedding itself. Table `diagnoses`: confirmed diagnoses per study
   (`cxr-node label STUDY_UID covid|negative`), kept apart so a label can be recorded before,
   after or without the study being in the index.
-- `index-<space>.hnsw`: an hnswlib snapshot of one embedding space, rewritten atomically after
-  each insert. Rows it lacks (a crash between the commit and the snapshot, another process's
-  inserts) are added from SQLite when it is loaded and before every query, so the snapshot
-  can never lose an image.
+- `index-<space>.hnsw`: an hnswlib snapshot of one embedding space, written at the first
+  insert, then rewritten atomically at most once a minute (`SNAPSHOT_INTERVAL_S`). Rows it
+  lacks (those since the last rewrite, another process's inserts) are added from SQLite when
+  it is loaded and before every query, so the snapshot can never lose an image.
 - `secret.key`: 32 random bytes made on first use, mode 0600. Patients are compared by
   HMAC-SHA256(secret, issuer + patient id): the patient id is never stored in clear, and the
   hash means nothing without this node's key.
@@ -80,6 +80,10 @@ _HNSW_M = 16
 _HNSW_EF_CONSTRUCTION = 200
 _HNSW_EF_SEARCH = 128
 _INITIAL_CAPACITY = 1024
+#: The snapshot is a cache of the SQLite record (completed from it when behind), rewritten at
+#: most this often: rewriting the whole index after every image costs O(index size) per image
+#: (bench/retrieval.py --hospital).
+SNAPSHOT_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -170,8 +174,11 @@ class HospitalIndex:
         m: int = _HNSW_M,
         ef_construction: int = _HNSW_EF_CONSTRUCTION,
         ef_search: int = _HNSW_EF_SEARCH,
+        snapshot_interval_s: float = SNAPSHOT_INTERVAL_S,
     ) -> None:
         self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
+        self.snapshot_interval_s = snapshot_interval_s
+        self._snapshot_at = time.monotonic()
         self.store = HospitalStore(folder)
         self.space = space
         self.dim = dim
@@ -246,7 +253,9 @@ class HospitalIndex:
             row_id = int(cur.lastrowid or 0)
             self._add_vectors(np.array([row_id]), vector[None])
             self._seen_max_id = max(self._seen_max_id, row_id)
-            self._save_snapshot()
+            due = time.monotonic() - self._snapshot_at >= self.snapshot_interval_s
+            if due or not self.snapshot_path.exists():
+                self._save_snapshot()
         return True
 
     # --- reading ------------------------------------------------------------------------
@@ -389,6 +398,7 @@ class HospitalIndex:
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(self.snapshot_path.parent)
+        self._snapshot_at = time.monotonic()
 
 
 def _load_or_create_secret(path: Path) -> bytes:
