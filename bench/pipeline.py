@@ -100,6 +100,9 @@ class Clock:
         self.times: dict[str, float] = {}
         self._last = time.perf_counter()
 
+    def restart(self) -> None:
+        self._last = time.perf_counter()
+
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.times[name] = self.times.get(name, 0.0) + now - self._last
@@ -140,7 +143,7 @@ def breakdown(node: pipeline.NodeRuntime, job_id: str, threads: int) -> dict[str
     pipeline.load_source(node, job.spool_path)
     c.lap("finalize: source, read + decode again (before)")
     node.display_cache.put(job_id, display)
-    c = Clock()
+    c.restart()
     source = pipeline.load_source(node, job.spool_path, job_id)
     c.lap("finalize: source, header + image kept by prepare (after)")
     lungs = pipeline.locate_lungs(node, source, result)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -170,6 +171,71 @@ def run_size(
     return exact_rows, rows
 
 
+def hospital_rows(sizes: list[int], adds: int, work: Path) -> list[list[object]]:
+    """The hospital index as the node keeps it: add() and query() at a given size, with the
+    snapshot rewritten after every insert (before) vs at most once a minute (after)."""
+    import shutil
+    import sqlite3
+
+    from dicom_node.hospital_index import HospitalEntry, HospitalIndex, HospitalStore
+
+    rows: list[list[object]] = []
+    for n in sizes:
+        data, _ = clustered(n + 2 * adds + 20, seed=n + 1)
+        for label, interval in (("before", 0.0), ("after", 60.0)):
+            folder = work / f"hospital-{n}-{label}"
+            store = HospitalStore(folder)
+            with sqlite3.connect(store.path) as db:
+                db.executemany(
+                    "INSERT INTO items (space, sop_instance_uid, sop_class_uid, "
+                    "study_instance_uid, series_instance_uid, study_date, probability, "
+                    "patient_key, analysed_at, embedding) VALUES "
+                    "('bench', ?, '1.2.840.10008.5.1.4.1.1.1', ?, ?, '20240101', 0.5, ?, 0, ?)",
+                    [
+                        (
+                            f"1.2.826.0.1.{i}",
+                            f"1.2.826.1.{i}",
+                            f"1.2.826.2.{i}",
+                            f"p{i}",
+                            data[i].tobytes(),
+                        )
+                        for i in range(n)
+                    ],
+                )
+            start = time.perf_counter()
+            index = HospitalIndex(folder, space="bench", dim=DIM, snapshot_interval_s=interval)
+            opened = time.perf_counter() - start
+            index.add(  # the first insert writes the snapshot in both modes
+                HospitalEntry("1.2.826.9.0", "1.2", "1.2.826.8.0", "1.2.826.7.0", None, 0.5, "q0"),
+                data[n],
+            )
+            add_t, query_t = [], []
+            for j in range(1, adds + 1):
+                entry = HospitalEntry(
+                    f"1.2.826.9.{j}", "1.2", f"1.2.826.8.{j}", f"1.2.826.7.{j}", None, 0.5, f"q{j}"
+                )
+                s0 = time.perf_counter()
+                index.add(entry, data[n + j])
+                add_t.append(time.perf_counter() - s0)
+                s0 = time.perf_counter()
+                index.query(data[n + adds + j], 4, "someone", "1.2.826.8.x")
+                query_t.append(time.perf_counter() - s0)
+            size_mb = index.snapshot_path.stat().st_size / 1e6
+            rows.append(
+                [
+                    f"{n:,}",
+                    label,
+                    opened,
+                    size_mb,
+                    ms(median(add_t)),
+                    ms(percentile(add_t, 95)),
+                    ms(median(query_t)),
+                ]
+            )
+            shutil.rmtree(folder)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100000")
@@ -180,9 +246,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--smoke", action="store_true", help="2,000 items, one M, two ef")
+    parser.add_argument(
+        "--hospital", default="", help="hospital index sizes instead, e.g. 1000,10000,100000"
+    )
+    parser.add_argument("--adds", type=int, default=10, help="hospital: timed inserts")
     args = parser.parse_args(argv)
     if args.smoke:
         args.sizes, args.m, args.ef, args.queries = "2000", "16", "16,64", 50
+    if args.hospital:
+        header("Hospital index: insert and query as the node keeps it")
+        with tempfile.TemporaryDirectory(prefix="bench-hospital-") as tmp:
+            rows = hospital_rows([int(v) for v in args.hospital.split(",")], args.adds, Path(tmp))
+        table(
+            [
+                "items",
+                "snapshot",
+                "open s",
+                "snapshot MB",
+                "add p50 ms",
+                "add p95 ms",
+                "query p50 ms",
+            ],
+            rows,
+        )
+        return
     header("Retrieval: hnswlib vs exact search")
     print(
         f"synthetic clustered embeddings, {DIM}-d, cosine; k = {args.k}; "
