@@ -28,7 +28,7 @@ system-deps:
 	deploy/install-system-deps.sh
 
 lint: install-dev
-	$(BIN)/ruff check dicom_node worker training tests
+	$(BIN)/ruff check dicom_node worker training tests bench
 	$(BIN)/mypy
 
 test: system-deps install-dev lint

@@ -9,10 +9,10 @@ see it):
   the embedding itself. Table `diagnoses`: confirmed diagnoses per study
   (`cxr-node label STUDY_UID covid|negative`), kept apart so a label can be recorded before,
   after or without the study being in the index.
-- `index-<space>.hnsw`: an hnswlib snapshot of one embedding space, rewritten atomically after
-  each insert. Rows it lacks (a crash between the commit and the snapshot, another process's
-  inserts) are added from SQLite when it is loaded and before every query, so the snapshot
-  can never lose an image.
+- `index-<space>.hnsw`: an hnswlib snapshot of one embedding space, written at the first
+  insert, then rewritten atomically at most once a minute (`SNAPSHOT_INTERVAL_S`). Rows it
+  lacks (those since the last rewrite, another process's inserts) are added from SQLite when
+  it is loaded and before every query, so the snapshot can never lose an image.
 - `secret.key`: 32 random bytes made on first use, mode 0600. Patients are compared by
   HMAC-SHA256(secret, issuer + patient id): the patient id is never stored in clear, and the
   hash means nothing without this node's key.
@@ -74,10 +74,16 @@ CREATE TABLE IF NOT EXISTS diagnoses (
 );
 """
 
+# Defaults; the node passes the bundle's index parameters (chosen in docs/BENCHMARKS.md:
+# recall@4 >= 0.99 under 1 ms per query at a million items).
 _HNSW_M = 16
 _HNSW_EF_CONSTRUCTION = 200
-_HNSW_EF_SEARCH = 64
+_HNSW_EF_SEARCH = 128
 _INITIAL_CAPACITY = 1024
+#: The snapshot is a cache of the SQLite record (completed from it when behind), rewritten at
+#: most this often: rewriting the whole index after every image costs O(index size) per image
+#: (bench/retrieval.py --hospital).
+SNAPSHOT_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,20 @@ class HospitalStore:
 class HospitalIndex:
     """Persistent nearest-neighbour index of one embedding space. Thread-safe."""
 
-    def __init__(self, folder: Path, space: str, dim: int, metric: str = "cosine") -> None:
+    def __init__(
+        self,
+        folder: Path,
+        space: str,
+        dim: int,
+        metric: str = "cosine",
+        m: int = _HNSW_M,
+        ef_construction: int = _HNSW_EF_CONSTRUCTION,
+        ef_search: int = _HNSW_EF_SEARCH,
+        snapshot_interval_s: float = SNAPSHOT_INTERVAL_S,
+    ) -> None:
+        self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
+        self.snapshot_interval_s = snapshot_interval_s
+        self._snapshot_at = time.monotonic()
         self.store = HospitalStore(folder)
         self.space = space
         self.dim = dim
@@ -234,7 +253,9 @@ class HospitalIndex:
             row_id = int(cur.lastrowid or 0)
             self._add_vectors(np.array([row_id]), vector[None])
             self._seen_max_id = max(self._seen_max_id, row_id)
-            self._save_snapshot()
+            due = time.monotonic() - self._snapshot_at >= self.snapshot_interval_s
+            if due or not self.snapshot_path.exists():
+                self._save_snapshot()
         return True
 
     # --- reading ------------------------------------------------------------------------
@@ -260,7 +281,7 @@ class HospitalIndex:
             fetch = min(count, 4 * k + 8)
             chosen: dict[str, SimilarItem] = {}
             while fetch > 0:
-                self._index.set_ef(max(_HNSW_EF_SEARCH, fetch))
+                self._index.set_ef(max(self.ef_search, fetch))
                 labels, distances = self._index.knn_query(vector[None], k=fetch)
                 chosen = self._pick(db, labels[0], distances[0], k, patient_key, study_instance_uid)
                 if len(chosen) >= k or fetch >= count:
@@ -326,9 +347,9 @@ class HospitalIndex:
     def _new_index(self, capacity: int) -> hnswlib.Index:
         index = hnswlib.Index(space=self.metric, dim=self.dim)
         index.init_index(
-            max_elements=capacity, ef_construction=_HNSW_EF_CONSTRUCTION, M=_HNSW_M, random_seed=0
+            max_elements=capacity, ef_construction=self.ef_construction, M=self.m, random_seed=0
         )
-        index.set_ef(_HNSW_EF_SEARCH)
+        index.set_ef(self.ef_search)
         return index
 
     def _load_snapshot(self) -> hnswlib.Index:
@@ -337,7 +358,7 @@ class HospitalIndex:
             index = hnswlib.Index(space=self.metric, dim=self.dim)
             try:
                 index.load_index(str(self.snapshot_path), max_elements=capacity)
-                index.set_ef(_HNSW_EF_SEARCH)
+                index.set_ef(self.ef_search)
                 return index
             except Exception as exc:  # a damaged snapshot is rebuilt from the store
                 log.warning("hospital index: snapshot unreadable (%s), rebuilding it", exc)
@@ -377,6 +398,7 @@ class HospitalIndex:
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(self.snapshot_path.parent)
+        self._snapshot_at = time.monotonic()
 
 
 def _load_or_create_secret(path: Path) -> bytes:

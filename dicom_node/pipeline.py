@@ -24,6 +24,7 @@ from pydicom import Dataset, dcmread
 
 from dicom_node.audit import AuditLog
 from dicom_node.delivery import OUTBOX, backoff_seconds, send_files, to_outbox
+from dicom_node.display_cache import DisplayCache
 from dicom_node.hospital_index import HospitalEntry, HospitalIndex
 from dicom_node.ledger import (
     UNFINISHED,
@@ -101,8 +102,16 @@ class NodeRuntime:
                     space=manifest.device_uid,
                     dim=manifest.index.dim,
                     metric=manifest.index.space,
+                    m=manifest.index.m,
+                    ef_construction=manifest.index.ef_construction,
+                    ef_search=manifest.index.ef_search,
                 )
             return self._hospital[manifest.device_uid]
+
+    @cached_property
+    def display_cache(self) -> DisplayCache:
+        """Display images decoded by prepare, for finalize in the same process."""
+        return DisplayCache(self.settings.display_cache_mb * 1024 * 1024)
 
     @property
     def reference_index(self) -> ReferenceIndex:
@@ -147,6 +156,7 @@ def prepare(node: NodeRuntime, job_id: str) -> InferRequest | None:
         return None
     bundle = node.bundle
     image = preprocess(display, bundle.manifest.preprocessing)
+    node.display_cache.put(job_id, display)
     node.ledger.set_state(job_id, JobState.ANALYSING, only_from=UNFINISHED)
     node.metrics.observe("prepare", time.time() - job.received_at, once=job_id)
     return InferRequest(
@@ -178,10 +188,14 @@ class Lungs:
     outlines: list[np.ndarray] = field(default_factory=list)  # closed (col, row) polylines
 
 
-def load_source(node: NodeRuntime, spool_path: str) -> Source:
+def load_source(node: NodeRuntime, spool_path: str, job_id: str | None = None) -> Source:
+    """The header, and the display image: kept by prepare, or decoded again."""
+    display: np.ndarray | None = node.display_cache.take(job_id) if job_id else None
+    if display is not None:
+        return Source(header=dcmread(spool_path, stop_before_pixels=True), display=display)
     ds = dcmread(spool_path)
     try:
-        display: np.ndarray | None = decode_display(ds, max_pixels=node.settings.max_pixels)
+        display = decode_display(ds, max_pixels=node.settings.max_pixels)
     except PixelDecodeError as exc:  # prepare decoded it, so this is unexpected
         log.error("source %s cannot be decoded again: %s", spool_path, exc)
         display = None
@@ -340,7 +354,7 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
     # preprocessing geometry, embedding space and identity in the SR.
     bundle = node.bundles.by_device_uid(result.device_uid)
     uids = node.ledger.output_uids(job.job_id)
-    source = load_source(node, job.spool_path)
+    source = load_source(node, job.spool_path, job.job_id)
     lungs = _optional_lungs(node, job.job_id, source, result, bundle)
     similar = find_similar(node, source.header, result, bundle)
 

@@ -67,6 +67,9 @@ def make_celery(settings: Settings) -> Celery:
             "data_folder_out": str(folder),
             "control_folder": str(settings.queue_dir / "control"),
             "store_processed": False,
+            # kombu polls the folder when it finds no message: its default of 1 s adds up
+            # to a second per hop (4 hops per image: bench/e2e.py).
+            "polling_interval": settings.embedded_poll_s,
         }
         conf["worker_enable_remote_control"] = False
     else:

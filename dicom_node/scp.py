@@ -16,8 +16,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -87,6 +89,7 @@ TRANSFER_SYNTAXES: list[str] = [
     RLELossless,
 ]
 
+
 #: Called with the job id of every instance to analyse, after it is durable and in the ledger.
 Enqueue = Callable[[str], None]
 
@@ -139,6 +142,16 @@ class StoreHandler:
         except Exception as exc:
             log.error("C-STORE event hook failed (%s); the status stands", describe_failure(exc))
 
+    def read(self, event: Event) -> Dataset:
+        """The received data set with its file meta (subclasses read it from a file)."""
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        return ds
+
+    def spool(self, event: Event, path: Path) -> None:
+        """Make the received instance durable at `path` (raises OSError on failure)."""
+        write_durably(path, event.encoded_dataset(include_meta=True))
+
     def _store(self, event: Event, started: float) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip()
         encoded = getattr(event.request, "DataSet", None)  # the data set as received
@@ -154,8 +167,7 @@ class StoreHandler:
             return status.OUT_OF_RESOURCES
 
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            ds = self.read(event)
             sop_uid = str(ds.get("SOPInstanceUID", "")).strip()
         except Exception as exc:
             log.warning(
@@ -208,7 +220,7 @@ class StoreHandler:
         job_id = uuid.uuid4().hex[:16]
         spool_path = self.settings.spool_dir / f"{job_id}.dcm"
         try:
-            write_durably(spool_path, event.encoded_dataset(include_meta=True))
+            self.spool(event, spool_path)
         except OSError as exc:
             log.error(
                 "C-STORE sop=%s refused with 0x%04X: spool write failed (%s)",

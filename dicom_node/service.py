@@ -23,6 +23,7 @@ from dicom_node.metrics import MetricsStore
 from dicom_node.models import BundleCache, ModelStore
 from dicom_node.observe import NodeStoreEvents, association_handlers, node_app
 from dicom_node.queue import DELIVER, INFER_QUEUE, NODE_QUEUE, PREPARE, make_celery, queue_name
+from dicom_node.receiver import Receivers
 from dicom_node.recovery import PeriodicSweep, sweep
 from dicom_node.scp import start_scp
 from dicom_node.security import check_exposure
@@ -180,8 +181,11 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
             settings.http_port,
             node_app(settings, ledger, bundles, lambda: child.poll() is None),
         )
-    server = start_scp(
-        settings, ledger, enqueue_prepare, events, association_handlers(audit, settings)
+    receivers = Receivers(settings) if settings.receiver_processes > 1 else None
+    server = (
+        start_scp(settings, ledger, enqueue_prepare, events, association_handlers(audit, settings))
+        if receivers is None
+        else None
     )
     periodic = PeriodicSweep(
         Recovery(settings, ledger, enqueue_prepare, enqueue_deliver),
@@ -193,10 +197,15 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
             if child.poll() is not None:
                 log.error("worker process exited with %s; restarting it", child.returncode)
                 child = _spawn_worker(settings, queues)
+            if receivers is not None:
+                receivers.check()
     finally:
         log.info("shutting down")
         periodic.stop()
-        server.shutdown()
+        if server is not None:
+            server.shutdown()
+        if receivers is not None:
+            receivers.stop()
         if http is not None:
             http.stop()
         child.terminate()

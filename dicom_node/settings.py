@@ -198,6 +198,25 @@ class Settings(BaseSettings):
         description="how often the node checks the ledger for work to re-enqueue (and the "
         "broker for a restart)",
     )
+    display_cache_mb: int = Field(
+        default=256,
+        ge=0,
+        description="memory for decoded images kept between a job's prepare and finalize "
+        "steps (spares a second decode); 0: decode twice",
+    )
+    embedded_poll_s: float = Field(
+        default=0.1,
+        gt=0,
+        le=10,
+        description="embedded queue: seconds between looks for new messages when idle",
+    )
+    receiver_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="processes receiving C-STORE on the DICOM port (SO_REUSEPORT, write-to-file "
+        "receive); 1: the SCP runs in the node process",
+    )
 
     @field_validator("destinations", mode="before")
     @classmethod

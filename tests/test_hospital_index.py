@@ -33,8 +33,10 @@ def entry(index: HospitalIndex, n: int, patient: str, study: int | None = None) 
     )
 
 
-def open_index(folder: Path, space: str = SPACE) -> HospitalIndex:
-    return HospitalIndex(folder, space=space, dim=DIM)
+def open_index(
+    folder: Path, space: str = SPACE, snapshot_interval_s: float = 60.0
+) -> HospitalIndex:
+    return HospitalIndex(folder, space=space, dim=DIM, snapshot_interval_s=snapshot_interval_s)
 
 
 def test_add_query_and_persist_across_reopen(tmp_path: Path) -> None:
@@ -145,7 +147,7 @@ def test_patient_id_is_never_stored_in_clear(tmp_path: Path) -> None:
 
 
 def test_stale_or_damaged_snapshot_is_completed_from_the_store(tmp_path: Path) -> None:
-    index = open_index(tmp_path)
+    index = open_index(tmp_path, snapshot_interval_s=0)  # a snapshot after every insert
     for n in range(5):
         index.add(entry(index, n, f"P{n}"), vector(n))
     snapshot = index.snapshot_path.read_bytes()
@@ -159,6 +161,16 @@ def test_stale_or_damaged_snapshot_is_completed_from_the_store(tmp_path: Path) -
     )
     index.snapshot_path.write_bytes(b"garbage")
     assert len(open_index(tmp_path)) == 8
+
+
+def test_snapshot_is_rewritten_at_most_once_per_interval(tmp_path: Path) -> None:
+    index = open_index(tmp_path, snapshot_interval_s=3600)
+    index.add(entry(index, 0, "P0"), vector(0))
+    first = index.snapshot_path.read_bytes()  # written at the first insert
+    for n in range(1, 3):
+        index.add(entry(index, n, f"P{n}"), vector(n))
+    assert index.snapshot_path.read_bytes() == first  # the store has them; no rewrite yet
+    assert len(open_index(tmp_path)) == 3  # and a restart completes the snapshot from it
 
 
 def test_other_process_inserts_are_seen(tmp_path: Path) -> None:

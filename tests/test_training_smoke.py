@@ -298,3 +298,11 @@ def test_evaluate_on_an_external_csv(run: RunPaths, tmp_path: Path) -> None:
     text = (out / "report.md").read_text()
     assert "## Headline metrics" in text and "## Lung segmentation" in text
     assert np.isfinite(report["shortcut_audit"]["lung_masking"]["lung_fraction"])
+
+
+def test_int8_variant_is_static_and_loadable(run: RunPaths) -> None:
+    variant = read_json(run.report / "export.json")["variants"]["int8"]
+    assert "static int8" in variant["note"], variant
+    bundle = load_bundle(Path(variant["path"]))
+    assert bundle.manifest.version.endswith("+int8")
+    assert isinstance(variant["auc_change"], float)

@@ -151,7 +151,7 @@ class EvaluationConfig(_Section):
 class ExportConfig(_Section):
     embedding_member: str | None = Field(default=None, description="default: first member")
     fp16: bool = Field(default=True, description="fp16-weight variant + its AUC change")
-    int8: bool = Field(default=False, description="dynamic int8 variant + its AUC change")
+    int8: bool = Field(default=False, description="static int8 variant (QDQ) + its AUC change")
     max_bundle_mb: float = Field(default=60.0, gt=0)
     invariance: bool = Field(
         default=True,

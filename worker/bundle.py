@@ -51,7 +51,7 @@ class IndexSpec(BaseModel):
     space: str = "cosine"
     count: int
     k: int = 4
-    ef_search: int = 64
+    ef_search: int = 128
     m: int = 16
     ef_construction: int = 200
 

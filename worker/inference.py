@@ -10,6 +10,7 @@ the same channels.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,18 +73,46 @@ def _check_io(
         raise BundleError(f"{what}: input shape {shape} is not [N,{channels},{size},{size}]")
 
 
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    """The node's ONNX Runtime session options (bench/inference.py measures them).
+
+    Threads: 0 means one per CPU the process may use. Sequential execution (the models are
+    single chains of convolutions), all graph optimisations, memory arena and memory pattern on.
+    Intra-op threads do not spin while waiting for work: on a machine shared with the node's
+    own threads (SCP, decoding, reports) spinning burns the cores that would do that work.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads or _usable_cpus()
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = True
+    options.enable_mem_pattern = True
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class Ensemble:
     """The bundle's segmentation model and ensemble members as ONNX Runtime sessions."""
 
     def __init__(
-        self, bundle: Bundle, intra_op_threads: int = 0, providers: list[str] | None = None
+        self,
+        bundle: Bundle,
+        intra_op_threads: int = 0,
+        providers: list[str] | None = None,
+        options: ort.SessionOptions | None = None,
     ) -> None:
         self.bundle = bundle
         manifest = bundle.manifest
         self.params = manifest.preprocessing
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads
+        options = options or session_options(intra_op_threads)
         self.providers = providers or default_providers()
 
         def session(file: str) -> ort.InferenceSession:
