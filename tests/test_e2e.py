@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.ledger import JobState, Ledger
@@ -109,8 +110,17 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def of_class(paths: list[Path], sop_class_uid: str) -> list[Path]:
-    """The files of one SOP class (a destination receives SRs and summary images)."""
-    return [p for p in paths if dcmread(p, stop_before_pixels=True).SOPClassUID == sop_class_uid]
+    """The files of one SOP class (a destination receives SRs and summary images). A file
+    that does not read yet is one storescp is still writing: not received yet."""
+    found = []
+    for p in paths:
+        try:
+            uid = dcmread(p, stop_before_pixels=True).SOPClassUID
+        except (InvalidDicomError, EOFError, OSError, AttributeError):
+            continue
+        if uid == sop_class_uid:
+            found.append(p)
+    return found
 
 
 def assert_delivered(node: NodeProcess, pacs: Peer, sent_uids: set[str]) -> list[Dataset]:
