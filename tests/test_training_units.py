@@ -661,3 +661,18 @@ def test_members_start_from_a_checkpoint_given_by_path(tmp_path: Path) -> None:
         build_member(run(tmp_path / "tv.pth", architecture="mobilenet_v3_small"))
     with pytest.raises(ValueError, match="holds a"):
         build_member(run(tmp_path / "ours.pt", architecture="mobilenet_v3_small"))
+
+
+def test_sampling_weights_balance_classes_and_the_same_source_contrast() -> None:
+    from training.datasets import sampling_weights
+
+    labels = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    sources = np.array(["a", "a", "a", "a", "b", "b", "b", "b"])
+    plain = sampling_weights(labels)
+    assert plain[labels == 1].sum() == pytest.approx(0.5 * plain.sum())
+    w = sampling_weights(labels, sources, same_source_share=0.7)
+    assert w[labels == 1].sum() == pytest.approx(w[labels == 0].sum())  # classes equal
+    negatives = w[labels == 0].sum()
+    assert w[(labels == 0) & (sources == "a")].sum() == pytest.approx(0.7 * negatives)
+    # a source with one class only takes the whole class: positives are all from "a"
+    assert w[(labels == 1) & (sources == "a")].sum() == pytest.approx(w[labels == 1].sum())

@@ -76,6 +76,7 @@ class MemberRun:
     checkpoint: str | None = None
     lung: LungInput = "unet"
     images: ImageInput = "preprocessed"
+    same_source_share: float = 0.0
 
 
 def member_run(
@@ -111,6 +112,7 @@ def member_run(
         checkpoint=checkpoint,
         lung="zeros" if variant == "no-seg" else "unet",
         images="raw" if variant == "no-prep" else "preprocessed",
+        same_source_share=c.same_source_share,
     )
 
 
@@ -269,6 +271,7 @@ def train_member(
 
     augment = make_augmenter(cfg.augment, "probability", run.seed)
     train_labels = labels_all[train_rows]
+    train_sources = np.array([cache.records[r].source for r in train_rows])
     dataset = MemberDataset(
         take(images_all, train_rows),
         None if lungs_all is None else take(lungs_all, train_rows),
@@ -288,7 +291,13 @@ def train_member(
         batches = loader(
             dataset,
             run.batch_size,
-            sampler=training_sampler(train_labels, run.balanced_sampling, generator),
+            sampler=training_sampler(
+                train_labels,
+                run.balanced_sampling,
+                generator,
+                train_sources,
+                run.same_source_share,
+            ),
             generator=generator,
             num_workers=run.num_workers,
             pin_memory=device.type == "cuda",

@@ -107,6 +107,13 @@ class ClassifierConfig(_Section):
     lr_decay: float = Field(default=0.95, gt=0, le=1, description="ExponentialLR gamma / epoch")
     weight_decay: float = Field(default=1e-4, ge=0, description="L2 (Adam weight_decay)")
     balanced_sampling: bool = True
+    same_source_share: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="with balanced sampling: share of each class's draws given to sources that "
+        "hold both classes (pool: ieee8023), against the source shortcut; 0: by class only",
+    )
     selection: Literal["val_auc", "val_same_source_auc"] = Field(
         default="val_auc",
         description="checkpoint selection on validation (never test); same_source = AUC on "

@@ -98,14 +98,46 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor
         return torch.from_numpy(x), torch.from_numpy(target), torch.from_numpy(valid)
 
 
+def sampling_weights(
+    labels: np.ndarray,
+    sources: np.ndarray | None = None,
+    same_source_share: float = 0.0,
+) -> np.ndarray:
+    """Per-image draw weights: each class drawn equally often; with `same_source_share` > 0,
+    that share of each class's draws goes to the sources that hold both classes (the only
+    contrast where the source says nothing about the label), spread evenly over their images,
+    the rest to the other sources' images. On the pool every COVID-19 image is from ieee8023:
+    raising the share of ieee8023 other pneumonia among the negatives weakens "looks like a
+    case-report figure" as a cue for COVID-19."""
+    labels = np.asarray(labels)
+    weights = np.zeros(len(labels), dtype=np.float64)
+    mixed = np.zeros(len(labels), dtype=bool)
+    if sources is not None and same_source_share > 0:
+        srcs = np.asarray(sources)
+        both = [s for s in np.unique(srcs) if len(np.unique(labels[srcs == s])) > 1]
+        mixed = np.isin(srcs, both)
+    for label in np.unique(labels):
+        in_class = labels == label
+        groups = [(in_class & mixed, same_source_share), (in_class & ~mixed, 1 - same_source_share)]
+        if not groups[0][0].any() or not groups[1][0].any():  # one group only: it takes all
+            groups = [(in_class, 1.0)]
+        for members, share in groups:
+            weights[members] = share / members.sum()
+    return weights
+
+
 def training_sampler(
-    labels: np.ndarray, balanced: bool, generator: torch.Generator
+    labels: np.ndarray,
+    balanced: bool,
+    generator: torch.Generator,
+    sources: np.ndarray | None = None,
+    same_source_share: float = 0.0,
 ) -> Sampler[int]:
-    """Class-balanced (each class drawn equally often) or plain random order, one epoch long."""
+    """Class-balanced (each class drawn equally often, optionally weighting the same-source
+    contrast: `sampling_weights`) or plain random order, one epoch long."""
     if not balanced:
         return RandomSampler(range(len(labels)), generator=generator)
-    counts = np.bincount(labels, minlength=2).astype(np.float64)
-    weights = 1.0 / counts[labels]
+    weights = sampling_weights(labels, sources, same_source_share)
     return WeightedRandomSampler(
         weights.tolist(), num_samples=len(labels), replacement=True, generator=generator
     )
