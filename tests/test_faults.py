@@ -214,6 +214,34 @@ def test_redis_restart_with_queued_jobs_loses_nothing(
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_broker_down_at_start_and_while_instances_arrive(
+    start_node: Callable[..., NodeProcess],
+    own_redis: RedisServer,
+    pacs_factory: Callable[..., Pacs],
+    tmp_path: Path,
+) -> None:
+    """Redis is away when the node starts and while instances arrive: they are accepted
+    (the spool is the source of truth) and analysed once Redis is back."""
+    pacs = pacs_factory()
+    own_redis.kill()
+    node = start_node(
+        broker_url=own_redis.url,
+        destinations=pacs.address,
+        produce_sc="false",
+        recovery_interval_s="2",
+    )
+    files = make_instances(tmp_path / "in", 3)
+    assert storescu_statuses(node.port, files) == [status.SUCCESS] * 3
+    ledger = ledger_of(node)
+    assert ledger.counts()["received"] == 3
+    own_redis.start()
+    start_worker(node, tmp_path / "worker.log")
+    wait_delivered(node, 3)
+    assert_each_sr_once(node, pacs, 3)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_destination_down_for_a_while(
     start_node: Callable[..., NodeProcess],
     pacs_factory: Callable[..., Pacs],
