@@ -157,15 +157,18 @@ def test_worker_killed_mid_job_is_redone_and_delivered_once(
     for batch in (files[:8], files[8:16], files[16:]):
         assert storescu_statuses(node.port, batch) == [status.SUCCESS] * len(batch)
         sent += len(batch)
-        # freeze the worker the moment it holds a task, and look at what it holds
+        # freeze the worker the moment it holds a task, and look again at what it holds
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "cxr.infer[" not in log.read_text(errors="replace"):
-            time.sleep(0.05)
-        os.killpg(worker.pid, signal.SIGSTOP)
-        held = int(redis.hlen("unacked"))
+        while time.monotonic() < deadline and not held:
+            if redis.hlen("unacked"):
+                os.killpg(worker.pid, signal.SIGSTOP)
+                held = int(redis.hlen("unacked"))
+                if not held:
+                    os.killpg(worker.pid, signal.SIGCONT)
+            else:
+                time.sleep(0.005)
         if held:
             break
-        os.killpg(worker.pid, signal.SIGCONT)
     assert held, "the worker never held a task unacknowledged"
     ledger = ledger_of(node)
     unfinished = ledger.counts()["analysing"]
