@@ -30,6 +30,18 @@ TASK_ROLES = {
 }
 
 
+#: Message priorities on the node queue (Redis: 0 is served first, then 3, 6, 9). Under a
+#: burst, results already built go out, and analyses finish, before more instances are
+#: prepared: without it the first SR of a burst waits behind the preparation of all of it
+#: (docs/RELIABILITY.md, Load). The embedded queue ignores priorities.
+TASK_PRIORITIES = {
+    DELIVER: 0,
+    FINALIZE: 3,
+    ANALYSIS_FAILED: 3,
+    PREPARE: 6,
+}
+
+
 def queue_name(settings: Settings, role: str) -> str:
     """The broker queue of a role ("node" or "infer"), namespaced by CXR_QUEUE_PREFIX so that
     several nodes can share one Redis."""
@@ -42,7 +54,8 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("cxr_node")
     conf: dict[str, object] = {
         "task_routes": {
-            task: {"queue": queue_name(settings, role)} for task, role in TASK_ROLES.items()
+            task: {"queue": queue_name(settings, role), "priority": TASK_PRIORITIES.get(task, 0)}
+            for task, role in TASK_ROLES.items()
         },
         "task_default_queue": queue_name(settings, NODE_QUEUE),
         "task_serializer": "json",

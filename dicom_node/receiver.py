@@ -45,6 +45,7 @@ from dicom_node.queue import PREPARE, make_celery
 from dicom_node.scp import (
     Enqueue,
     GuardedServer,
+    SizeGuard,
     StoreEvents,
     StoreHandler,
     handle_echo,
@@ -103,7 +104,11 @@ def start_receiver(
     tempfile.tempdir = str(incoming)  # pynetdicom's NamedTemporaryFile goes here
     handler = FileStoreHandler(settings, ledger, enqueue, events or StoreEvents())
     ae = make_ae(settings)
-    handlers: list[Any] = [(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, handle_echo)]
+    handlers: list[Any] = [
+        (evt.EVT_C_STORE, handler),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_PDU_RECV, SizeGuard(2 * settings.max_instance_mb * 1024 * 1024)),
+    ]
     handlers += extra_handlers or []
     server = ae.make_server(
         (settings.bind, settings.port),

@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,6 +293,42 @@ def _sop_uid(event: Event) -> str:
     return str(getattr(request, "AffectedSOPInstanceUID", "") or "")
 
 
+@dataclass
+class SizeGuard:
+    """Aborts an association whose data set being received grows past `limit` bytes.
+
+    pynetdicom gathers a data set in memory before the C-STORE handler sees it; the handler
+    answers 0xA700 to an instance over CXR_MAX_INSTANCE_MB, and this guard (on every PDU
+    received) stops a transfer at twice that, so no peer can make the node hold more."""
+
+    limit: int
+    _received: weakref.WeakKeyDictionary[object, int] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, event: Event) -> None:
+        items = getattr(event.pdu, "presentation_data_value_items", None)
+        if not items:
+            return
+        with self._lock:
+            total = self._received.get(event.assoc, 0)
+            for item in items:
+                value = item.presentation_data_value or b""
+                if value and value[0] & 1:  # a command fragment: a new message begins
+                    total = 0
+                else:
+                    total += max(0, len(value) - 1)
+            self._received[event.assoc] = total
+        if total > self.limit:
+            log.warning(
+                "association from %s aborted: data set over %d bytes",
+                event.assoc.requestor.ae_title.strip(),
+                self.limit,
+            )
+            event.assoc.abort()
+
+
 def _loggable(uid: str) -> str:
     """A UID for a log line: a refused one may be anything, so it is quoted and cut short."""
     return uid if is_valid_uid(uid) else repr(uid[:80]) if uid else "?"
@@ -365,7 +402,11 @@ def start_scp(
     settings.make_dirs()
     handler = StoreHandler(settings, ledger, enqueue, events or StoreEvents())
     ae = make_ae(settings)
-    handlers: list[Any] = [(evt.EVT_C_STORE, handler), (evt.EVT_C_ECHO, handle_echo)]
+    handlers: list[Any] = [
+        (evt.EVT_C_STORE, handler),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_PDU_RECV, SizeGuard(2 * settings.max_instance_mb * 1024 * 1024)),
+    ]
     handlers += extra_handlers or []
     server = ae.make_server(
         (settings.bind, settings.port),

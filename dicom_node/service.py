@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from dicom_node.audit import AuditLog
 from dicom_node.ledger import Ledger
-from dicom_node.logs import setup_logging
+from dicom_node.logs import describe_failure, setup_logging
 from dicom_node.metrics import MetricsStore
 from dicom_node.models import BundleCache, ModelStore
 from dicom_node.observe import NodeStoreEvents, association_handlers, node_app
@@ -94,8 +94,9 @@ def broker_identity(settings: Settings) -> str | None:
 
 
 class Recovery:
-    """The periodic sweep: work untouched for the visibility time-out is re-enqueued, and all
-    unfinished work at once when the broker restarted (its queues may have been lost)."""
+    """Re-enqueue from the ledger: everything unfinished on the first run (start-up), after a
+    broker restart (its queues may have been lost) and after an enqueue failed (the broker
+    was away); otherwise work untouched for the visibility time-out."""
 
     def __init__(
         self,
@@ -108,17 +109,25 @@ class Recovery:
         self.ledger = ledger
         self.enqueue_prepare = enqueue_prepare
         self.enqueue_deliver = enqueue_deliver
-        self.broker = broker_identity(settings)
+        self.broker: str | None = None
+        self._everything = True
+
+    def request_full_sweep(self) -> None:
+        self._everything = True
 
     def __call__(self) -> int:
-        older_than = float(self.settings.visibility_timeout_s)
         broker = broker_identity(self.settings)
-        if broker is not None and broker != self.broker:
-            if self.broker is not None:
+        if broker is not None:
+            if self.broker is not None and broker != self.broker:
                 log.warning("recovery: the broker restarted; re-enqueueing all unfinished work")
-                older_than = 0.0
+                self._everything = True
             self.broker = broker
-        return sweep(self.ledger, self.enqueue_prepare, self.enqueue_deliver, older_than)
+        everything = self._everything
+        older_than = 0.0 if everything else float(self.settings.visibility_timeout_s)
+        count = sweep(self.ledger, self.enqueue_prepare, self.enqueue_deliver, older_than)
+        if everything:
+            self._everything = False
+        return count
 
 
 def _spawn_worker(settings: Settings, queues: list[str]) -> subprocess.Popen[bytes]:
@@ -160,10 +169,16 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     app = make_celery(settings)
 
     def enqueue_prepare(job_id: str) -> None:
-        app.send_task(PREPARE, args=[job_id])
+        try:
+            app.send_task(PREPARE, args=[job_id])
+        except Exception:  # the broker is away: the next sweep re-enqueues everything
+            recovery.request_full_sweep()
+            raise
 
     def enqueue_deliver(job_id: str, destination: str) -> None:
         app.send_task(DELIVER, args=[job_id, destination])
+
+    recovery = Recovery(settings, ledger, enqueue_prepare, enqueue_deliver)
 
     queues = [NODE_QUEUE, INFER_QUEUE] if settings.embedded else [NODE_QUEUE]
     log.info("queue: %s", "embedded" if settings.embedded else "broker (Celery over Redis)")
@@ -172,7 +187,15 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(sig, lambda *_: stop.set())
 
-    sweep(ledger, enqueue_prepare, enqueue_deliver, older_than_s=0)
+    try:
+        recovery()  # start-up: everything unfinished
+    except Exception as exc:  # the node serves all the same: the spool is the source of truth
+        recovery.request_full_sweep()
+        log.warning(
+            "start-up re-enqueue failed (%s); retried every %.0f s",
+            describe_failure(exc),
+            settings.recovery_interval_s,
+        )
     child = _spawn_worker(settings, queues)
     http = None
     if settings.http_port:
@@ -187,10 +210,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
         if receivers is None
         else None
     )
-    periodic = PeriodicSweep(
-        Recovery(settings, ledger, enqueue_prepare, enqueue_deliver),
-        settings.recovery_interval_s,
-    )
+    periodic = PeriodicSweep(recovery, settings.recovery_interval_s)
     periodic.start()
     try:
         while not stop.wait(1.0):

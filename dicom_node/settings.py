@@ -184,7 +184,11 @@ class Settings(BaseSettings):
     max_pdu_size: int = Field(
         default=1_048_576, ge=0, description="largest P-DATA PDU the node accepts; 0: unlimited"
     )
-    max_instance_mb: int = Field(default=256, ge=1, description="refuse larger instances (0xA700)")
+    max_instance_mb: int = Field(
+        default=256,
+        ge=1,
+        description="refuse larger instances (0xA700); abort a transfer past twice this",
+    )
     acse_timeout_s: float = Field(
         default=30, gt=0, description="wait for association requests and releases"
     )

@@ -157,15 +157,18 @@ def test_worker_killed_mid_job_is_redone_and_delivered_once(
     for batch in (files[:8], files[8:16], files[16:]):
         assert storescu_statuses(node.port, batch) == [status.SUCCESS] * len(batch)
         sent += len(batch)
-        # freeze the worker the moment it holds a task, and look at what it holds
+        # freeze the worker the moment it holds a task, and look again at what it holds
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "cxr.infer[" not in log.read_text(errors="replace"):
-            time.sleep(0.05)
-        os.killpg(worker.pid, signal.SIGSTOP)
-        held = int(redis.hlen("unacked"))
+        while time.monotonic() < deadline and not held:
+            if redis.hlen("unacked"):
+                os.killpg(worker.pid, signal.SIGSTOP)
+                held = int(redis.hlen("unacked"))
+                if not held:
+                    os.killpg(worker.pid, signal.SIGCONT)
+            else:
+                time.sleep(0.005)
         if held:
             break
-        os.killpg(worker.pid, signal.SIGCONT)
     assert held, "the worker never held a task unacknowledged"
     ledger = ledger_of(node)
     unfinished = ledger.counts()["analysing"]
@@ -210,6 +213,34 @@ def test_redis_restart_with_queued_jobs_loses_nothing(
     wait_delivered(node, 6)
     assert_each_sr_once(node, pacs, 6)
     assert "the broker restarted" in node.logs()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_broker_down_at_start_and_while_instances_arrive(
+    start_node: Callable[..., NodeProcess],
+    own_redis: RedisServer,
+    pacs_factory: Callable[..., Pacs],
+    tmp_path: Path,
+) -> None:
+    """Redis is away when the node starts and while instances arrive: they are accepted
+    (the spool is the source of truth) and analysed once Redis is back."""
+    pacs = pacs_factory()
+    own_redis.kill()
+    node = start_node(
+        broker_url=own_redis.url,
+        destinations=pacs.address,
+        produce_sc="false",
+        recovery_interval_s="2",
+    )
+    files = make_instances(tmp_path / "in", 3)
+    assert storescu_statuses(node.port, files) == [status.SUCCESS] * 3
+    ledger = ledger_of(node)
+    assert ledger.counts()["received"] == 3
+    own_redis.start()
+    start_worker(node, tmp_path / "worker.log")
+    wait_delivered(node, 3)
+    assert_each_sr_once(node, pacs, 3)
 
 
 @pytest.mark.integration

@@ -32,6 +32,7 @@ CASES = int(os.environ.get("CXR_FUZZ_CASES", "300"))
 WIRE_CASES = int(os.environ.get("CXR_FUZZ_WIRE_CASES", "40"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(max(600, CASES // 5))
 def test_decoder_survives_mutated_files() -> None:
     report = run_campaign(SEED, CASES, case_timeout_s=30)

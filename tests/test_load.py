@@ -111,3 +111,26 @@ def test_concurrent_senders_lose_nothing_and_duplicate_nothing(
         f"{sent_s:.1f} s ({count / sent_s:.1f}/s); all SRs delivered {done_s:.1f} s after the "
         f"first send ({count / done_s:.2f}/s); lost 0, duplicates 0"
     )
+
+
+def test_results_go_out_before_new_work_is_prepared(own_redis: RedisServer, tmp_path: Path) -> None:
+    """On the node queue (Redis), a delivery queued after a burst of preparations is taken
+    first, and a finalize before the preparations: the order a worker's BRPOP gets them."""
+    from dicom_node.queue import DELIVER, FINALIZE, PREPARE, make_celery
+    from dicom_node.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "node", broker_url=own_redis.url)
+    app = make_celery(settings)
+    for i in range(3):
+        app.send_task(PREPARE, args=[f"p{i}"])
+    app.send_task(FINALIZE, args=[{"job_id": "f"}])
+    app.send_task(DELIVER, args=["d", "PACS@h:1"])
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue("node")
+        taken = []
+        for _ in range(5):
+            message = queue.get(timeout=10)
+            taken.append(message.headers["task"])
+            message.ack()
+        queue.close()
+    assert taken == [DELIVER, FINALIZE, PREPARE, PREPARE, PREPARE]

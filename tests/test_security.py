@@ -33,7 +33,7 @@ from dicom_node.security import (
     networks,
 )
 from dicom_node.settings import Settings
-from tests.conftest import PLUMBING_BUNDLE, Peer, free_port, node_env, require_tool
+from tests.conftest import PLUMBING_BUNDLE, Peer, free_port, node_env, require_tool, wait_for
 from tests.peers import Scp
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -189,19 +189,33 @@ def test_max_pdu_is_announced(scp: Callable[..., Scp]) -> None:
 
 @pytest.mark.integration
 def test_oversized_instance_refused_out_of_resources(
-    scp: Callable[..., Scp], chest_cr: Path
+    scp: Callable[..., Scp], chest_cr: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert chest_cr.stat().st_size > 1024 * 1024
+    """Over CXR_MAX_INSTANCE_MB: 0xA700; over twice that, the transfer is aborted while it
+    arrives (the node does not hold it in memory)."""
+    from tests.synthetic import synthetic_cr, write
+
     node = scp(max_instance_mb=1)
+    over = write(synthetic_cr(size=900), tmp_path / "over.dcm")  # 1.6 MB of pixel data
+    assert 1024 * 1024 < over.stat().st_size < 2 * 1024 * 1024
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CR)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="CXRNODE")
     assert assoc.is_established
-    response = assoc.send_c_store(dcmread(chest_cr))
+    response = assoc.send_c_store(dcmread(over))
     assoc.release()
     assert response.Status == status.OUT_OF_RESOURCES
+
+    assert chest_cr.stat().st_size > 3 * 1024 * 1024
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    response = assoc.send_c_store(dcmread(chest_cr))
+    assert not response  # no status: the node aborted the association
+    wait_for(lambda: not assoc.is_established, 30, "the association to end")
+    assert "aborted: data set over 2097152 bytes" in caplog.text
     assert node.ledger.counts()["received"] == 0
     assert list(node.settings.spool_dir.iterdir()) == []
+    assert echoscu(node.port).returncode == 0
 
 
 @pytest.mark.integration
