@@ -210,6 +210,11 @@ def run_mode(
             proc.wait()
         sent = time.perf_counter() - start
         done = wait_srs(destination, expected + burst, 60 + 30 * burst) - start
+    except BaseException:
+        keep = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-e2e-failed-{mode}-{os.getpid()}"
+        shutil.copytree(work, keep, ignore=shutil.ignore_patterns("*.dcm"), dirs_exist_ok=True)
+        print(f"- {mode} failed; logs kept in {keep}", file=sys.stderr)
+        raise
     finally:
         node.stop()
         destination.stop()

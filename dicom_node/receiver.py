@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,26 @@ def incoming_dir(settings: Settings) -> Path:
     return settings.spool_dir / ".incoming"
 
 
+#: A partial file untouched this long was left by a receiver that died while receiving.
+ABANDONED_AFTER_S = 3600.0
+
+
+def remove_abandoned(folder: Path, older_than_s: float = ABANDONED_AFTER_S) -> int:
+    """Delete partial instances no receiver is writing any more; how many were deleted."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for path in folder.iterdir():
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # another receiver took it first
+            continue
+    if removed:
+        log.warning("removed %d partial instance(s) left by an interrupted receive", removed)
+    return removed
+
+
 def start_receiver(
     settings: Settings,
     ledger: Ledger,
@@ -100,6 +121,7 @@ def start_receiver(
     settings.make_dirs()
     incoming = incoming_dir(settings)
     incoming.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(incoming)
     _config.STORE_RECV_CHUNKED_DATASET = True
     tempfile.tempdir = str(incoming)  # pynetdicom's NamedTemporaryFile goes here
     handler = FileStoreHandler(settings, ledger, enqueue, events or StoreEvents())

@@ -17,7 +17,7 @@ from pynetdicom import AE
 
 from dicom_node import status
 from dicom_node.ledger import JobState, Ledger
-from dicom_node.receiver import incoming_dir, start_receiver
+from dicom_node.receiver import incoming_dir, remove_abandoned, start_receiver
 from dicom_node.scp import STORAGE_CLASSES
 from dicom_node.settings import Settings
 from tests.conftest import NodeProcess, Peer, free_port, require_tool, wait_for
@@ -107,3 +107,15 @@ def test_parallel_senders_to_several_receiver_processes_all_get_an_sr(
         30,
         "three receiver processes",
     )
+
+
+def test_partial_files_of_a_dead_receiver_are_removed_fresh_ones_kept(tmp_path: Path) -> None:
+    import os
+    import time
+
+    old, fresh = tmp_path / "old.dcm", tmp_path / "fresh.dcm"
+    old.write_bytes(b"partial")
+    fresh.write_bytes(b"being received")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert remove_abandoned(tmp_path) == 1
+    assert not old.exists() and fresh.exists()
