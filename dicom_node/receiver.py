@@ -71,6 +71,9 @@ class FileStoreHandler(StoreHandler):
     def spool(self, event: Event, path: Path) -> None:
         move_durably(Path(event.dataset_path), path)
 
+    def received_bytes(self, event: Event) -> int:
+        return Path(event.dataset_path).stat().st_size
+
 
 class ReusePortServer(GuardedServer):
     """The guarded association server (address allow-list, TLS), its socket sharing the

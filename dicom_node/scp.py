@@ -153,10 +153,14 @@ class StoreHandler:
         """Make the received instance durable at `path` (raises OSError on failure)."""
         write_durably(path, event.encoded_dataset(include_meta=True))
 
+    def received_bytes(self, event: Event) -> int:
+        """Size of the data set as received (subclasses: of the file it was written to)."""
+        encoded = getattr(event.request, "DataSet", None)
+        return encoded.getbuffer().nbytes if encoded is not None else 0
+
     def _store(self, event: Event, started: float) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip()
-        encoded = getattr(event.request, "DataSet", None)  # the data set as received
-        size = encoded.getbuffer().nbytes if encoded is not None else 0
+        size = self.received_bytes(event)
         if size > self.settings.max_instance_mb * 1024 * 1024:
             log.warning(
                 "C-STORE from %s refused with 0x%04X: %d bytes exceed %d MB",

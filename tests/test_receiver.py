@@ -45,8 +45,16 @@ def test_ledger_takes_concurrent_writers_from_several_processes(tmp_path: Path) 
 
 
 def test_file_receiver_spools_what_was_sent_and_refuses_what_the_scp_refuses(
-    tmp_path: Path, chest_cr: Path
+    tmp_path: Path, chest_cr: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # start_receiver switches pynetdicom to write-to-file receiving for its whole process (a
+    # receiver process does nothing else); here, in the test process, undo it afterwards
+    import tempfile
+
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
     settings = Settings(
         data_dir=tmp_path / "node", port=free_port(), bind="127.0.0.1", min_free_disk_mb=0
     )
@@ -119,3 +127,39 @@ def test_partial_files_of_a_dead_receiver_are_removed_fresh_ones_kept(tmp_path: 
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     assert remove_abandoned(tmp_path) == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_file_receiver_refuses_an_oversized_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Write-to-file receiving measures the file it wrote: over CXR_MAX_INSTANCE_MB, 0xA700."""
+    import tempfile
+
+    from pynetdicom import _config
+
+    from tests.synthetic import synthetic_cr, write
+
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    settings = Settings(
+        data_dir=tmp_path / "node",
+        port=free_port(),
+        bind="127.0.0.1",
+        min_free_disk_mb=0,
+        max_instance_mb=1,
+    )
+    ledger = Ledger(settings.ledger_path)
+    server = start_receiver(settings, ledger, lambda job_id: None)
+    over = write(synthetic_cr(size=900), tmp_path / "over.dcm")  # 1.6 MB of pixel data
+    try:
+        ae = AE(ae_title="MODALITY")
+        for sop_class in STORAGE_CLASSES:
+            ae.add_requested_context(sop_class)
+        assoc = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)
+        assert assoc.is_established
+        response = assoc.send_c_store(dcmread(over))
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert response.Status == status.OUT_OF_RESOURCES
+    assert ledger.counts()["received"] == 0
