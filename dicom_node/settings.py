@@ -64,7 +64,11 @@ class Settings(BaseSettings):
 
     ae_title: str = Field(default="CXRNODE", max_length=16, description="the node's AE title")
     port: int = Field(default=11112, ge=1, le=65535, description="DICOM listening port")
-    bind: str = Field(default="0.0.0.0", description="address the SCP listens on")
+    bind: str = Field(
+        default="127.0.0.1",
+        description="address the SCP listens on; loopback by default: to take images from the "
+        "network set it (e.g. 0.0.0.0) together with an allow-list",
+    )
     data_dir: Path = Field(
         default=Path("var"), description="spool, ledger, results, outbox, queue and logs"
     )

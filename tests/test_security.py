@@ -412,3 +412,12 @@ def test_shipped_node_examples_pass_the_exposure_check(
     settings = Settings()
     assert settings.allowed_calling_aes  # the examples keep strangers out
     check_exposure(settings)
+
+
+def test_defaults_start_out_of_the_box_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make run` with no settings: listens on loopback, so the exposure check lets it start."""
+    for name in ("CXR_BIND", "CXR_CONFIG", "CXR_ACCEPT_ANY_CALLER"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = Settings()
+    assert defaults.bind == "127.0.0.1"
+    check_exposure(defaults)
