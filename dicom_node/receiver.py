@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
-from pynetdicom import _config, evt
+from pynetdicom import _config
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -46,13 +46,10 @@ from dicom_node.queue import PREPARE, make_celery
 from dicom_node.scp import (
     Enqueue,
     GuardedServer,
-    SizeGuard,
     StoreEvents,
     StoreHandler,
-    handle_echo,
-    make_ae,
+    serve_guarded,
 )
-from dicom_node.security import networks, server_tls_context
 from dicom_node.settings import Settings
 from dicom_node.spool import move_durably
 
@@ -128,26 +125,7 @@ def start_receiver(
     _config.STORE_RECV_CHUNKED_DATASET = True
     tempfile.tempdir = str(incoming)  # pynetdicom's NamedTemporaryFile goes here
     handler = FileStoreHandler(settings, ledger, enqueue, events or StoreEvents())
-    ae = make_ae(settings)
-    handlers: list[Any] = [
-        (evt.EVT_C_STORE, handler),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_PDU_RECV, SizeGuard(2 * settings.max_instance_mb * 1024 * 1024)),
-    ]
-    handlers += extra_handlers or []
-    server = ae.make_server(
-        (settings.bind, settings.port),
-        ssl_context=server_tls_context(settings),
-        evt_handlers=handlers,
-        server_class=ReusePortServer,
-    )
-    assert isinstance(server, ReusePortServer)
-    server.allowed = networks(settings)
-    server.handshake_timeout_s = settings.acse_timeout_s
-    ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it
-    thread = threading.Thread(target=server.serve_forever, name="receiver", daemon=True)
-    thread.start()
-    return server
+    return serve_guarded(settings, handler, ReusePortServer, extra_handlers, "receiver")
 
 
 def run_receiver(settings: Settings, name: str, stop: threading.Event | None = None) -> None:

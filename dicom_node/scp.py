@@ -394,17 +394,15 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-def start_scp(
+def serve_guarded(
     settings: Settings,
-    ledger: Ledger,
-    enqueue: Enqueue,
-    events: StoreEvents | None = None,
+    handler: StoreHandler,
+    server_class: type[GuardedServer],
     extra_handlers: list[tuple[Any, Callable[[Event], None]]] | None = None,
-) -> ThreadedAssociationServer:
-    """Start listening in the background; the caller shuts the server down. `events` and
-    `extra_handlers` (notification events such as EVT_ACCEPTED) feed the audit log."""
-    settings.make_dirs()
-    handler = StoreHandler(settings, ledger, enqueue, events or StoreEvents())
+    thread_name: str = "scp-accept",
+) -> GuardedServer:
+    """Listen in a background thread with every guard: allow-lists, TLS, limits, size guard.
+    The single SCP and each receiver process (`dicom_node.receiver`) start their server here."""
     ae = make_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handler),
@@ -416,14 +414,29 @@ def start_scp(
         (settings.bind, settings.port),
         ssl_context=server_tls_context(settings),
         evt_handlers=handlers,
-        server_class=GuardedServer,
+        server_class=server_class,
     )
     assert isinstance(server, GuardedServer)
     server.allowed = networks(settings)
     server.handshake_timeout_s = settings.acse_timeout_s
     # as AE.start_server(block=False) does: the AE lists its servers, and shutdown() unlists
     ae._servers.append(server)
-    threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
+    threading.Thread(target=server.serve_forever, name=thread_name, daemon=True).start()
+    return server
+
+
+def start_scp(
+    settings: Settings,
+    ledger: Ledger,
+    enqueue: Enqueue,
+    events: StoreEvents | None = None,
+    extra_handlers: list[tuple[Any, Callable[[Event], None]]] | None = None,
+) -> ThreadedAssociationServer:
+    """Start listening in the background; the caller shuts the server down. `events` and
+    `extra_handlers` (notification events such as EVT_ACCEPTED) feed the audit log."""
+    settings.make_dirs()
+    handler = StoreHandler(settings, ledger, enqueue, events or StoreEvents())
+    server = serve_guarded(settings, handler, GuardedServer, extra_handlers)
     log.info(
         "SCP %s listening on %s:%d%s",
         settings.ae_title,
