@@ -37,14 +37,14 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import hnswlib
 import numpy as np
 
+from dicom_node.sqlite import connect as sqlite_connect
 from worker.contracts import SimilarItem
 
 log = logging.getLogger(__name__)
@@ -111,16 +111,8 @@ class HospitalStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
 
-    @contextmanager
-    def connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=30000")
-        try:
-            yield db
-        finally:
-            db.close()
+    def connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite_connect(self.path)
 
     def set_diagnosis(self, study_instance_uid: str, diagnosis: str | None) -> int:
         """Record (or, with None, remove) the confirmed diagnosis of a study.

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from pydicom.uid import generate_uid
+
+from dicom_node.sqlite import connect as sqlite_connect
 
 
 class JobState(StrEnum):
@@ -189,16 +190,8 @@ class Ledger:
             _migrate_deliveries(db)
             _add_claims(db)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=30000")
-        try:
-            yield db
-        finally:
-            db.close()
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite_connect(self.path)
 
     def add(self, job: Job) -> bool:
         """Record a new instance and fix the UIDs of the objects it will produce;

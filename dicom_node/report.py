@@ -239,15 +239,12 @@ def build_sr(
             )
             root.ContentSequence.append(container)
 
-    equipment = hd.ContributingEquipment(
-        manufacturer=options.manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=manifest.name,
-        software_versions=manifest.version,
-        institution_name=options.institution,
-        contribution_description="COVID-19 classification of the chest X-ray (model bundle)",
+    equipment = model_equipment(
+        manifest,
+        options.manufacturer,
+        options.institution,
+        "COVID-19 classification of the chest X-ray (model bundle)",
     )
-    equipment.DeviceUID = manifest.device_uid
 
     sr = ComprehensiveSR(
         evidence=evidence,
@@ -285,6 +282,23 @@ def _separate(node: Dataset) -> None:
         node.ContinuityOfContent = "SEPARATE"
     for child in node.get("ContentSequence", []):
         _separate(child)
+
+
+def model_equipment(
+    manifest: Manifest, manufacturer: str, institution: str | None, contribution: str
+) -> hd.ContributingEquipment:
+    """Contributing Equipment naming the model bundle (its device UID changes with every
+    version), shared by the SR, the summary SC and the SEG."""
+    equipment = hd.ContributingEquipment(
+        manufacturer=manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=manifest.name,
+        software_versions=manifest.version,
+        institution_name=institution,
+        contribution_description=contribution,
+    )
+    equipment.DeviceUID = manifest.device_uid
+    return equipment
 
 
 def evidence_header(source: Dataset) -> Dataset:

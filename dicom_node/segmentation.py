@@ -16,7 +16,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.checks import OWN_MANUFACTURER
-from dicom_node.report import evidence_header
+from dicom_node.report import evidence_header, model_equipment
 from worker.bundle import Manifest
 
 
@@ -59,15 +59,9 @@ def build_seg(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
-    equipment = hd.ContributingEquipment(
-        manufacturer=options.manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=manifest.name,
-        software_versions=manifest.version,
-        institution_name=options.institution,
-        contribution_description="lung segmentation (model bundle)",
+    equipment = model_equipment(
+        manifest, options.manufacturer, options.institution, "lung segmentation (model bundle)"
     )
-    equipment.DeviceUID = manifest.device_uid
     seg = hd.seg.Segmentation(
         source_images=[header],
         pixel_array=mask.astype(bool)[None],

@@ -36,11 +36,10 @@ import cv2
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.checks import OWN_MANUFACTURER
-from dicom_node.report import evidence_header
+from dicom_node.report import evidence_header, model_equipment
 from worker.bundle import Manifest
 
 # Colours are RGB.
@@ -213,15 +212,12 @@ def build_sc(
 ) -> Dataset:
     """Secondary Capture Image of the summary, same study as `source` (header only is enough)."""
     header = evidence_header(source)
-    equipment = hd.ContributingEquipment(
-        manufacturer=options.manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=manifest.name,
-        software_versions=manifest.version,
-        institution_name=options.institution,
-        contribution_description="COVID-19 classification summary image (model bundle)",
+    equipment = model_equipment(
+        manifest,
+        options.manufacturer,
+        options.institution,
+        "COVID-19 classification summary image (model bundle)",
     )
-    equipment.DeviceUID = manifest.device_uid
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
         pixel_array=summary.pixels,
