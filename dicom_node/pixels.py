@@ -39,6 +39,8 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID
 
+from dicom_node.logs import describe_failure
+
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest Rows x Columns accepted: a chest X-ray is at most ~4,300 x 4,300 (18 MP)."""
 
@@ -130,8 +132,10 @@ def decode_display(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     except (PixelDecodeError, MemoryError):
         raise
     except Exception as exc:  # a malformed attribute we did not foresee: still a named reason
+        # the exception's type and place, not its message: library messages can quote
+        # attribute values, and this reason goes to the ledger and the log
         raise PixelDecodeError(
-            DecodeFailure.BAD_ATTRIBUTES, f"unexpected {type(exc).__name__}: {exc}"
+            DecodeFailure.BAD_ATTRIBUTES, f"unexpected {describe_failure(exc)}"
         ) from exc
     except BaseException as exc:
         # Decoders written in Rust (pylibjpeg-rle) turn a panic on a malformed stream into
