@@ -132,7 +132,8 @@ def breakdown(node: pipeline.NodeRuntime, job_id: str, threads: int) -> dict[str
     probabilities = []
     for spec in manifest.members:
         prob, _ = ensemble.members[spec.name].run(
-            list(MEMBER_OUTPUTS), {INPUT_NAME: member_input(x, lung, spec.input_size)}
+            list(MEMBER_OUTPUTS),
+            {INPUT_NAME: member_input(x, lung, spec.input_size, spec.lung_crop)},
         )
         probabilities.append(prob)
     c.lap("infer: ensemble")

@@ -15,10 +15,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from worker.model_input import LUNG_THRESHOLD
 from worker.preprocess import Geometry
 
-#: A lung is where the segmentation's probability is at least this.
-LUNG_THRESHOLD = 0.5
 #: Regions smaller than this fraction of the image are specks, not lungs.
 MIN_REGION_FRACTION = 0.005
 #: Two lungs; a segmentation that merges them gives one region.

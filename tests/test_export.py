@@ -191,6 +191,7 @@ def _tiny_bundle(
     params: PreprocessParams,
     seg_size: int = 32,
     sizes: tuple[int, int] = (SIZE, 48),
+    lung_crop: float | None = None,
 ) -> Path:
     torch.manual_seed(3)
     x = to_model_input(images, params)
@@ -198,9 +199,13 @@ def _tiny_bundle(
     members = []
     for arch, size in zip(("shufflenet_v2_x0_5", "mobilenet_v3_small"), sizes, strict=True):
         model = build_classifier(arch, TINY_HEAD)
-        calibrate_batchnorm(model, torch.from_numpy(member_input(x, lung, size)))
-        members.append(MemberExport(name=arch.split("_")[0], model=model, input_size=size))
-    embeddings = torch_embeddings(unet, seg_size, members[0].model, sizes[0], images, params)
+        calibrate_batchnorm(model, torch.from_numpy(member_input(x, lung, size, lung_crop)))
+        members.append(
+            MemberExport(arch.split("_")[0], model, input_size=size, lung_crop=lung_crop)
+        )
+    embeddings = torch_embeddings(
+        unet, seg_size, members[0].model, sizes[0], images, params, lung_crop=lung_crop
+    )
     items = [
         ReferenceItem(id=f"ref-{i}", label=label.label, source="synthetic")
         for i, label in enumerate(synthetic_labels(len(images)))
@@ -223,13 +228,19 @@ def _tiny_bundle(
     return out_dir
 
 
+@pytest.mark.parametrize("lung_crop", [None, 0.1])
 def test_write_bundle_output_loads_and_serves(
-    tmp_path: Path, unet: UNet, images: np.ndarray, params: PreprocessParams
+    tmp_path: Path,
+    unet: UNet,
+    images: np.ndarray,
+    params: PreprocessParams,
+    lung_crop: float | None,
 ) -> None:
     # Segmentation at 32 and members at 64 and 48 px: every resize path of the worker runs.
-    root = _tiny_bundle(tmp_path / "bundle", unet, images, params)
+    root = _tiny_bundle(tmp_path / "bundle", unet, images, params, lung_crop=lung_crop)
     bundle = load_bundle(root)
     manifest = bundle.manifest
+    assert [m.lung_crop for m in manifest.members] == [lung_crop, lung_crop]
     assert manifest.schema_version == SCHEMA_VERSION
     assert manifest.class_map == CLASS_MAP
     assert UID(manifest.device_uid).is_valid

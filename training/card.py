@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from training.config import ExperimentConfig
-from training.report import METRIC_LABELS, ci
+from training.report import METRIC_LABELS, ci, member_input_text
 
 Json = dict[str, Any]
 
@@ -151,7 +151,7 @@ def _members_lines(report: Json) -> list[str]:
     ]
     for name, m in members.items():
         lines.append(
-            f"| {name} | {m.get('architecture')} | {m.get('input_size')} |"
+            f"| {name} | {m.get('architecture')} | {member_input_text(m)} |"
             f" {m.get('parameters')} | {m.get('best_epoch')} |"
             f" {ci((m.get('test') or {}).get('roc_auc'))} |"
         )

@@ -77,6 +77,7 @@ class MemberRun:
     lung: LungInput = "unet"
     images: ImageInput = "preprocessed"
     same_source_share: float = 0.0
+    lung_crop: float | None = None
 
 
 def member_run(
@@ -113,6 +114,7 @@ def member_run(
         lung="zeros" if variant == "no-seg" else "unet",
         images="raw" if variant == "no-prep" else "preprocessed",
         same_source_share=c.same_source_share,
+        lung_crop=None if variant == "no-seg" else c.lung_crop,
     )
 
 
@@ -153,10 +155,11 @@ def predict(
     input_size: int,
     device: torch.device,
     batch_size: int = 32,
+    lung_crop: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """P(COVID-19) [N] and embeddings [N,D], in fp32, from worker-identical inputs."""
     labels = np.zeros(len(images), dtype=np.int64)
-    dataset = MemberDataset(images, lungs, labels, params, input_size)
+    dataset = MemberDataset(images, lungs, labels, params, input_size, lung_crop=lung_crop)
     probs: list[np.ndarray] = []
     embeddings: list[np.ndarray] = []
     model = model.to(device)
@@ -279,6 +282,7 @@ def train_member(
         cache.params,
         run.input_size,
         augment,
+        lung_crop=run.lung_crop,
     )
     val_images = take(images_all, val_rows)
     val_lungs = None if lungs_all is None else take(lungs_all, val_rows)
@@ -320,7 +324,15 @@ def train_member(
             total += float(loss.detach()) * len(x)
             count += len(x)
         scheduler.step()
-        prob, _ = predict(model, val_images, val_lungs, cache.params, run.input_size, device)
+        prob, _ = predict(
+            model,
+            val_images,
+            val_lungs,
+            cache.params,
+            run.input_size,
+            device,
+            lung_crop=run.lung_crop,
+        )
         metrics = _validation_metrics(prob, val_labels, same_source)
         value, used = _selection_value(metrics, run.selection)
         entry = {
@@ -354,7 +366,15 @@ def train_member(
         log.info("%s epoch %d/%d: %s", run.name, epoch + 1, run.epochs, _brief(entry))
 
     best_model = load_member(out_dir).to(device)
-    prob, emb = predict(best_model, images_all, lungs_all, cache.params, run.input_size, device)
+    prob, emb = predict(
+        best_model,
+        images_all,
+        lungs_all,
+        cache.params,
+        run.input_size,
+        device,
+        lung_crop=run.lung_crop,
+    )
     np.savez_compressed(
         out_dir / "predictions.npz", ids=np.array(cache.ids), probability=prob, embedding=emb
     )

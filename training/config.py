@@ -114,6 +114,14 @@ class ClassifierConfig(_Section):
         description="with balanced sampling: share of each class's draws given to sources that "
         "hold both classes (pool: ieee8023), against the source shortcut; 0: by class only",
     )
+    lung_crop: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="None: members see the whole image; a margin: the square around the "
+        "U-Net's lungs grown by this fraction per side, in training and in the bundle (the "
+        "without-segmentation ablation always sees the whole image)",
+    )
     selection: Literal["val_auc", "val_same_source_auc"] = Field(
         default="val_auc",
         description="checkpoint selection on validation (never test); same_source = AUC on "

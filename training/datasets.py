@@ -1,7 +1,7 @@
 """Torch datasets over the cache: model inputs built with the worker's own helpers.
 
-The member input is `worker.model_input.member_input(to_model_input(image), lung, size)`, the
-segmentation input `resize_batch(to_model_input(image), seg_size)`: without augmentation a
+The member input is `worker.model_input.member_input(to_model_input(image), lung, size, crop)`,
+the segmentation input `resize_batch(to_model_input(image), seg_size)`: without augmentation a
 sample is exactly what the worker computes for that image and lung map.
 """
 
@@ -28,7 +28,8 @@ class MemberDataset(Dataset[tuple[torch.Tensor, int]]):
     """(member input [3,M,M] float32, label) per image.
 
     `lungs`: the U-Net probability maps [n,1,s,s] as the worker computes them, or None for
-    the without-segmentation ablation (the lung channel is then zeros).
+    the without-segmentation ablation (the lung channel is then zeros, and no lung crop).
+    `lung_crop`: as the bundle's MemberSpec.lung_crop.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class MemberDataset(Dataset[tuple[torch.Tensor, int]]):
         params: PreprocessParams,
         input_size: int,
         augment: Augmenter | None = None,
+        lung_crop: float | None = None,
     ) -> None:
         if lungs is not None and len(lungs) != len(images):
             raise ValueError(f"{len(lungs)} lung maps for {len(images)} images")
@@ -46,6 +48,7 @@ class MemberDataset(Dataset[tuple[torch.Tensor, int]]):
             raise ValueError(f"{len(labels)} labels for {len(images)} images")
         self.images, self.lungs, self.labels = images, lungs, np.asarray(labels)
         self.params, self.input_size, self.augment = params, input_size, augment
+        self.lung_crop = None if lungs is None else lung_crop
 
     def __len__(self) -> int:
         return len(self.images)
@@ -60,9 +63,9 @@ class MemberDataset(Dataset[tuple[torch.Tensor, int]]):
             image, lung = self.augment(image, lung)
         x = to_model_input(image[None], self.params)
         lung_batch = np.zeros_like(x) if lung is None else lung[None, None]
-        return torch.from_numpy(member_input(x, lung_batch, self.input_size)[0]), int(
-            self.labels[i]
-        )
+        return torch.from_numpy(
+            member_input(x, lung_batch, self.input_size, self.lung_crop)[0]
+        ), int(self.labels[i])
 
 
 class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):

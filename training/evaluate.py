@@ -62,7 +62,7 @@ def _member_results(paths: RunPaths, names: Sequence[str]) -> dict[str, Json]:
 
 
 def _ensemble_scores(
-    models: dict[str, tuple[torch.nn.Module, int]],
+    models: dict[str, tuple[torch.nn.Module, int, float | None]],
     images: np.ndarray,
     lungs: np.ndarray,
     cache_params: Any,
@@ -70,8 +70,16 @@ def _ensemble_scores(
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     member_scores: dict[str, np.ndarray] = {}
     embeddings: dict[str, np.ndarray] = {}
-    for name, (model, size) in models.items():
-        prob, emb = predict(model, images, lungs, cache_params, size, device)  # type: ignore[arg-type]
+    for name, (model, size, crop) in models.items():
+        prob, emb = predict(
+            model,  # type: ignore[arg-type]
+            images,
+            lungs,
+            cache_params,
+            size,
+            device,
+            lung_crop=crop,
+        )
         member_scores[name] = prob
         embeddings[name] = emb
     return np.mean(np.stack(list(member_scores.values())), axis=0), member_scores, embeddings
@@ -79,9 +87,13 @@ def _ensemble_scores(
 
 def _load_models(
     cfg: ExperimentConfig, paths: RunPaths, device: torch.device
-) -> dict[str, tuple[torch.nn.Module, int]]:
+) -> dict[str, tuple[torch.nn.Module, int, float | None]]:
     return {
-        m.name: (load_member(paths.member(0, m.name)).to(device), cfg.member_size(m))
+        m.name: (
+            load_member(paths.member(0, m.name)).to(device),
+            cfg.member_size(m),
+            cfg.classifier.lung_crop,
+        )
         for m in cfg.members
     }
 
@@ -90,7 +102,7 @@ def lung_audit(
     test: ScoredSet,
     images: np.ndarray,
     lungs: np.ndarray,
-    models: dict[str, tuple[torch.nn.Module, int]],
+    models: dict[str, tuple[torch.nn.Module, int, float | None]],
     params: Any,
     device: torch.device,
     samples: int,

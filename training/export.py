@@ -213,6 +213,7 @@ def torch_embeddings(
     images: np.ndarray,
     params: PreprocessParams,
     batch_size: int = 16,
+    lung_crop: float | None = None,
 ) -> np.ndarray:
     """Embeddings of preprocessed uint8 [N,S,S] images, assembled exactly as the worker does."""
     seg = UNetExport(segmentation).eval()
@@ -222,7 +223,7 @@ def torch_embeddings(
         for start in range(0, len(images), batch_size):
             x = to_model_input(images[start : start + batch_size], params)
             lung = seg(torch.from_numpy(resize_batch(x, seg_size))).numpy()
-            _, emb = cls(torch.from_numpy(member_input(x, lung, member_size)))
+            _, emb = cls(torch.from_numpy(member_input(x, lung, member_size, lung_crop)))
             out.append(emb.numpy())
     return np.concatenate(out).astype(np.float32)
 
@@ -236,6 +237,7 @@ class MemberExport:
     model: Classifier
     input_size: int
     validation_metrics: dict[str, float] = field(default_factory=dict)
+    lung_crop: float | None = None
 
 
 @dataclass
@@ -369,7 +371,9 @@ def write_bundle(
             file = f"{m.name}.onnx"
             export_classifier(m.model, work / file, m.input_size)
             parity[file] = check_parity(
-                ClassifierExport(m.model), work / file, member_input(x, lung, m.input_size)
+                ClassifierExport(m.model),
+                work / file,
+                member_input(x, lung, m.input_size, m.lung_crop),
             )
             parameters[file] = count_parameters(m.model)
             member_specs.append(
@@ -379,6 +383,7 @@ def write_bundle(
                     name=m.name,
                     architecture=m.model.architecture,
                     input_size=m.input_size,
+                    lung_crop=m.lung_crop,
                     embedding_dim=m.model.embedding_dim,
                     validation_metrics=m.validation_metrics,
                 )

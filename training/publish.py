@@ -186,7 +186,15 @@ def export_run(
         folder = paths.member(0, m.name)
         trained = read_json(folder / "result.json")
         metrics = {k: float(v) for k, v in trained["validation"].items() if v is not None}
-        members.append(MemberExport(m.name, load_member(folder), cfg.member_size(m), metrics))
+        members.append(
+            MemberExport(
+                m.name,
+                load_member(folder),
+                cfg.member_size(m),
+                metrics,
+                lung_crop=trained["run"].get("lung_crop"),
+            )
+        )
     params = cache.params
     ref_rows = cache.rows(split.train)
     emb_member = next(m for m in members if m.name == cfg.embedding_member)
@@ -199,7 +207,13 @@ def export_run(
         )
     seg_size = cfg.segmentation.input_size
     embeddings = torch_embeddings(
-        unet, seg_size, emb_member.model, emb_member.input_size, cache.images[ref_rows], params
+        unet,
+        seg_size,
+        emb_member.model,
+        emb_member.input_size,
+        cache.images[ref_rows],
+        params,
+        lung_crop=emb_member.lung_crop,
     )
     items = [
         ReferenceItem(

@@ -53,6 +53,13 @@ def ci(e: Mapping[str, Any] | None, digits: int = 3) -> str:
     return text
 
 
+def member_input_text(m: Mapping[str, Any]) -> str:
+    """A member's input for the tables: its size, and the lung crop when it has one."""
+    crop = m.get("lung_crop")
+    size = m.get("input_size")
+    return f"{size}" if crop is None else f"{size}, lung box +{float(crop):.0%} per side"
+
+
 def _num(v: Any, digits: int = 3) -> str:
     if v is None:
         return "n/a"
@@ -171,7 +178,7 @@ def render(report: Json, export: Json | None) -> str:
         val = ", ".join(f"{k} {_num(v)}" for k, v in m.get("validation", {}).items())
         params = f"{m['parameters']:,}" if m.get("parameters") else "n/a"
         out.append(
-            f"| {name} | {m.get('architecture')} | {m.get('input_size')} | {params} | "
+            f"| {name} | {m.get('architecture')} | {member_input_text(m)} | {params} | "
             f"{m.get('selected_on')} | {m.get('best_epoch')} | {val} |"
             f" {ci(m['test'].get('roc_auc'))} | {ci(m['test'].get('pr_auc'))} |"
         )

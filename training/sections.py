@@ -132,6 +132,7 @@ def section_members(
             "best_epoch": res.get("best_epoch"),
             "architecture": res.get("run", {}).get("architecture"),
             "input_size": res.get("run", {}).get("input_size"),
+            "lung_crop": res.get("run", {}).get("lung_crop"),
             "parameters": res.get("parameters"),
         }
     return out

@@ -34,6 +34,13 @@ class MemberSpec(FileRef):
     name: str
     architecture: str
     input_size: int = Field(description="H = W of the classifier input")
+    lung_crop: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="None: the member sees the whole image; a margin: the square around the "
+        "U-Net's lungs grown by this fraction per side (worker.model_input.member_input)",
+    )
     embedding_dim: int
     validation_metrics: dict[str, float] = Field(default_factory=dict)
 

@@ -152,7 +152,8 @@ class Ensemble:
         embeddings: np.ndarray | None = None
         for spec in manifest.members:
             prob, emb = self.members[spec.name].run(
-                list(MEMBER_OUTPUTS), {INPUT_NAME: member_input(x, lung, spec.input_size)}
+                list(MEMBER_OUTPUTS),
+                {INPUT_NAME: member_input(x, lung, spec.input_size, spec.lung_crop)},
             )
             probabilities[spec.name] = np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0)
             if spec.name == self.embedding_member:

@@ -26,9 +26,64 @@ def resize_batch(x: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def member_input(image: np.ndarray, lung: np.ndarray, size: int) -> np.ndarray:
-    """Normalised image [N,1,S,S] + lung probability [N,1,S',S'] -> member input [N,3,size,size]."""
-    image = resize_batch(image.astype(np.float32, copy=False), size)
-    lung = resize_batch(lung.astype(np.float32, copy=False), size)
+#: A lung is where the segmentation's probability is at least this (the lung crop, and the
+#: outlines of the SR, SC and SEG: `dicom_node.lungs`).
+LUNG_THRESHOLD = 0.5
+#: Below this share of lung pixels the U-Net found no lungs: the member sees the whole image.
+MIN_LUNG_FRACTION = 0.02
+
+
+def lung_box(lung: np.ndarray, margin: float) -> tuple[int, int, int, int] | None:
+    """(row0, row1, col0, col1) of the square around the lungs of a [H,W] probability map.
+
+    The box around the pixels >= LUNG_THRESHOLD is grown by `margin` of its size on each side,
+    made square around its centre (the member sees the lungs undistorted) and moved inside the
+    map; None when the lungs cover less than MIN_LUNG_FRACTION of the map.
+    """
+    h, w = lung.shape
+    inside = lung >= LUNG_THRESHOLD
+    if inside.mean() < MIN_LUNG_FRACTION:
+        return None
+    rows = np.flatnonzero(inside.any(axis=1))
+    cols = np.flatnonzero(inside.any(axis=0))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    side = min(round(max(r1 - r0, c1 - c0) * (1.0 + 2.0 * margin)), h, w)
+    top = min(max(round((r0 + r1 - side) / 2), 0), h - side)
+    left = min(max(round((c0 + c1 - side) / 2), 0), w - side)
+    return top, top + side, left, left + side
+
+
+def _crop_to_lungs(
+    image: np.ndarray, lung: np.ndarray, size: int, margin: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """image [N,1,S,S], lung [N,1,S',S'] -> both cut to each image's lung box, [N,1,size,size]."""
+    side = image.shape[2]
+    lung = resize_batch(lung, side)
+    out_image = np.empty((len(image), 1, size, size), dtype=np.float32)
+    out_lung = np.empty_like(out_image)
+    for i in range(len(image)):
+        box = lung_box(lung[i, 0], margin)
+        r0, r1, c0, c1 = (0, side, 0, side) if box is None else box
+        pair = np.stack([image[i, 0, r0:r1, c0:c1], lung[i, 0, r0:r1, c0:c1]])[None]
+        small = resize_batch(np.ascontiguousarray(pair), size)[0]
+        out_image[i, 0], out_lung[i, 0] = small[0], small[1]
+    return out_image, out_lung
+
+
+def member_input(
+    image: np.ndarray, lung: np.ndarray, size: int, lung_crop: float | None = None
+) -> np.ndarray:
+    """Normalised image [N,1,S,S] + lung probability [N,1,S',S'] -> member input [N,3,size,size].
+
+    `lung_crop`: None, the whole image; a margin (fraction of the lung box per side), the
+    square around the lungs found by the U-Net (`lung_box`), so that the member does not see
+    the borders, markers and burned-in text where the source of an image shows.
+    """
+    image = image.astype(np.float32, copy=False)
+    lung = lung.astype(np.float32, copy=False)
+    if lung_crop is None:
+        image, lung = resize_batch(image, size), resize_batch(lung, size)
+    else:
+        image, lung = _crop_to_lungs(image, lung, size, lung_crop)
     zeros = np.zeros_like(image)
     return np.ascontiguousarray(np.concatenate([image, lung, zeros], axis=1))
