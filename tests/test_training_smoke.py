@@ -76,6 +76,7 @@ def test_smoke_bundle_loads_and_serves_in_the_worker(run: RunPaths) -> None:
     assert manifest.config["experiment"]["members"][0]["architecture"] == "mobilenet_v3_small"
     assert manifest.config["experiment"]["seed"] == 0
     assert {m.name for m in manifest.members} == {"mobilenet", "shufflenet"}
+    assert {m.lung_crop for m in manifest.members} == {0.1}
     assert manifest.preprocessing.size == 64
     cache = load_cache(run.cache)
     plan = SplitPlan.load(run.splits)
@@ -175,6 +176,8 @@ def test_fp16_variant_is_a_loadable_half_size_bundle(run: RunPaths) -> None:
     assert variant["total_mb"] < 0.6 * read_json(run.report / "export.json")["total_mb"]
     assert variant["max_score_change"] < 1e-3
     assert isinstance(variant["auc_change"], float)
+    assert 0 <= variant["calls_changed"] <= read_json(run.report / "export.json")["test_images"]
+    assert "same-source ROC AUC" in (Path(variant["path"]) / "model_card.md").read_text()
 
 
 def test_smoke_run_splits_do_not_leak(run: RunPaths) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from math import nan
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from training.cache import Cache
 from training.card import card_notes
 from training.classify import load_member, read_predictions
 from training.config import ExperimentConfig
-from training.data import Record
+from training.data import Record, mixed_sources
 from training.export import (
     MODEL_CARD,
     ExportError,
@@ -270,6 +271,8 @@ def export_run(
     test_images = cache.images[test_rows]
     y = cache.labels[test_rows]
     served = _serve(out_dir, test_images)
+    mixed = set(mixed_sources(cache.records))
+    same_source = np.array([cache.records[r].source in mixed for r in test_rows], dtype=bool)
     torch_scores = np.mean(
         [read_predictions(paths.member(0, m.name), split.test).probability for m in cfg.members],
         axis=0,
@@ -281,7 +284,9 @@ def export_run(
         "max_bundle_mb": cfg.export.max_bundle_mb,
         "sizes_mb": {f: b / 1e6 for f, b in export.sizes.items()},
         "parity": export.parity,
+        "test_images": len(test_rows),
         "onnx_auc": roc_auc(y, served),
+        "onnx_same_source_auc": roc_auc(y[same_source], served[same_source]),
         "torch_auc": roc_auc(y, torch_scores),
         "onnx_vs_torch_max_score_diff": float(np.max(np.abs(served - torch_scores)))
         if len(served)
@@ -306,12 +311,16 @@ def export_run(
             result["variants"][kind] = {"note": f"skipped: {type(exc).__name__}: {exc}"[:300]}
             continue
         auc = roc_auc(y, scores)
+        same_auc = roc_auc(y[same_source], scores[same_source])
         result["variants"][kind] = {
             "path": str(target),
             "total_mb": _size_mb(target),
             "auc": auc,
             "auc_change": auc - result["onnx_auc"],
+            "same_source_auc": same_auc,
+            "same_source_auc_change": same_auc - result["onnx_same_source_auc"],
             "max_score_change": float(np.max(np.abs(scores - served))) if len(scores) else 0.0,
+            "calls_changed": int(np.sum((scores >= threshold) != (served >= threshold))),
             "note": "fp16 weights, fp32 compute"
             if kind == "fp16"
             else f"static int8 (QDQ, per-channel), calibrated on {len(calibration)} training"
@@ -367,7 +376,11 @@ def _append_card(bundle_dir: Path, result: Json, variant: str | None = None) -> 
         if "auc" in v:
             lines.append(
                 f"- {kind} variant ({v['note']}): {v['total_mb']:.1f} MB, ROC AUC {v['auc']:.4f}"
-                f" (change {v['auc_change']:+.4f}; max score change {v['max_score_change']:.2e})."
+                f" (change {v['auc_change']:+.4f}); same-source ROC AUC"
+                f" {v.get('same_source_auc', nan):.4f} (change"
+                f" {v.get('same_source_auc_change', nan):+.4f});"
+                f" max score change {v['max_score_change']:.2e}; calls changed at the threshold"
+                f" {v.get('calls_changed', 'n/a')} of {result.get('test_images', 'n/a')}."
             )
         else:
             lines.append(f"- {kind} variant: {v['note']}")

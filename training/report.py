@@ -378,13 +378,16 @@ def render(report: Json, export: Json | None) -> str:
         ]
         if export.get("variants"):
             out += [
-                "| variant | MB | ROC AUC | change vs fp32 | max score change | note |",
-                "|---|---|---|---|---|---|",
+                "| variant | MB | ROC AUC | change vs fp32 | same-source AUC | change |"
+                " max score change | calls changed | note |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             for name, v in export["variants"].items():
                 out.append(
                     f"| {name} | {_num(v.get('total_mb'), 1)} | {_num(v.get('auc'))} |"
-                    f" {_num(v.get('auc_change'), 4)} | {_sci(v.get('max_score_change'))} |"
+                    f" {_num(v.get('auc_change'), 4)} | {_num(v.get('same_source_auc'))} |"
+                    f" {_num(v.get('same_source_auc_change'), 4)} |"
+                    f" {_sci(v.get('max_score_change'))} | {v.get('calls_changed', 'n/a')} |"
                     f" {v.get('note', '')} |"
                 )
             out += [
