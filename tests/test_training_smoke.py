@@ -249,6 +249,8 @@ def test_interrupted_training_resumes_where_it_stopped(
     monkeypatch.setattr(classify, "training_sampler", real)
     result = train_member(spec, cfg, cache, lungs, split, tmp_path / "resumed", device, resume=True)
     assert [h["epoch"] for h in result["history"]] == [0, 1]
+    assert cfg.classifier.source_adversary > 0  # smoke.toml: the adversary trains and resumes
+    assert all(0 <= h["train_source_accuracy"] <= 1 for h in result["history"])
 
     a = load_member(tmp_path / "straight", "last.pt").state_dict()
     b = load_member(tmp_path / "resumed", "last.pt").state_dict()

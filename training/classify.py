@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from training.adversary import SourceAdversary, contested_classes, source_codes
 from training.augment import make_augmenter
 from training.cache import Cache
 from training.config import ExperimentConfig
@@ -78,6 +79,7 @@ class MemberRun:
     images: ImageInput = "preprocessed"
     same_source_share: float = 0.0
     lung_crop: float | None = None
+    source_adversary: float = 0.0
 
 
 def member_run(
@@ -115,6 +117,7 @@ def member_run(
         images="raw" if variant == "no-prep" else "preprocessed",
         same_source_share=c.same_source_share,
         lung_crop=None if variant == "no-seg" else c.lung_crop,
+        source_adversary=c.source_adversary,
     )
 
 
@@ -164,7 +167,7 @@ def predict(
     embeddings: list[np.ndarray] = []
     model = model.to(device)
     with eval_mode(model):
-        for x, _ in loader(dataset, batch_size):
+        for x, _, _ in loader(dataset, batch_size):
             logits, emb = model(x.to(device))
             probs.append(
                 torch.softmax(logits.float(), dim=1)[:, int(CxrClass.COVID19)].cpu().numpy()
@@ -257,7 +260,26 @@ def train_member(
         else torch.contiguous_format
     )
     model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
+    train_labels = labels_all[train_rows]
+    train_sources = np.array([cache.records[r].source for r in train_rows])
+    source_code, source_names = source_codes(list(train_sources))
+    adversary = None
+    if run.source_adversary > 0:
+        contested = contested_classes(train_labels, source_code)
+        adversary = SourceAdversary(
+            model.embedding_dim, len(source_names), contested, run.source_adversary
+        ).to(device)
+        log.info(
+            "%s: source adversary (weight %g) within classes %s over %s",
+            run.name,
+            run.source_adversary,
+            contested,
+            source_names,
+        )
+    parameters = list(model.parameters())
+    if adversary is not None:
+        parameters += list(adversary.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=run.lr, weight_decay=run.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=run.lr_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, run.amp))
     start_epoch, best, best_epoch = 0, -np.inf, -1
@@ -265,6 +287,8 @@ def train_member(
     if state == "resume":
         last = load_checkpoint(out_dir / "last.pt", device)
         model.load_state_dict(last["model"])
+        if adversary is not None:
+            adversary.load_state_dict(last["adversary"])
         optimizer.load_state_dict(last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
         scaler.load_state_dict(last["scaler"])
@@ -273,8 +297,6 @@ def train_member(
         log.info("%s: resuming at epoch %d", run.name, start_epoch + 1)
 
     augment = make_augmenter(cfg.augment, "probability", run.seed)
-    train_labels = labels_all[train_rows]
-    train_sources = np.array([cache.records[r].source for r in train_rows])
     dataset = MemberDataset(
         take(images_all, train_rows),
         None if lungs_all is None else take(lungs_all, train_rows),
@@ -283,6 +305,7 @@ def train_member(
         run.input_size,
         augment,
         lung_crop=run.lung_crop,
+        groups=source_code,
     )
     val_images = take(images_all, val_rows)
     val_lungs = None if lungs_all is None else take(lungs_all, val_rows)
@@ -309,19 +332,29 @@ def train_member(
         )
         model.train()
         total, count = 0.0, 0
-        for x, y in tqdm(
+        source_loss, source_rows, source_correct = 0.0, 0, 0
+        for x, y, g in tqdm(
             batches, desc=f"{run.name} epoch {epoch + 1}/{run.epochs}", leave=False, disable=None
         ):
             x = x.to(device, non_blocking=True, memory_format=memory_format)
             y = y.to(device, non_blocking=True)
             with amp_context(device, run.amp):
-                logits, _ = model(x)
-                loss = F.cross_entropy(logits.float(), y)
+                logits, embedding = model(x)
+                class_loss = F.cross_entropy(logits.float(), y)
+                loss = class_loss
+                if adversary is not None:
+                    adv_loss, rows, correct = adversary.loss(
+                        embedding.float(), y, g.to(device, non_blocking=True)
+                    )
+                    loss = loss + adv_loss
+                    source_loss += float(adv_loss.detach()) * rows
+                    source_rows += rows
+                    source_correct += correct
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total += float(loss.detach()) * len(x)
+            total += float(class_loss.detach()) * len(x)
             count += len(x)
         scheduler.step()
         prob, _ = predict(
@@ -338,6 +371,14 @@ def train_member(
         entry = {
             "epoch": epoch,
             "train_loss": total / max(count, 1),
+            **(
+                {
+                    "train_source_loss": source_loss / max(source_rows, 1),
+                    "train_source_accuracy": source_correct / max(source_rows, 1),
+                }
+                if adversary is not None
+                else {}
+            ),
             **metrics,
             "selected_on": used,
         }
@@ -352,6 +393,7 @@ def train_member(
             out_dir / "last.pt",
             {
                 "model": model.state_dict(),
+                **({"adversary": adversary.state_dict()} if adversary is not None else {}),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),

@@ -122,6 +122,12 @@ class ClassifierConfig(_Section):
         "U-Net's lungs grown by this fraction per side, in training and in the bundle (the "
         "without-segmentation ablation always sees the whole image)",
     )
+    source_adversary: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of the reversed gradient of a source classifier on the embedding, "
+        "within each class (training.adversary); 0: off",
+    )
     selection: Literal["val_auc", "val_same_source_auc"] = Field(
         default="val_auc",
         description="checkpoint selection on validation (never test); same_source = AUC on "

@@ -24,12 +24,13 @@ IGNORE = 127
 LUNG = 255
 
 
-class MemberDataset(Dataset[tuple[torch.Tensor, int]]):
-    """(member input [3,M,M] float32, label) per image.
+class MemberDataset(Dataset[tuple[torch.Tensor, int, int]]):
+    """(member input [3,M,M] float32, label, group) per image.
 
     `lungs`: the U-Net probability maps [n,1,s,s] as the worker computes them, or None for
     the without-segmentation ablation (the lung channel is then zeros, and no lung crop).
-    `lung_crop`: as the bundle's MemberSpec.lung_crop.
+    `lung_crop`: as the bundle's MemberSpec.lung_crop. `groups`: an integer per image passed
+    through (the source, for the source adversary); -1 without.
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class MemberDataset(Dataset[tuple[torch.Tensor, int]]):
         input_size: int,
         augment: Augmenter | None = None,
         lung_crop: float | None = None,
+        groups: np.ndarray | None = None,
     ) -> None:
         if lungs is not None and len(lungs) != len(images):
             raise ValueError(f"{len(lungs)} lung maps for {len(images)} images")
@@ -49,11 +51,14 @@ class MemberDataset(Dataset[tuple[torch.Tensor, int]]):
         self.images, self.lungs, self.labels = images, lungs, np.asarray(labels)
         self.params, self.input_size, self.augment = params, input_size, augment
         self.lung_crop = None if lungs is None else lung_crop
+        self.groups = np.full(len(images), -1) if groups is None else np.asarray(groups)
+        if len(self.groups) != len(images):
+            raise ValueError(f"{len(self.groups)} groups for {len(images)} images")
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         image = self.images[i]
         lung = None if self.lungs is None else self.lungs[i, 0].astype(np.float32)
         if self.augment is not None:
@@ -63,9 +68,8 @@ class MemberDataset(Dataset[tuple[torch.Tensor, int]]):
             image, lung = self.augment(image, lung)
         x = to_model_input(image[None], self.params)
         lung_batch = np.zeros_like(x) if lung is None else lung[None, None]
-        return torch.from_numpy(
-            member_input(x, lung_batch, self.input_size, self.lung_crop)[0]
-        ), int(self.labels[i])
+        member = member_input(x, lung_batch, self.input_size, self.lung_crop)[0]
+        return torch.from_numpy(member), int(self.labels[i]), int(self.groups[i])
 
 
 class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
