@@ -151,6 +151,13 @@ def test_smoke_report_has_every_section(run: RunPaths) -> None:
     assert set(report["ablation"]["variants"]) == {"no-seg", "no-prep"}
     assert all("auc" in v for v in report["ablation"]["variants"].values())
     assert report["segmentation"]["test_masks"] > 0
+    cases = report["cases"]
+    threshold = cases["threshold"]
+    assert all(c["score"] >= threshold for c in cases["confident_positive"])
+    assert all(c["score"] < threshold for c in cases["confident_negative"])
+    positives = [c["score"] for c in cases["confident_positive"]]
+    assert positives == sorted(positives, reverse=True)
+    assert all(c["score"] >= threshold for c in cases["false_positive"])
 
 
 def test_model_card_says_what_the_model_is_and_is_not(run: RunPaths) -> None:

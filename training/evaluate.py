@@ -29,6 +29,7 @@ from training.sections import (
     auc_estimate,
     paired_auc_difference,
     probe_auc,
+    section_cases,
     section_curves,
     section_data,
     section_days,
@@ -271,6 +272,7 @@ def evaluate_run(
         else {"note": "ablation disabled in the config"}
     )
     test0 = sets.tests[0]
+    report["cases"] = section_cases(test0)
     models = _load_models(cfg, paths, device)
     report["shortcut_audit"] = {
         "lung_masking": lung_audit(

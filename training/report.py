@@ -35,6 +35,7 @@ SECTIONS: tuple[str, ...] = (
     "Per source",
     "Per subgroup",
     "Score vs days since admission",
+    "Test cases to look at",
     "Lung segmentation",
     "Ablation",
     "Shortcut audit",
@@ -58,6 +59,29 @@ def member_input_text(m: Mapping[str, Any]) -> str:
     crop = m.get("lung_crop")
     size = m.get("input_size")
     return f"{size}" if crop is None else f"{size}, lung box +{float(crop):.0%} per side"
+
+
+def _cases_lines(cases: Json) -> list[str]:
+    titles = {
+        "confident_positive": "most confident COVID-19 calls",
+        "confident_negative": "most confident negative calls",
+        "false_positive": "worst false positives",
+        "false_negative": "worst false negatives",
+    }
+    out = [
+        "## Test cases to look at",
+        "",
+        f"Split-0 test images (PyTorch ensemble scores, threshold {_num(cases['threshold'])}), by"
+        " dataset id: the calls to trust least are the errors; open them before trusting the"
+        " model. `tests/test_default_bundle.py` takes its clear cases from the first two"
+        " lists.",
+        "",
+        "| list | id | source | score |",
+        "|---|---|---|---|",
+    ]
+    for key, title in titles.items():
+        out += [f"| {title} | {c['id']} | {c['source']} | {_num(c['score'])} |" for c in cases[key]]
+    return [*out, ""]
 
 
 def _num(v: Any, digits: int = 3) -> str:
@@ -269,6 +293,9 @@ def render(report: Json, export: Json | None) -> str:
         ]
     else:
         out += [dy.get("note", "n/a"), ""]
+    # -- cases
+    if r.get("cases"):
+        out += _cases_lines(r["cases"])
     # -- segmentation
     sg = r["segmentation"]
     out += ["## Lung segmentation", ""]

@@ -440,3 +440,27 @@ def source_probes(
 
 
 METRIC_NAMES: tuple[str, ...] = METRICS
+
+
+def section_cases(test: ScoredSet, n: int = 5) -> Json:
+    """Test images to look at: the most confident calls of each class and the worst errors
+    (split 0, PyTorch scores). Dataset ids, sources and scores only."""
+    y, score = test.y, test.score
+
+    def rows(keep: np.ndarray, highest: bool) -> list[Json]:
+        idx = np.flatnonzero(keep)
+        order = idx[np.argsort(-score[idx] if highest else score[idx], kind="stable")][:n]
+        return [
+            {"id": test.records[i].id, "source": test.records[i].source, "score": float(score[i])}
+            for i in order
+        ]
+
+    positive = y == 1
+    negative_below = ~positive & (score < test.threshold)
+    return {
+        "threshold": test.threshold,
+        "confident_positive": rows(positive & (score >= test.threshold), highest=True),
+        "confident_negative": rows(negative_below, highest=False),
+        "false_positive": rows(~positive & (score >= test.threshold), highest=True),
+        "false_negative": rows(positive & (score < test.threshold), highest=False),
+    }
