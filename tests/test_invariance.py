@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import PLUMBING_BUNDLE
-from training.card import target_lines
+from training.card import summary_lines, target_lines
 from training.data import Record
 from training.invariance import (
     black_border,
@@ -106,3 +106,9 @@ def test_target_lines_report_unmet_targets() -> None:
     assert "| AUC with the lungs masked out <= 0.65 | 0.600 | met |" in text
     assert "0.930 vs 0.950 | met |" in text
     assert "| kNN-4 vote accuracy >= 0.85 | 0.900 | met |" in text
+    summary = "\n".join(summary_lines(report))
+    assert "Of 4 release targets, 3 are met; not met: same-source ROC AUC >= 0.90." in summary
+    assert "has **not** shown" in summary
+    report["same_source"] = {"estimates": {"roc_auc": est(0.95)}}
+    summary = "\n".join(summary_lines(report))
+    assert "Of 4 release targets, 4 are met." in summary and "not** shown" not in summary
