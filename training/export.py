@@ -30,6 +30,7 @@ from pydicom.uid import generate_uid
 from torch import nn
 
 from training.models import Classifier, ClassifierExport, UNet, UNetExport, count_parameters
+from training.report import member_input_text
 from worker.bundle import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -285,7 +286,8 @@ def _model_card(
     for m in manifest.members:
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in m.validation_metrics.items()) or "none"
         lines.append(
-            f"| {m.name} | {m.architecture} | {m.input_size} | {parameters[m.file]:,}"
+            f"| {m.name} | {m.architecture} | {member_input_text(m.model_dump())} |"
+            f" {parameters[m.file]:,}"
             f" | {parity[m.file]:.2e} | {metrics} |"
         )
     seg = manifest.segmentation
