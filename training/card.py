@@ -208,7 +208,7 @@ def _ablation_lines(report: Json) -> list[str]:
         "",
         "| variant | ROC AUC | difference vs baseline |",
         "|---|---|---|",
-        f"| baseline (preprocessing + lung channel) | {ci(ab['baseline'])} | |",
+        f"| baseline (the recipe as configured) | {ci(ab['baseline'])} | |",
     ]
     for v in ab["variants"].values():
         if "auc" in v:

@@ -161,7 +161,7 @@ def section_ablation(
         "variants": {},
     }
     described = {
-        NO_SEG: "lung channel zeros (no segmentation)",
+        NO_SEG: "lung channel zeros (no segmentation, hence no lung crop)",
         NO_PREP: "no preprocessing (pad + resize; no crop, no CLAHE)",
     }
     for variant, text in described.items():

@@ -329,7 +329,7 @@ def render(report: Json, export: Json | None) -> str:
             "",
             "| condition | ROC AUC | difference vs baseline |",
             "|---|---|---|",
-            f"| baseline (preprocessing + lung channel) | {ci(ab['baseline'])} | |",
+            f"| baseline (the recipe as configured) | {ci(ab['baseline'])} | |",
         ]
         for v in ab["variants"].values():
             if "auc" in v:
