@@ -6,7 +6,8 @@ over 4 parallel associations, images per minute until the last SR arrives.
 
 Queue modes, each a fresh node (`cxr-node serve`) with its own data folder and ports:
 - embedded: no broker; the node's worker child runs every step (embedded-poll-1s: with
-  kombu's default 1 s polling of the queue folder, as before this benchmark);
+  kombu's default 1 s polling of the queue folder, as before this benchmark; embedded-spin:
+  with CXR_ONNX_SPIN=true);
 - redis-1, redis-2: Celery over a redis-server this script starts on a free port (the
   machine's shared Redis is not touched), with 1 or 2 `cxr-node worker` processes for
   inference; the node's own worker runs prepare/finalize/deliver.
@@ -96,6 +97,8 @@ class Node:
         workers = 0
         if mode == "embedded-poll-1s":  # the embedded queue's polling before tuning
             env["CXR_EMBEDDED_POLL_S"] = "1"
+        if mode == "embedded-spin":  # ONNX Runtime threads spinning while idle
+            env["CXR_ONNX_SPIN"] = "true"
         if mode.startswith("redis"):
             redis_port = free_port()
             self.procs.append(

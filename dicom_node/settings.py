@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     )
     worker_concurrency: int = Field(default=2, ge=1, description="threads per worker process")
     onnx_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: auto")
+    onnx_spin: bool = Field(
+        default=False,
+        description="ONNX Runtime threads spin while idle: faster single images on an otherwise "
+        "idle host, slower when the node's other work needs the cores",
+    )
     similar_k: int = Field(
         default=4, ge=0, le=50, description="nearest reference-set items in the SR; 0: none"
     )

@@ -38,7 +38,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             # the bundle the image was preprocessed for: the current one, or (just after a
             # switch) the one before it, which finishes the jobs it started
             wanted = node.bundles.by_fingerprint(request.bundle_fingerprint)
-            bundle, ensemble = get_ensemble(wanted.root, settings.onnx_threads)
+            bundle, ensemble = get_ensemble(wanted.root, settings.onnx_threads, settings.onnx_spin)
             result = run_infer(request, ensemble, bundle)
         except Exception as exc:
             log.exception("job %s: inference failed", request.job_id)

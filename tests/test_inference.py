@@ -187,3 +187,9 @@ def test_ensemble_refuses_a_manifest_that_misstates_input_sizes(tmp_path: Path) 
     bundle = load_bundle(root)
     with pytest.raises(BundleError, match=r"input shape .* is not \[N,3,96,96\]"):
         Ensemble(bundle)
+
+
+def test_onnx_threads_spin_only_when_asked() -> None:
+    spin = "session.intra_op.allow_spinning"
+    assert inference.session_options(2).get_session_config_entry(spin) == "0"
+    assert inference.session_options(2, spin=True).get_session_config_entry(spin) == "1"

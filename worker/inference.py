@@ -73,13 +73,15 @@ def _check_io(
         raise BundleError(f"{what}: input shape {shape} is not [N,{channels},{size},{size}]")
 
 
-def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+def session_options(intra_op_threads: int = 0, spin: bool = False) -> ort.SessionOptions:
     """The node's ONNX Runtime session options (bench/inference.py measures them).
 
     Threads: 0 means one per CPU the process may use. Sequential execution (the models are
     single chains of convolutions), all graph optimisations, memory arena and memory pattern on.
-    Intra-op threads do not spin while waiting for work: on a machine shared with the node's
-    own threads (SCP, decoding, reports) spinning burns the cores that would do that work.
+    Intra-op threads do not spin while waiting for work unless `spin`: on a machine shared
+    with the node's own threads (SCP, decoding, reports) spinning burns the cores that would do
+    that work; on an otherwise idle machine spinning answers a single image faster
+    (docs/BENCHMARKS.md section 0).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -88,7 +90,7 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.enable_cpu_mem_arena = True
     options.enable_mem_pattern = True
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return options
 
 
@@ -107,12 +109,13 @@ class Ensemble:
         bundle: Bundle,
         intra_op_threads: int = 0,
         providers: list[str] | None = None,
+        spin: bool = False,
         options: ort.SessionOptions | None = None,
     ) -> None:
         self.bundle = bundle
         manifest = bundle.manifest
         self.params = manifest.preprocessing
-        options = options or session_options(intra_op_threads)
+        options = options or session_options(intra_op_threads, spin)
         self.providers = providers or default_providers()
 
         def session(file: str) -> ort.InferenceSession:
@@ -204,11 +207,13 @@ def run_infer(request: InferRequest, ensemble: Ensemble, bundle: Bundle) -> Infe
 # Two: the bundle in use and, just after a switch, the previous one finishing its jobs; an
 # older one is dropped (and its GPU memory freed) when a third is loaded.
 @functools.lru_cache(maxsize=2)
-def _cached(root: Path, intra_op_threads: int) -> tuple[Bundle, Ensemble]:
+def _cached(root: Path, intra_op_threads: int, spin: bool) -> tuple[Bundle, Ensemble]:
     bundle = load_bundle(root)
-    return bundle, Ensemble(bundle, intra_op_threads=intra_op_threads)
+    return bundle, Ensemble(bundle, intra_op_threads=intra_op_threads, spin=spin)
 
 
-def get_ensemble(bundle_dir: Path, intra_op_threads: int = 0) -> tuple[Bundle, Ensemble]:
+def get_ensemble(
+    bundle_dir: Path, intra_op_threads: int = 0, spin: bool = False
+) -> tuple[Bundle, Ensemble]:
     """The process's bundle and ensemble, loaded and checked on first use only."""
-    return _cached(Path(bundle_dir).resolve(), intra_op_threads)
+    return _cached(Path(bundle_dir).resolve(), intra_op_threads, spin)
