@@ -151,25 +151,27 @@ class Ensemble:
         (lung,) = self.segmentation.run([SEGMENTATION_OUTPUT], {INPUT_NAME: seg_in})
         lung = np.asarray(lung, dtype=np.float32)
 
+        # At the image's size: the SR's lung map, and what a lung crop cuts from.
+        lung_maps = resize_batch(lung, size)
+        inputs: dict[tuple[int, float | None], np.ndarray] = {}  # members often share one
         probabilities: dict[str, np.ndarray] = {}
         embeddings: np.ndarray | None = None
         for spec in manifest.members:
-            prob, emb = self.members[spec.name].run(
-                list(MEMBER_OUTPUTS),
-                {INPUT_NAME: member_input(x, lung, spec.input_size, spec.lung_crop)},
-            )
+            key = (spec.input_size, spec.lung_crop)
+            if key not in inputs:
+                inputs[key] = member_input(x, lung if spec.lung_crop is None else lung_maps, *key)
+            prob, emb = self.members[spec.name].run(list(MEMBER_OUTPUTS), {INPUT_NAME: inputs[key]})
             probabilities[spec.name] = np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0)
             if spec.name == self.embedding_member:
                 embeddings = np.asarray(emb, dtype=np.float32)
         assert embeddings is not None  # load_bundle checked that the member exists
         mean = np.mean(np.stack(list(probabilities.values())), axis=0)
-        lung_maps = resize_batch(lung, size)[:, 0]
         return [
             Prediction(
                 probability=float(mean[i]),
                 member_probabilities={name: float(p[i]) for name, p in probabilities.items()},
                 embedding=embeddings[i].copy(),
-                lung_probability=np.ascontiguousarray(lung_maps[i]),
+                lung_probability=np.ascontiguousarray(lung_maps[i, 0]),
             )
             for i in range(images.shape[0])
         ]
