@@ -13,6 +13,9 @@ from training.report import METRIC_LABELS, ci, member_input_text
 
 Json = dict[str, Any]
 
+#: The target no other can stand in for: the contrast where the source says nothing.
+SAME_SOURCE_TARGET = "same-source ROC AUC >= 0.90"
+
 
 def _table(rows: dict[str, Json], cols: tuple[str, ...] = ("n", "positives")) -> list[str]:
     lines = [
@@ -45,7 +48,7 @@ def summary_lines(report: Json) -> list[str]:
         f"Same-source contrast ROC AUC {ci(ss)}; with the lungs masked out"
         f" {ci(lm.get('lungs_masked_out'))} (full image {ci(lm.get('original'))}).",
     ]
-    if any(t.startswith("same-source") for t in failed):
+    if SAME_SOURCE_TARGET in failed:
         lines.append(
             "The model has **not** shown that it tells COVID-19 from other pneumonia when the"
             " image source gives no hint: its overall AUC mostly measures which collection an"
@@ -224,7 +227,7 @@ def _targets(report: Json) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) for each release target of the shortcut audit and retrieval."""
     rows: list[tuple[str, str, bool | None]] = []
     ss = _value((report.get("same_source") or {}).get("estimates", {}).get("roc_auc"))
-    rows.append(("same-source ROC AUC >= 0.90", _fmt(ss), None if ss is None else ss >= 0.90))
+    rows.append((SAME_SOURCE_TARGET, _fmt(ss), None if ss is None else ss >= 0.90))
     lm = (report.get("shortcut_audit") or {}).get("lung_masking") or {}
     masked, only, orig = (_value(lm.get(k)) for k in ("lungs_masked_out", "lungs_only", "original"))
     rows.append(

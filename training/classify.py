@@ -27,7 +27,7 @@ from training.adversary import SourceAdversary, contested_classes, source_codes
 from training.augment import make_augmenter
 from training.cache import Cache
 from training.config import ExperimentConfig
-from training.data import mixed_sources
+from training.data import same_source_rows
 from training.datasets import MemberDataset, loader, take, training_sampler
 from training.metrics import roc_auc
 from training.models import Classifier, count_parameters
@@ -232,11 +232,10 @@ def train_member(
         raise ValueError(f"{run.name}: no lung maps (train the segmentation first)")
     lungs_all = lungs if run.lung == "unet" else None
     labels_all = cache.labels
-    mixed = set(mixed_sources(cache.records))
     train_rows, val_rows = cache.rows(split.train), cache.rows(split.val)
     if len(np.unique(labels_all[train_rows])) < 2:
         raise ValueError(f"{run.name}: the training set holds one class only")
-    same_source = np.array([cache.records[r].source in mixed for r in val_rows], dtype=bool)
+    same_source = same_source_rows(cache.records, val_rows)
     stage_fp = fingerprint(
         {
             "run": asdict(run),

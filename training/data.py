@@ -294,3 +294,9 @@ def mixed_sources(records: Sequence[Record]) -> list[str]:
     for r in records:
         classes.setdefault(r.source, set()).add(r.label)
     return sorted(s for s, c in classes.items() if len(c) == len(CxrClass))
+
+
+def same_source_rows(records: Sequence[Record], rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    """For each of `rows`, whether its record comes from a source holding both classes."""
+    mixed = set(mixed_sources(records))
+    return np.array([records[r].source in mixed for r in rows], dtype=bool)

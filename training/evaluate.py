@@ -89,14 +89,13 @@ def _ensemble_scores(
 def _load_models(
     cfg: ExperimentConfig, paths: RunPaths, device: torch.device
 ) -> dict[str, tuple[torch.nn.Module, int, float | None]]:
-    return {
-        m.name: (
-            load_member(paths.member(0, m.name)).to(device),
-            cfg.member_size(m),
-            cfg.classifier.lung_crop,
-        )
-        for m in cfg.members
-    }
+    """Split 0's members, each with the input it was trained on (size, lung crop)."""
+    out: dict[str, tuple[torch.nn.Module, int, float | None]] = {}
+    for m in cfg.members:
+        folder = paths.member(0, m.name)
+        run = read_json(folder / "result.json")["run"]
+        out[m.name] = (load_member(folder).to(device), run["input_size"], run.get("lung_crop"))
+    return out
 
 
 def lung_audit(

@@ -31,7 +31,7 @@ from training.cache import Cache
 from training.card import card_notes
 from training.classify import load_member, read_predictions
 from training.config import ExperimentConfig
-from training.data import Record, mixed_sources
+from training.data import Record, same_source_rows
 from training.export import (
     MODEL_CARD,
     ExportError,
@@ -187,13 +187,14 @@ def export_run(
         folder = paths.member(0, m.name)
         trained = read_json(folder / "result.json")
         metrics = {k: float(v) for k, v in trained["validation"].items() if v is not None}
+        run = trained["run"]  # the input it was trained on
         members.append(
             MemberExport(
                 m.name,
                 load_member(folder),
-                cfg.member_size(m),
+                run["input_size"],
                 metrics,
-                lung_crop=trained["run"].get("lung_crop"),
+                lung_crop=run.get("lung_crop"),
             )
         )
     params = cache.params
@@ -271,8 +272,7 @@ def export_run(
     test_images = cache.images[test_rows]
     y = cache.labels[test_rows]
     served = _serve(out_dir, test_images)
-    mixed = set(mixed_sources(cache.records))
-    same_source = np.array([cache.records[r].source in mixed for r in test_rows], dtype=bool)
+    same_source = same_source_rows(cache.records, test_rows)
     torch_scores = np.mean(
         [read_predictions(paths.member(0, m.name), split.test).probability for m in cfg.members],
         axis=0,
