@@ -133,6 +133,12 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         default=1800, ge=10, description="Redis: an unacknowledged task is redelivered after this"
     )
+    step_crash_limit: int = Field(
+        default=3,
+        ge=1,
+        description="runs of a job's step that may end the worker process (crash, OOM kill) "
+        "before the job fails instead of being run again",
+    )
     max_pixels: int = Field(default=100_000_000, description="refuse images with more pixels")
     min_free_disk_mb: int = Field(
         default=500, ge=0, description="refuse new instances (0xA700) below this free space"
@@ -314,6 +320,11 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def running_dir(self) -> Path:
+        """Markers of the job steps running now (dicom_node.crash_guard)."""
+        return self.data_dir / "running"
 
     @property
     def hospital_dir(self) -> Path:

@@ -413,3 +413,63 @@ def test_same_instance_twice_is_analysed_once(
     assert sum(ledger_of(node).counts().values()) == 2
     assert_each_sr_once(node, pacs, 2)
     assert "not analysed again" in node.logs()
+
+
+def freeze_a_running_step(node: NodeProcess, timeout: float) -> tuple[int, Path]:
+    """Wait for a job step to run in the worker (its crash-guard marker), SIGSTOP the worker
+    and return its pid and the marker that is still there, i.e. the step frozen mid-run."""
+    from dicom_node.crash_guard import read_marker
+
+    folder = node.data_dir / "running"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in folder.glob("*.running") if folder.is_dir() else []:
+            marker = read_marker(path)
+            if marker is None:
+                continue
+            os.kill(marker.pid, signal.SIGSTOP)
+            if path.exists():
+                return marker.pid, path
+            os.kill(marker.pid, signal.SIGCONT)  # it ended meanwhile: look again
+        time.sleep(0.002)
+    raise AssertionError("no job step was seen running")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_step_that_kills_the_worker_fails_its_job_instead_of_looping(
+    start_node: Callable[..., NodeProcess],
+    pacs_factory: Callable[..., Pacs],
+    tmp_path: Path,
+) -> None:
+    """SIGKILL the node's worker in the middle of a job step (as the OOM killer would): the
+    node restarts the worker and the sweep sends the job again; with CXR_STEP_CRASH_LIMIT=1
+    the step is not run a second time and the job fails visibly, with the reason; an
+    operator's retry then analyses and delivers it, and later studies go through."""
+    pacs = pacs_factory()
+    node = start_node(
+        destinations=pacs.address,
+        produce_sc="false",
+        step_crash_limit="1",
+        visibility_timeout_s="10",
+        recovery_interval_s="2",
+    )
+    first, second = make_instances(tmp_path / "in", 2)
+    assert storescu_statuses(node.port, [first]) == [status.SUCCESS]
+    pid, marker = freeze_a_running_step(node, 120)
+    step = marker.name.split("--")[0]
+    os.kill(pid, signal.SIGKILL)
+    ledger = ledger_of(node)
+    wait_for(lambda: ledger.counts()["failed"] == 1, 120, "the job failed, not run again")
+    (job,) = ledger.jobs_in((JobState.FAILED,))
+    assert f"{step} ended the worker process 1 time" in (job.reason or "")
+    assert not list(marker.parent.glob("*.running"))  # the failure removed the marker
+    assert f"job {job.job_id}: analysis failed: {step} ended the worker process" in node.logs()
+    # the worker is back and the node goes on with the next study
+    assert storescu_statuses(node.port, [second]) == [status.SUCCESS]
+    wait_delivered(node, 1, timeout=120)
+    # the operator retries the failed one: analysed and delivered like any other
+    retried = node.cli("retry", job.job_id)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    wait_delivered(node, 2, timeout=120)
+    assert_each_sr_once(node, pacs, 2)
