@@ -35,7 +35,15 @@ def torch_weights_path(bundle: Path) -> Path:
     return bundle.with_name(bundle.name + ".torch.pt")
 
 
-def build(out: Path, references: int = 1000, seed: int = 0) -> Path:
+def build(
+    out: Path,
+    references: int = 1000,
+    seed: int = 0,
+    members_: tuple[tuple[str, str], ...] = MEMBERS,
+    size: int = SIZE,
+    seg_size: int = SEG_SIZE,
+    unet_width: int = UNET_WIDTH,
+) -> Path:
     import torch
 
     from training.export import (
@@ -51,27 +59,34 @@ def build(out: Path, references: int = 1000, seed: int = 0) -> Path:
     from worker.preprocess import PreprocessParams, to_model_input
 
     torch.manual_seed(seed)
-    params = PreprocessParams(size=SIZE)
-    unet = UNet(base_width=UNET_WIDTH, depth=4)
+    params = PreprocessParams(size=size)
+    unet = UNet(base_width=unet_width, depth=4)
     members = [
-        MemberExport(name=name, model=build_classifier(arch, PAPER_HEAD), input_size=SIZE)
-        for name, arch in MEMBERS
+        MemberExport(name=name, model=build_classifier(arch, PAPER_HEAD), input_size=size)
+        for name, arch in members_
     ]
+    embedding_member = members_[0][0] if members_ != MEMBERS else EMBEDDING_MEMBER
     x = to_model_input(synthetic_batch(32, params, seed=seed + 1), params)
-    calibrate_batchnorm(unet, torch.from_numpy(resize_batch(x, SEG_SIZE)), batch_size=16)
+    calibrate_batchnorm(unet, torch.from_numpy(resize_batch(x, seg_size)), batch_size=16)
     with torch.no_grad():
-        lung = UNetExport(unet)(torch.from_numpy(resize_batch(x, SEG_SIZE))).numpy()
+        lung = UNetExport(unet)(torch.from_numpy(resize_batch(x, seg_size))).numpy()
     for member in members:
         calibrate_batchnorm(
-            member.model, torch.from_numpy(member_input(x, lung, SIZE)), batch_size=16
+            member.model, torch.from_numpy(member_input(x, lung, size)), batch_size=16
         )
     images = synthetic_batch(references, params, seed=seed)
-    emb_model = next(m for m in members if m.name == EMBEDDING_MEMBER).model
-    embeddings = torch_embeddings(unet, SEG_SIZE, emb_model, SIZE, images, params)
+    emb_model = next(m for m in members if m.name == embedding_member).model
+    embeddings = torch_embeddings(unet, seg_size, emb_model, size, images, params)
     items = [
         ReferenceItem(id=f"synthetic-{i:05d}", label=label.label, source="synthetic")
         for i, label in enumerate(synthetic_labels(references))
     ]
+    shape = (
+        "training/configs/cpu.toml"
+        if members_ == MEMBERS and size == SIZE
+        else f"members {','.join(a for _, a in members_)} at {size} px, "
+        f"U-Net {unet_width} at {seg_size} px"
+    )
     if out.exists():
         shutil.rmtree(out)
     write_bundle(
@@ -79,16 +94,16 @@ def build(out: Path, references: int = 1000, seed: int = 0) -> Path:
         name="bench-cpu-shape",
         version="0.0.0-random",
         members=members,
-        segmentation=SegmentationExport(model=unet, input_size=SEG_SIZE),
+        segmentation=SegmentationExport(model=unet, input_size=seg_size),
         reference_embeddings=embeddings,
         reference_items=items,
-        embedding_member=EMBEDDING_MEMBER,
+        embedding_member=embedding_member,
         preprocessing=params,
         threshold=0.5,
         sample_images=images[:8],
         training_data={"note": "random weights: for timing only"},
         random_weights=True,
-        config={"shape_of": "training/configs/cpu.toml", "seed": seed},
+        config={"shape_of": shape, "seed": seed},
         card_notes="Random weights, the shipped configuration's shapes: for benchmarks only.",
     )
     # The same weights for PyTorch eager in bench.inference (beside the bundle, not in it).
@@ -103,9 +118,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--references", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--members", default="", help="architectures (default: the shipped ones)")
+    parser.add_argument("--size", type=int, default=SIZE, help="members' input side")
+    parser.add_argument("--seg-size", type=int, default=SEG_SIZE, help="U-Net input side")
+    parser.add_argument("--unet-width", type=int, default=UNET_WIDTH)
     args = parser.parse_args()
+    members = tuple((a, a) for a in args.members.split(",") if a) or MEMBERS
     start = time.perf_counter()
-    build(args.out, args.references, args.seed)
+    build(args.out, args.references, args.seed, members, args.size, args.seg_size, args.unet_width)
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 
