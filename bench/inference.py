@@ -115,7 +115,7 @@ def cases(bundle: Bundle, images: np.ndarray) -> list[Case]:
                 3,
                 spec.input_size,
                 _torch_twin(bundle, spec.name, weights),
-                member_input(x, lung, spec.input_size, spec.lung_crop),
+                member_input(x, lung, spec.input_size, spec.lung_crop, spec.lung_mask),
             )
         )
     return out

@@ -133,7 +133,7 @@ def breakdown(node: pipeline.NodeRuntime, job_id: str, threads: int) -> dict[str
     for spec in manifest.members:
         prob, _ = ensemble.members[spec.name].run(
             list(MEMBER_OUTPUTS),
-            {INPUT_NAME: member_input(x, lung, spec.input_size, spec.lung_crop)},
+            {INPUT_NAME: member_input(x, lung, spec.input_size, spec.lung_crop, spec.lung_mask)},
         )
         probabilities.append(prob)
     c.lap("infer: ensemble")

@@ -192,6 +192,7 @@ def _tiny_bundle(
     seg_size: int = 32,
     sizes: tuple[int, int] = (SIZE, 48),
     lung_crop: float | None = None,
+    lung_mask: float | None = None,
 ) -> Path:
     torch.manual_seed(3)
     x = to_model_input(images, params)
@@ -199,12 +200,22 @@ def _tiny_bundle(
     members = []
     for arch, size in zip(("shufflenet_v2_x0_5", "mobilenet_v3_small"), sizes, strict=True):
         model = build_classifier(arch, TINY_HEAD)
-        calibrate_batchnorm(model, torch.from_numpy(member_input(x, lung, size, lung_crop)))
+        view = member_input(x, lung, size, lung_crop, lung_mask)
+        calibrate_batchnorm(model, torch.from_numpy(view))
         members.append(
-            MemberExport(arch.split("_")[0], model, input_size=size, lung_crop=lung_crop)
+            MemberExport(
+                arch.split("_")[0], model, size, lung_crop=lung_crop, lung_mask=lung_mask
+            )
         )
     embeddings = torch_embeddings(
-        unet, seg_size, members[0].model, sizes[0], images, params, lung_crop=lung_crop
+        unet,
+        seg_size,
+        members[0].model,
+        sizes[0],
+        images,
+        params,
+        lung_crop=lung_crop,
+        lung_mask=lung_mask,
     )
     items = [
         ReferenceItem(id=f"ref-{i}", label=label.label, source="synthetic")
@@ -228,19 +239,23 @@ def _tiny_bundle(
     return out_dir
 
 
-@pytest.mark.parametrize("lung_crop", [None, 0.1])
+@pytest.mark.parametrize(("lung_crop", "lung_mask"), [(None, None), (0.1, None), (0.1, 0.03)])
 def test_write_bundle_output_loads_and_serves(
     tmp_path: Path,
     unet: UNet,
     images: np.ndarray,
     params: PreprocessParams,
     lung_crop: float | None,
+    lung_mask: float | None,
 ) -> None:
     # Segmentation at 32 and members at 64 and 48 px: every resize path of the worker runs.
-    root = _tiny_bundle(tmp_path / "bundle", unet, images, params, lung_crop=lung_crop)
+    root = _tiny_bundle(
+        tmp_path / "bundle", unet, images, params, lung_crop=lung_crop, lung_mask=lung_mask
+    )
     bundle = load_bundle(root)
     manifest = bundle.manifest
     assert [m.lung_crop for m in manifest.members] == [lung_crop, lung_crop]
+    assert [m.lung_mask for m in manifest.members] == [lung_mask, lung_mask]
     assert manifest.schema_version == SCHEMA_VERSION
     assert manifest.class_map == CLASS_MAP
     assert UID(manifest.device_uid).is_valid

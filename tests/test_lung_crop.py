@@ -1,4 +1,5 @@
-"""The lung crop of the member input (worker.model_input): the box, its fallbacks, its output."""
+"""The lung crop and lung mask of the member input (worker.model_input): the box, the mask,
+their fallbacks, their output, and that the worker applies what its manifest says."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tests.test_lungs import two_lungs
 from training.synthetic import synthetic_batch
 from worker.bundle import MANIFEST_NAME, load_bundle
 from worker.inference import Ensemble
-from worker.model_input import lung_box, member_input
+from worker.model_input import lung_box, lung_weight, member_input
 from worker.preprocess import to_model_input
 
 
@@ -78,6 +79,37 @@ def test_crop_falls_back_to_the_whole_image_per_sample() -> None:
     assert not np.allclose(cropped[1, 0], whole[1, 0])
 
 
+def test_mask_keeps_the_lungs_and_a_rim_and_sets_the_rest_to_mean_gray() -> None:
+    size = 100
+    lung = lung_map((size, size), slice(20, 80), slice(30, 70))
+    weight = lung_weight(lung, dilation=0.05)  # 5 px at this size
+    assert weight is not None
+    assert weight[20:80, 30:70].min() == 1.0  # the lungs
+    assert weight[50, 25] == 1.0 and weight[50, 74] == 1.0  # 5 px of rim kept
+    assert weight[50, 24] == 0.0 and weight[50, 76] == 0.0 and weight[5, 5] == 0.0
+    bare = lung_weight(lung, dilation=0.0)
+    assert bare is not None and bare.sum() == 60 * 40
+    assert lung_weight(np.zeros((size, size), np.float32), 0.05) is None  # no lungs found
+
+    image = np.full((1, 1, size, size), 3.0, np.float32)
+    x = member_input(image, lung[None, None], size, lung_mask=0.05)
+    np.testing.assert_array_equal(x[0, 0], 3.0 * weight)  # 0 = the normalised mean gray
+    np.testing.assert_array_equal(x[0, 1], lung)  # the lung channel itself is not masked
+
+
+def test_mask_follows_the_crop_and_falls_back_per_sample() -> None:
+    size = 96
+    image = np.random.default_rng(1).normal(size=(2, 1, size, size)).astype(np.float32)
+    lung = np.zeros((2, 1, 48, 48), np.float32)
+    lung[1, 0, 10:40, 8:40] = 1.0
+    masked = member_input(image, lung, 64, lung_crop=0.1, lung_mask=0.02)
+    cropped = member_input(image, lung, 64, lung_crop=0.1)
+    np.testing.assert_allclose(masked[0], cropped[0])  # no lungs: nothing masked
+    weight = lung_weight(cropped[1, 1], 0.02)
+    assert weight is not None and 0.3 < weight.mean() < 1.0
+    np.testing.assert_allclose(masked[1, 0], cropped[1, 0] * weight)
+
+
 class FixedLungs:
     """Stands in for the segmentation session: lungs in the upper left of every image."""
 
@@ -90,12 +122,13 @@ class FixedLungs:
         return [np.repeat(self.map, len(x), axis=0)]
 
 
-def test_the_worker_crops_as_its_manifest_says(tmp_path: Path) -> None:
+def test_the_worker_crops_and_masks_as_its_manifest_says(tmp_path: Path) -> None:
     root = tmp_path / "bundle"
     shutil.copytree(PLUMBING, root)
     manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
     for member in manifest["members"]:
         member["lung_crop"] = 0.1
+        member["lung_mask"] = 0.03
     (root / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
     bundle = load_bundle(root)
     ensemble = Ensemble(bundle)
@@ -110,10 +143,11 @@ def test_the_worker_crops_as_its_manifest_says(tmp_path: Path) -> None:
     lung = FixedLungs(seg_size).map.repeat(2, axis=0)
     for spec in bundle.manifest.members:
         session = ensemble.members[spec.name]
-        cropped, whole = (
-            session.run(["probability"], {"image": member_input(x, lung, spec.input_size, c)})[0]
-            for c in (0.1, None)
+        masked, cropped, whole = (
+            session.run(["probability"], {"image": member_input(x, lung, spec.input_size, *v)})[0]
+            for v in ((0.1, 0.03), (0.1, None), (None, None))
         )
         got = [p.member_probabilities[spec.name] for p in predictions]
-        np.testing.assert_allclose(got, cropped, rtol=1e-5)
+        np.testing.assert_allclose(got, masked, rtol=1e-5)
+        assert not np.allclose(got, cropped, rtol=1e-5)
         assert not np.allclose(got, whole, rtol=1e-5)

@@ -79,6 +79,7 @@ class MemberRun:
     images: ImageInput = "preprocessed"
     same_source_share: float = 0.0
     lung_crop: float | None = None
+    lung_mask: float | None = None
     source_adversary: float = 0.0
 
 
@@ -117,6 +118,7 @@ def member_run(
         images="raw" if variant == "no-prep" else "preprocessed",
         same_source_share=c.same_source_share,
         lung_crop=None if variant == "no-seg" else c.lung_crop,
+        lung_mask=None if variant == "no-seg" else c.lung_mask,
         source_adversary=c.source_adversary,
     )
 
@@ -159,10 +161,13 @@ def predict(
     device: torch.device,
     batch_size: int = 32,
     lung_crop: float | None = None,
+    lung_mask: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """P(COVID-19) [N] and embeddings [N,D], in fp32, from worker-identical inputs."""
     labels = np.zeros(len(images), dtype=np.int64)
-    dataset = MemberDataset(images, lungs, labels, params, input_size, lung_crop=lung_crop)
+    dataset = MemberDataset(
+        images, lungs, labels, params, input_size, lung_crop=lung_crop, lung_mask=lung_mask
+    )
     probs: list[np.ndarray] = []
     embeddings: list[np.ndarray] = []
     model = model.to(device)
@@ -304,6 +309,7 @@ def train_member(
         run.input_size,
         augment,
         lung_crop=run.lung_crop,
+        lung_mask=run.lung_mask,
         groups=source_code,
     )
     val_images = take(images_all, val_rows)
@@ -364,6 +370,7 @@ def train_member(
             run.input_size,
             device,
             lung_crop=run.lung_crop,
+            lung_mask=run.lung_mask,
         )
         metrics = _validation_metrics(prob, val_labels, same_source)
         value, used = _selection_value(metrics, run.selection)
@@ -415,6 +422,7 @@ def train_member(
         run.input_size,
         device,
         lung_crop=run.lung_crop,
+        lung_mask=run.lung_mask,
     )
     np.savez_compressed(
         out_dir / "predictions.npz", ids=np.array(cache.ids), probability=prob, embedding=emb

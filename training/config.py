@@ -122,6 +122,14 @@ class ClassifierConfig(_Section):
         "U-Net's lungs grown by this fraction per side, in training and in the bundle (the "
         "without-segmentation ablation always sees the whole image)",
     )
+    lung_mask: float | None = Field(
+        default=None,
+        ge=0,
+        le=0.5,
+        description="None: nothing masked; a dilation (fraction of the member's input side): "
+        "the image outside the U-Net's lungs grown by it is set to the mean gray, in training "
+        "and in the bundle (not in the without-segmentation ablation)",
+    )
     source_adversary: float = Field(
         default=0.0,
         ge=0,

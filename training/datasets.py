@@ -1,7 +1,8 @@
 """Torch datasets over the cache: model inputs built with the worker's own helpers.
 
-The member input is `worker.model_input.member_input(to_model_input(image), lung, size, crop)`,
-the segmentation input `resize_batch(to_model_input(image), seg_size)`: without augmentation a
+The member input is
+`worker.model_input.member_input(to_model_input(image), lung, size, crop, mask)`, the
+segmentation input `resize_batch(to_model_input(image), seg_size)`: without augmentation a
 sample is exactly what the worker computes for that image and lung map.
 """
 
@@ -29,7 +30,7 @@ class MemberDataset(Dataset[tuple[torch.Tensor, int, int]]):
 
     `lungs`: the U-Net probability maps [n,1,s,s] as the worker computes them, or None for
     the without-segmentation ablation (the lung channel is then zeros, and no lung crop).
-    `lung_crop`: as the bundle's MemberSpec.lung_crop. `groups`: an integer per image passed
+    `lung_crop`, `lung_mask`: as the bundle's MemberSpec. `groups`: an integer per image passed
     through (the source, for the source adversary); -1 without.
     """
 
@@ -43,6 +44,7 @@ class MemberDataset(Dataset[tuple[torch.Tensor, int, int]]):
         augment: Augmenter | None = None,
         lung_crop: float | None = None,
         groups: np.ndarray | None = None,
+        lung_mask: float | None = None,
     ) -> None:
         if lungs is not None and len(lungs) != len(images):
             raise ValueError(f"{len(lungs)} lung maps for {len(images)} images")
@@ -51,6 +53,7 @@ class MemberDataset(Dataset[tuple[torch.Tensor, int, int]]):
         self.images, self.lungs, self.labels = images, lungs, np.asarray(labels)
         self.params, self.input_size, self.augment = params, input_size, augment
         self.lung_crop = None if lungs is None else lung_crop
+        self.lung_mask = None if lungs is None else lung_mask
         self.groups = np.full(len(images), -1) if groups is None else np.asarray(groups)
         if len(self.groups) != len(images):
             raise ValueError(f"{len(self.groups)} groups for {len(images)} images")
@@ -68,7 +71,7 @@ class MemberDataset(Dataset[tuple[torch.Tensor, int, int]]):
             image, lung = self.augment(image, lung)
         x = to_model_input(image[None], self.params)
         lung_batch = np.zeros_like(x) if lung is None else lung[None, None]
-        member = member_input(x, lung_batch, self.input_size, self.lung_crop)[0]
+        member = member_input(x, lung_batch, self.input_size, self.lung_crop, self.lung_mask)[0]
         return torch.from_numpy(member), int(self.labels[i]), int(self.groups[i])
 
 

@@ -53,6 +53,10 @@ Json = dict[str, Any]
 REPORT_JSON = "report.json"
 
 
+#: A trained member and the input it was trained on: (model, size, lung crop, lung mask).
+LoadedMember = tuple[torch.nn.Module, int, float | None, float | None]
+
+
 def _member_results(paths: RunPaths, names: Sequence[str]) -> dict[str, Json]:
     out = {}
     for n in names:
@@ -63,7 +67,7 @@ def _member_results(paths: RunPaths, names: Sequence[str]) -> dict[str, Json]:
 
 
 def _ensemble_scores(
-    models: dict[str, tuple[torch.nn.Module, int, float | None]],
+    models: dict[str, LoadedMember],
     images: np.ndarray,
     lungs: np.ndarray,
     cache_params: Any,
@@ -71,7 +75,7 @@ def _ensemble_scores(
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     member_scores: dict[str, np.ndarray] = {}
     embeddings: dict[str, np.ndarray] = {}
-    for name, (model, size, crop) in models.items():
+    for name, (model, size, crop, mask) in models.items():
         prob, emb = predict(
             model,  # type: ignore[arg-type]
             images,
@@ -80,6 +84,7 @@ def _ensemble_scores(
             size,
             device,
             lung_crop=crop,
+            lung_mask=mask,
         )
         member_scores[name] = prob
         embeddings[name] = emb
@@ -88,13 +93,18 @@ def _ensemble_scores(
 
 def _load_models(
     cfg: ExperimentConfig, paths: RunPaths, device: torch.device
-) -> dict[str, tuple[torch.nn.Module, int, float | None]]:
-    """Split 0's members, each with the input it was trained on (size, lung crop)."""
-    out: dict[str, tuple[torch.nn.Module, int, float | None]] = {}
+) -> dict[str, LoadedMember]:
+    """Split 0's members, each with the input it was trained on (size, lung crop, mask)."""
+    out: dict[str, LoadedMember] = {}
     for m in cfg.members:
         folder = paths.member(0, m.name)
         run = read_json(folder / "result.json")["run"]
-        out[m.name] = (load_member(folder).to(device), run["input_size"], run.get("lung_crop"))
+        out[m.name] = (
+            load_member(folder).to(device),
+            run["input_size"],
+            run.get("lung_crop"),
+            run.get("lung_mask"),
+        )
     return out
 
 
@@ -102,7 +112,7 @@ def lung_audit(
     test: ScoredSet,
     images: np.ndarray,
     lungs: np.ndarray,
-    models: dict[str, tuple[torch.nn.Module, int, float | None]],
+    models: dict[str, LoadedMember],
     params: Any,
     device: torch.device,
     samples: int,

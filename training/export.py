@@ -215,6 +215,7 @@ def torch_embeddings(
     params: PreprocessParams,
     batch_size: int = 16,
     lung_crop: float | None = None,
+    lung_mask: float | None = None,
 ) -> np.ndarray:
     """Embeddings of preprocessed uint8 [N,S,S] images, assembled exactly as the worker does."""
     seg = UNetExport(segmentation).eval()
@@ -224,7 +225,7 @@ def torch_embeddings(
         for start in range(0, len(images), batch_size):
             x = to_model_input(images[start : start + batch_size], params)
             lung = seg(torch.from_numpy(resize_batch(x, seg_size))).numpy()
-            _, emb = cls(torch.from_numpy(member_input(x, lung, member_size, lung_crop)))
+            _, emb = cls(torch.from_numpy(member_input(x, lung, member_size, lung_crop, lung_mask)))
             out.append(emb.numpy())
     return np.concatenate(out).astype(np.float32)
 
@@ -239,6 +240,7 @@ class MemberExport:
     input_size: int
     validation_metrics: dict[str, float] = field(default_factory=dict)
     lung_crop: float | None = None
+    lung_mask: float | None = None
 
 
 @dataclass
@@ -375,7 +377,7 @@ def write_bundle(
             parity[file] = check_parity(
                 ClassifierExport(m.model),
                 work / file,
-                member_input(x, lung, m.input_size, m.lung_crop),
+                member_input(x, lung, m.input_size, m.lung_crop, m.lung_mask),
             )
             parameters[file] = count_parameters(m.model)
             member_specs.append(
@@ -386,6 +388,7 @@ def write_bundle(
                     architecture=m.model.architecture,
                     input_size=m.input_size,
                     lung_crop=m.lung_crop,
+                    lung_mask=m.lung_mask,
                     embedding_dim=m.model.embedding_dim,
                     validation_metrics=m.validation_metrics,
                 )

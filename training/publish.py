@@ -195,6 +195,7 @@ def export_run(
                 run["input_size"],
                 metrics,
                 lung_crop=run.get("lung_crop"),
+                lung_mask=run.get("lung_mask"),
             )
         )
     params = cache.params
@@ -216,6 +217,7 @@ def export_run(
         cache.images[ref_rows],
         params,
         lung_crop=emb_member.lung_crop,
+        lung_mask=emb_member.lung_mask,
     )
     items = [
         ReferenceItem(

@@ -74,5 +74,7 @@ def calibration_inputs(bundle: Bundle, images: np.ndarray) -> dict[str, np.ndarr
     lung = np.concatenate(lungs).astype(np.float32)
     inputs = {seg.file: seg_in}
     for member in manifest.members:
-        inputs[member.file] = member_input(x, lung, member.input_size, member.lung_crop)
+        inputs[member.file] = member_input(
+            x, lung, member.input_size, member.lung_crop, member.lung_mask
+        )
     return inputs

@@ -55,10 +55,14 @@ def ci(e: Mapping[str, Any] | None, digits: int = 3) -> str:
 
 
 def member_input_text(m: Mapping[str, Any]) -> str:
-    """A member's input for the tables: its size, and the lung crop when it has one."""
-    crop = m.get("lung_crop")
-    size = m.get("input_size")
-    return f"{size}" if crop is None else f"{size}, lung box +{float(crop):.0%} per side"
+    """A member's input for the tables: its size, and the lung crop and mask when it has them."""
+    crop, mask = m.get("lung_crop"), m.get("lung_mask")
+    text = f"{m.get('input_size')}"
+    if crop is not None:
+        text += f", lung box +{float(crop):.0%} per side"
+    if mask is not None:
+        text += f", lungs only (+{float(mask):.0%} of the side)"
+    return text
 
 
 def _cases_lines(cases: Json) -> list[str]:

@@ -133,6 +133,7 @@ def section_members(
             "architecture": res.get("run", {}).get("architecture"),
             "input_size": res.get("run", {}).get("input_size"),
             "lung_crop": res.get("run", {}).get("lung_crop"),
+            "lung_mask": res.get("run", {}).get("lung_mask"),
             "parameters": res.get("parameters"),
         }
     return out

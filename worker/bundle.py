@@ -41,6 +41,14 @@ class MemberSpec(FileRef):
         description="None: the member sees the whole image; a margin: the square around the "
         "U-Net's lungs grown by this fraction per side (worker.model_input.member_input)",
     )
+    lung_mask: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=0.5,
+        description="None: nothing masked; a dilation: the image outside the U-Net's lungs "
+        "grown by this fraction of the input side is set to the mean gray (applied after "
+        "the crop; worker.model_input.member_input)",
+    )
     embedding_dim: int
     validation_metrics: dict[str, float] = Field(default_factory=dict)
 

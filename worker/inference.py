@@ -153,11 +153,11 @@ class Ensemble:
 
         # At the image's size: the SR's lung map, and what a lung crop cuts from.
         lung_maps = resize_batch(lung, size)
-        inputs: dict[tuple[int, float | None], np.ndarray] = {}  # members often share one
+        inputs: dict[tuple[int, float | None, float | None], np.ndarray] = {}  # often shared
         probabilities: dict[str, np.ndarray] = {}
         embeddings: np.ndarray | None = None
         for spec in manifest.members:
-            key = (spec.input_size, spec.lung_crop)
+            key = (spec.input_size, spec.lung_crop, spec.lung_mask)
             if key not in inputs:
                 inputs[key] = member_input(x, lung if spec.lung_crop is None else lung_maps, *key)
             prob, emb = self.members[spec.name].run(list(MEMBER_OUTPUTS), {INPUT_NAME: inputs[key]})

@@ -70,14 +70,45 @@ def _crop_to_lungs(
     return out_image, out_lung
 
 
+def lung_weight(lung: np.ndarray, dilation: float) -> np.ndarray | None:
+    """1 on the lungs of a [H,W] probability map grown by `dilation` of its side, 0 elsewhere;
+    None when the lungs cover less than MIN_LUNG_FRACTION (nothing to keep)."""
+    inside = lung >= LUNG_THRESHOLD
+    if inside.mean() < MIN_LUNG_FRACTION:
+        return None
+    radius = round(dilation * lung.shape[0])
+    if radius < 1:
+        return inside.astype(np.float32)
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.dilate(inside.astype(np.uint8), disk).astype(np.float32)
+
+
+def _mask_to_lungs(image: np.ndarray, lung: np.ndarray, dilation: float) -> np.ndarray:
+    """image [N,1,s,s] with everything off the (grown) lungs set to 0, the normalised mean
+    gray; an image whose lungs the U-Net did not find is left whole."""
+    out = image.copy()
+    for i in range(len(image)):
+        weight = lung_weight(lung[i, 0], dilation)
+        if weight is not None:
+            out[i, 0] *= weight
+    return out
+
+
 def member_input(
-    image: np.ndarray, lung: np.ndarray, size: int, lung_crop: float | None = None
+    image: np.ndarray,
+    lung: np.ndarray,
+    size: int,
+    lung_crop: float | None = None,
+    lung_mask: float | None = None,
 ) -> np.ndarray:
     """Normalised image [N,1,S,S] + lung probability [N,1,S',S'] -> member input [N,3,size,size].
 
     `lung_crop`: None, the whole image; a margin (fraction of the lung box per side), the
     square around the lungs found by the U-Net (`lung_box`), so that the member does not see
     the borders, markers and burned-in text where the source of an image shows.
+    `lung_mask`: None, nothing masked; a dilation (fraction of the input side), the image
+    outside the U-Net's lungs grown by it is set to the mean gray (`lung_weight`): the member
+    sees the lungs and their edges only.
     """
     image = image.astype(np.float32, copy=False)
     lung = lung.astype(np.float32, copy=False)
@@ -85,5 +116,7 @@ def member_input(
         image, lung = resize_batch(image, size), resize_batch(lung, size)
     else:
         image, lung = _crop_to_lungs(image, lung, size, lung_crop)
+    if lung_mask is not None:
+        image = _mask_to_lungs(image, lung, lung_mask)
     zeros = np.zeros_like(image)
     return np.ascontiguousarray(np.concatenate([image, lung, zeros], axis=1))
