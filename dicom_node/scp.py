@@ -47,6 +47,7 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import status
+from dicom_node.audit import AuditLog
 from dicom_node.checks import Verdict, check_instance
 from dicom_node.ledger import Job, JobState, Ledger
 from dicom_node.logs import describe_failure
@@ -363,10 +364,26 @@ class GuardedServer(ThreadedAssociationServer):
     """pynetdicom's server, with the checks that come before any DICOM is read: the source
     address allow-list (the connection is closed at once), and a time limit on the TLS
     handshake, which pynetdicom does in its accept loop with a blocking socket (a silent
-    client would otherwise stop the node accepting anyone)."""
+    client would otherwise stop the node accepting anyone). Such refusals come before any
+    association, so pynetdicom raises no event for them: they go to the audit log here."""
 
     allowed: list[Network] = []  # noqa: RUF012  (set once, before serving)
     handshake_timeout_s: float = 30.0
+    audit: AuditLog | None = None
+
+    def _refused(self, address: tuple[str, int], reason: str) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.record(
+                "association",
+                address=str(address[0]),
+                port=int(address[1]),
+                outcome="refused",
+                reason=reason,
+            )
+        except Exception:  # never disturb the accept loop
+            log.exception("audit of a refused connection failed")
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -374,6 +391,7 @@ class GuardedServer(ThreadedAssociationServer):
         if not address_allowed(str(address[0]), self.allowed):
             log.warning("connection from %s refused: address not allowed", address[0])
             _close(client)
+            self._refused(address, "address not allowed")
             raise OSError("address not allowed")  # socketserver skips the request
         if self.ssl_context is None:
             return client, address
@@ -383,6 +401,7 @@ class GuardedServer(ThreadedAssociationServer):
         except (ssl.SSLError, OSError) as exc:
             log.warning("connection from %s refused: TLS handshake failed (%s)", address[0], exc)
             _close(client)
+            self._refused(address, "TLS handshake failed")
             raise OSError("TLS handshake failed") from exc
         wrapped.settimeout(None)
         return wrapped, address
@@ -419,6 +438,7 @@ def serve_guarded(
     assert isinstance(server, GuardedServer)
     server.allowed = networks(settings)
     server.handshake_timeout_s = settings.acse_timeout_s
+    server.audit = AuditLog(settings.audit_path)
     # as AE.start_server(block=False) does: the AE lists its servers, and shutdown() unlists
     ae._servers.append(server)
     threading.Thread(target=server.serve_forever, name=thread_name, daemon=True).start()

@@ -7,6 +7,7 @@ storescu, pynetdicom where a crafted data set has to go out exactly as made.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -148,6 +149,17 @@ def test_calling_ae_allow_list(scp: Callable[..., Scp]) -> None:
     assert "Calling AE Title Not Recognized" in stranger.stdout + stranger.stderr
 
 
+def audit_refusals(node: Scp) -> list[dict[str, object]]:
+    """The audit log's connections refused before any association."""
+    path = node.settings.audit_path
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [
+        line
+        for line in map(json.loads, lines)
+        if line["event"] == "association" and line["outcome"] == "refused"
+    ]
+
+
 @pytest.mark.integration
 def test_source_address_allow_list(scp: Callable[..., Scp]) -> None:
     elsewhere = scp(allowed_addresses="192.0.2.0/24")
@@ -157,6 +169,13 @@ def test_source_address_allow_list(scp: Callable[..., Scp]) -> None:
     assert echoscu(here.port).returncode == 0
     # the refused connection did not stop the first node from answering the next one
     assert echoscu(elsewhere.port).returncode != 0
+    # refused before any association, and audited all the same (not only in the node log)
+    refusals = audit_refusals(elsewhere)
+    assert len(refusals) == 2
+    assert {(r["address"], r["reason"]) for r in refusals} == {
+        ("127.0.0.1", "address not allowed")
+    }
+    assert audit_refusals(here) == refusals  # one data folder: the same file
 
 
 @pytest.mark.integration
@@ -359,6 +378,8 @@ def test_tls_without_client_certificates(scp: Callable[..., Scp], pki: Pki) -> N
     node = scp(tls_cert=pki.node_cert, tls_key=pki.node_key)
     assert echoscu(node.port, "+tla", "+cf", str(pki.ca)).returncode == 0
     assert echoscu(node.port).returncode != 0  # plaintext refused
+    (refusal,) = audit_refusals(node)
+    assert refusal["reason"] == "TLS handshake failed" and refusal["address"] == "127.0.0.1"
 
 
 @pytest.mark.integration
