@@ -169,7 +169,9 @@ def test_source_address_allow_list(scp: Callable[..., Scp]) -> None:
     assert echoscu(here.port).returncode == 0
     # the refused connection did not stop the first node from answering the next one
     assert echoscu(elsewhere.port).returncode != 0
-    # refused before any association, and audited all the same (not only in the node log)
+    # refused before any association, and audited all the same (not only in the node log);
+    # the server writes the line as it refuses, which the client may see first
+    wait_for(lambda: len(audit_refusals(elsewhere)) >= 2, 10, "two refusals audited")
     refusals = audit_refusals(elsewhere)
     assert len(refusals) == 2
     assert {(r["address"], r["reason"]) for r in refusals} == {
@@ -378,6 +380,7 @@ def test_tls_without_client_certificates(scp: Callable[..., Scp], pki: Pki) -> N
     node = scp(tls_cert=pki.node_cert, tls_key=pki.node_key)
     assert echoscu(node.port, "+tla", "+cf", str(pki.ca)).returncode == 0
     assert echoscu(node.port).returncode != 0  # plaintext refused
+    wait_for(lambda: len(audit_refusals(node)) >= 1, 10, "the refusal audited")
     (refusal,) = audit_refusals(node)
     assert refusal["reason"] == "TLS handshake failed" and refusal["address"] == "127.0.0.1"
 

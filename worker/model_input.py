@@ -33,6 +33,13 @@ LUNG_THRESHOLD = 0.5
 MIN_LUNG_FRACTION = 0.02
 
 
+def _lungs_found(lung: np.ndarray) -> np.ndarray | None:
+    """The pixels >= LUNG_THRESHOLD of a [H,W] probability map, or None when they cover less
+    than MIN_LUNG_FRACTION of it (the U-Net found no lungs)."""
+    inside = lung >= LUNG_THRESHOLD
+    return None if inside.mean() < MIN_LUNG_FRACTION else inside
+
+
 def lung_box(lung: np.ndarray, margin: float) -> tuple[int, int, int, int] | None:
     """(row0, row1, col0, col1) of the square around the lungs of a [H,W] probability map.
 
@@ -41,8 +48,8 @@ def lung_box(lung: np.ndarray, margin: float) -> tuple[int, int, int, int] | Non
     map; None when the lungs cover less than MIN_LUNG_FRACTION of the map.
     """
     h, w = lung.shape
-    inside = lung >= LUNG_THRESHOLD
-    if inside.mean() < MIN_LUNG_FRACTION:
+    inside = _lungs_found(lung)
+    if inside is None:
         return None
     rows = np.flatnonzero(inside.any(axis=1))
     cols = np.flatnonzero(inside.any(axis=0))
@@ -73,8 +80,8 @@ def _crop_to_lungs(
 def lung_weight(lung: np.ndarray, dilation: float) -> np.ndarray | None:
     """1 on the lungs of a [H,W] probability map grown by `dilation` of its side, 0 elsewhere;
     None when the lungs cover less than MIN_LUNG_FRACTION (nothing to keep)."""
-    inside = lung >= LUNG_THRESHOLD
-    if inside.mean() < MIN_LUNG_FRACTION:
+    inside = _lungs_found(lung)
+    if inside is None:
         return None
     radius = round(dilation * lung.shape[0])
     if radius < 1:
