@@ -122,13 +122,18 @@ class Node:
             env["CXR_BROKER_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             workers = int(mode.split("-")[1])
         self.log = work / "node.log"
-        self.procs.append(
-            self._popen([sys.executable, "-m", "dicom_node.cli", "serve"], env, self.log)
-        )
+        self.procs.append(self._popen([sys.executable, "-m", "dicom_node", "serve"], env, self.log))
         for i in range(workers):
             self.procs.append(
                 self._popen(
-                    [sys.executable, "-m", "dicom_node.cli", "worker", "--name", f"infer{i}"],
+                    [
+                        sys.executable,
+                        "-m",
+                        "dicom_node",
+                        "worker",
+                        "--name",
+                        f"infer{i}",
+                    ],
                     env,
                     work / f"worker{i}.log",
                 )

@@ -4,9 +4,9 @@ Receivers (each on its own free port, all on this machine):
 - `storescp +xa` (one process; associations one after another) and `storescp +xa --fork`
   (a process per association): the practical upper bound;
 - node-scp: the node's SCP as `cxr-node serve` runs it by default (one process, data set
-  decoded in memory, `dicom_node.scp.StoreHandler`); "(before)": as it was before this
+  decoded in memory, `dicom_node.receiving.scp.StoreHandler`); "(before)": as it was before this
   benchmark (maximum PDU offered "unlimited");
-- node-recv-N: N receiver processes (`dicom_node.receiver`, CXR_RECEIVER_PROCESSES=N):
+- node-recv-N: N receiver processes (`dicom_node.receiving.processes`, CXR_RECEIVER_PROCESSES=N):
   SO_REUSEPORT, pynetdicom's write-to-file receive, rename into the spool.
 The node's receivers do what the node does on every instance: check, spool with fsync,
 ledger row (SQLite, synchronous FULL), enqueue on the embedded queue (no worker consumes it
@@ -171,7 +171,8 @@ def node_receivers(n: int) -> Callable[[int, Path], list[subprocess.Popen[bytes]
     def start(port: int, folder: Path) -> list[subprocess.Popen[bytes]]:
         env = node_env(port, folder, n)
         return [
-            _popen([sys.executable, "-m", "dicom_node.receiver", str(i)], env) for i in range(n)
+            _popen([sys.executable, "-m", "dicom_node.receiving.processes", str(i)], env)
+            for i in range(n)
         ]
 
     return start
@@ -183,9 +184,9 @@ def serve_scp(before: bool) -> None:
     before: as it was before this benchmark (maximum PDU offered "unlimited")."""
     import threading
 
-    from dicom_node import scp
-    from dicom_node.ledger import Ledger
-    from dicom_node.queue import PREPARE, make_celery
+    from dicom_node.jobs.queue import PREPARE, make_celery
+    from dicom_node.receiving import scp
+    from dicom_node.records.ledger import Ledger
     from dicom_node.settings import Settings
 
     settings = Settings()

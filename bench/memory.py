@@ -42,7 +42,7 @@ def children(pid: int) -> list[int]:
 def describe(pid: int) -> str:
     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     words = [w.decode() for w in cmd if w]
-    if "dicom_node.receiver" in words:
+    if "dicom_node.receiving.processes" in words:
         return f"receiver process {words[-1]}"
     if "worker" in words:
         name = words[words.index("--name") + 1] if "--name" in words else "?"

@@ -10,7 +10,7 @@ node host), without the queue and the network (bench/e2e.py measures those):
 
 Each repeat is a new instance (new SOP/Study UIDs and patient, written to the spool before
 the clock starts), so the ledger and the hospital index do real inserts. Totals are timed
-through the real `pipeline.prepare`, `worker.inference.run_infer` and `pipeline.finalize`;
+through the real `steps.prepare`, `worker.inference.run_infer` and `steps.finalize`;
 the breakdown calls the same functions step by step on the same instance.
 
 Micro-batching: the infer step on a batch of N queued images vs N single calls.
@@ -34,9 +34,9 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from bench.common import DEFAULT_BUNDLE, header, interleaved, median, ms, percentile, table
-from dicom_node import pipeline
-from dicom_node.ledger import Job, JobState, OutputKind
-from dicom_node.pixels import decode_display
+from dicom_node.jobs import steps
+from dicom_node.records.ledger import Job, JobState, OutputKind
+from dicom_node.results.pixels import decode_display
 from dicom_node.settings import Settings
 from worker.contracts import InferRequest, decode_png, encode_png
 from worker.inference import (
@@ -62,7 +62,7 @@ def default_files() -> list[Path]:
     return files + rsna[:1]
 
 
-def new_instance(source: Path, spool: Path, node: pipeline.NodeRuntime) -> str:
+def new_instance(source: Path, spool: Path, node: steps.NodeRuntime) -> str:
     """A copy of `source` as a new instance of a new patient, in the spool and the ledger."""
     ds = dcmread(source)
     ds.SOPInstanceUID = generate_uid()
@@ -109,7 +109,7 @@ class Clock:
         self._last = now
 
 
-def breakdown(node: pipeline.NodeRuntime, job_id: str, threads: int) -> dict[str, float]:
+def breakdown(node: steps.NodeRuntime, job_id: str, threads: int) -> dict[str, float]:
     """The steps of prepare -> infer -> finalize one by one, as the pipeline calls them."""
     bundle, ensemble = get_ensemble(node.settings.bundle, threads)
     manifest = bundle.manifest
@@ -141,40 +141,40 @@ def breakdown(node: pipeline.NodeRuntime, job_id: str, threads: int) -> dict[str
     result = run_infer(request, ensemble, bundle)  # for the finalize steps below (not timed)
     times = c.times
     c = Clock()
-    pipeline.load_source(node, job.spool_path)
+    steps.load_source(node, job.spool_path)
     c.lap("finalize: source, read + decode again (before)")
     node.display_cache.put(job_id, display)
     c.restart()
-    source = pipeline.load_source(node, job.spool_path, job_id)
+    source = steps.load_source(node, job.spool_path, job_id)
     c.lap("finalize: source, header + image kept by prepare (after)")
-    lungs = pipeline.locate_lungs(node, source, result)
+    lungs = steps.locate_lungs(node, source, result)
     c.lap("finalize: lung outline")
-    similar = pipeline.find_similar(node, source.header, result)
+    similar = steps.find_similar(node, source.header, result)
     c.lap("finalize: retrieve")
     uids = node.ledger.output_uids(job_id)
-    sr = pipeline.build_report(node, source.header, result, uids[OutputKind.SR], similar, lungs)
+    sr = steps.build_report(node, source.header, result, uids[OutputKind.SR], similar, lungs)
     c.lap("finalize: build SR")
-    sc = pipeline.build_summary(node, source, result, uids[OutputKind.SC], lungs)
+    sc = steps.build_summary(node, source, result, uids[OutputKind.SC], lungs)
     c.lap("finalize: build SC")
     for kind, obj in ((OutputKind.SR, sr), (OutputKind.SC, sc)):
         if obj is not None:
             obj.save_as(node.result_path(job_id, kind), enforce_file_format=True)
     c.lap("finalize: write")
-    pipeline.remember(node, source.header, result)
+    steps.remember(node, source.header, result)
     c.lap("finalize: hospital index")
     return times | c.times
 
 
-def end_to_end(node: pipeline.NodeRuntime, job_id: str, threads: int) -> dict[str, float]:
+def end_to_end(node: steps.NodeRuntime, job_id: str, threads: int) -> dict[str, float]:
     """The real step functions, timed as whole steps."""
     bundle, ensemble = get_ensemble(node.settings.bundle, threads)
     t0 = time.perf_counter()
-    request = pipeline.prepare(node, job_id)
+    request = steps.prepare(node, job_id)
     t1 = time.perf_counter()
     assert request is not None
     result = run_infer(request, ensemble, bundle)
     t2 = time.perf_counter()
-    pipeline.finalize(node, result)
+    steps.finalize(node, result)
     t3 = time.perf_counter()
     return {"prepare": t1 - t0, "infer": t2 - t1, "finalize": t3 - t2, "total": t3 - t0}
 
@@ -184,7 +184,7 @@ def decode_rows(files: list[Path], repeats: int) -> list[list[object]]:
     table mapping (after), interleaved."""
     from pydicom.pixels import pixel_array
 
-    from dicom_node.pixels import _photometric, _to_display
+    from dicom_node.results.pixels import _photometric, _to_display
 
     rows: list[list[object]] = []
     for path in files:
@@ -210,7 +210,7 @@ def decode_rows(files: list[Path], repeats: int) -> list[list[object]]:
 
 
 def batching_rows(
-    node: pipeline.NodeRuntime, threads: int, repeats: int, sizes: list[int]
+    node: steps.NodeRuntime, threads: int, repeats: int, sizes: list[int]
 ) -> list[list[object]]:
     from training.synthetic import synthetic_batch
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
             min_free_disk_mb=0,
         )
         settings.make_dirs()
-        node = pipeline.NodeRuntime(settings)
+        node = steps.NodeRuntime(settings)
         get_ensemble(settings.bundle, args.threads)  # loaded once per process, like a worker
         node.reference_index  # noqa: B018 - load once, like the node
         print(

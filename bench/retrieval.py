@@ -177,7 +177,7 @@ def hospital_rows(sizes: list[int], adds: int, work: Path) -> list[list[object]]
     import shutil
     import sqlite3
 
-    from dicom_node.hospital_index import HospitalEntry, HospitalIndex, HospitalStore
+    from dicom_node.results.hospital_index import HospitalEntry, HospitalIndex, HospitalStore
 
     rows: list[list[object]] = []
     for n in sizes:

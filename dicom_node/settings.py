@@ -323,7 +323,7 @@ class Settings(BaseSettings):
 
     @property
     def running_dir(self) -> Path:
-        """Markers of the job steps running now (dicom_node.crash_guard)."""
+        """Markers of the job steps running now (worker.crash_guard)."""
         return self.data_dir / "running"
 
     @property

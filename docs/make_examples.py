@@ -31,8 +31,8 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from dicom_node import pipeline
-from dicom_node.ledger import OutputKind
+from dicom_node.jobs import steps
+from dicom_node.records.ledger import OutputKind
 from tests.test_pipeline import infer, make_node, receive
 from tests.test_viewer import dsr2html, screenshot
 from training.synthetic import synthetic_display_image
@@ -79,14 +79,14 @@ def main() -> int:
         size = node.bundle.manifest.preprocessing.size
         for n in range(3):
             job = receive(node, synthetic_study(work, n), f"EARLIER{n}")
-            pipeline.finalize(node, infer(node, job))  # elliptic stand-in lungs
+            steps.finalize(node, infer(node, job))  # elliptic stand-in lungs
         confirmed = node.ledger.get("job000")
         assert confirmed is not None
         node.hospital_index.store.set_diagnosis(confirmed.study_instance_uid, "covid")
 
         job = receive(node, source, "9RG1")
         result = infer(node, job, lungs=False)
-        pipeline.finalize(node, result.model_copy(update={"lung_mask_png": hand_drawn_map(size)}))
+        steps.finalize(node, result.model_copy(update={"lung_mask_png": hand_drawn_map(size)}))
 
         sc = dcmread(node.result_path(job, OutputKind.SC))
         summary = DOCS / "example-summary.png"

@@ -132,7 +132,7 @@ class NodeProcess:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "dicom_node.cli", *args],
+            [sys.executable, "-m", "dicom_node", *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -170,7 +170,7 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
         log_path = tmp_path / f"node-{len(started)}.stderr"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.cli", "serve"],
+                [sys.executable, "-m", "dicom_node", "serve"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -183,7 +183,7 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
             wlog = (tmp_path / "worker.stderr").open("wb")
             node.extra.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "dicom_node.cli", "worker"],
+                    [sys.executable, "-m", "dicom_node", "worker"],
                     env=env,
                     stdout=wlog,
                     stderr=subprocess.STDOUT,

@@ -132,8 +132,8 @@ def mutate(seeds: list[bytes], rng: random.Random, keep_meta: bool = False) -> b
 
 def target(data: bytes) -> str:
     """The node's path for received bytes; returns the outcome, raises on a finding."""
-    from dicom_node.checks import Verdict, check_instance
-    from dicom_node.pixels import PixelDecodeError, decode_display
+    from dicom_node.receiving.checks import Verdict, check_instance
+    from dicom_node.results.pixels import PixelDecodeError, decode_display
     from worker.preprocess import PreprocessParams, preprocess
 
     try:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_node.ledger import Ledger
-from dicom_node.scp import start_scp
+from dicom_node.receiving.scp import start_scp
+from dicom_node.records.ledger import Ledger
 from dicom_node.settings import Settings
 from tests.conftest import PLUMBING_BUNDLE, _port_open, free_port, require_tool, wait_for
 

@@ -33,8 +33,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
-from dicom_node import status
-from dicom_node.ledger import JobState, Ledger
+from dicom_node import dimse_status
+from dicom_node.records.ledger import JobState, Ledger
 from tests.conftest import (
     REPO,
     NodeProcess,
@@ -208,7 +208,7 @@ CORPUS = [
     Case(
         "truncated file",
         lambda f, _: truncated(f),
-        Status(status.DATASET_MISMATCH),
+        Status(dimse_status.DATASET_MISMATCH),
         "pynetdicom",
         "storescu stops at the premature end of the file and sends nothing",
     ),
@@ -234,7 +234,7 @@ CORPUS = [
     Case(
         "SOP Instance UID ../../x",
         lambda f, _: crafted_uid(f),
-        Status(status.INVALID_UID),
+        Status(dimse_status.INVALID_UID),
     ),
     Case("missing Study Instance UID", lambda f, _: missing_study_uid(f), Status(0x0120)),
 ]
@@ -252,7 +252,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     log_path = folder / "node.stderr"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "serve"],
+            [sys.executable, "-m", "dicom_node", "serve"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -341,7 +341,7 @@ def test_bad_input_gets_a_clear_answer(
         assert isinstance(answer, NoContext)
         assert sum(ledger.counts().values()) == rows_before
     else:
-        assert answer == status.SUCCESS
+        assert answer == dimse_status.SUCCESS
         job = ledger.by_sop_instance(sop_uid)
         assert job is not None
         if isinstance(expected, Rejected):

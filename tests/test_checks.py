@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from pydicom import Dataset
 
-from dicom_node import status
-from dicom_node.checks import Verdict, check_instance
+from dicom_node import dimse_status
+from dicom_node.receiving.checks import Verdict, check_instance
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -42,14 +42,14 @@ def test_not_analysable_is_accepted_with_reason(extra: dict[str, object], reason
     check = check_instance(header(**extra), CR, 10**8)
     assert check.verdict is Verdict.NOT_ANALYSABLE
     assert reason in check.reason
-    assert check.status == status.SUCCESS
+    assert check.status == dimse_status.SUCCESS
 
 
 def test_missing_pixel_data_is_refused() -> None:
     ds = header()
     del ds.PixelData
     check = check_instance(ds, CR, 10**8)
-    assert (check.verdict, check.status) == (Verdict.REFUSE, status.DATASET_MISMATCH)
+    assert (check.verdict, check.status) == (Verdict.REFUSE, dimse_status.DATASET_MISMATCH)
 
 
 def test_absurd_dimensions_are_refused() -> None:
@@ -59,14 +59,14 @@ def test_absurd_dimensions_are_refused() -> None:
 
 def test_sop_class_must_match_the_negotiated_one() -> None:
     check = check_instance(header(), "1.2.840.10008.5.1.4.1.1.7", 10**8)
-    assert check.verdict is Verdict.REFUSE and check.status == status.DATASET_MISMATCH
+    assert check.verdict is Verdict.REFUSE and check.status == dimse_status.DATASET_MISMATCH
 
 
 def test_missing_uid_is_refused() -> None:
     ds = header()
     del ds.StudyInstanceUID
     check = check_instance(ds, CR, 10**8)
-    assert check.status == status.MISSING_ATTRIBUTE and "StudyInstanceUID" in check.reason
+    assert check.status == dimse_status.MISSING_ATTRIBUTE and "StudyInstanceUID" in check.reason
 
 
 def test_a_summary_image_of_a_node_is_not_analysed_again() -> None:

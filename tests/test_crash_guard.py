@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.crash_guard import CrashGuard, StepKeptCrashing
+from worker.crash_guard import CrashGuard, StepKeptCrashing
 
 
 def _die_inside(folder: Path, limit: int, step: str, job_id: str) -> None:

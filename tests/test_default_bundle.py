@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from dicom_node.pixels import decode_display
+from dicom_node.results.pixels import decode_display
 from dicom_node.settings import REPO_ROOT
 from tests.conftest import POOL_DIR
 from training.data import read_display_image

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.main import get_command
 
-from dicom_node.cli import app
+from dicom_node.operations.cli import app
 from dicom_node.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def test_shell_scripts_parse() -> None:
 
 
 def test_monitoring_files_use_the_metrics_the_node_exports() -> None:
-    from dicom_node.metrics import COUNTERS
+    from dicom_node.records.metrics_store import COUNTERS
 
     exported = {f"cxr_{name}_total" for name in COUNTERS} | {
         "cxr_stage_seconds_bucket",

@@ -13,9 +13,10 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_node.ledger import JobState, Ledger
-from dicom_node.report import COMPREHENSIVE_SR, sr_summary
+from dicom_node.records.ledger import JobState, Ledger
+from dicom_node.results.sr.codes import COMPREHENSIVE_SR
 from tests.conftest import POOL_DIR, NodeProcess, Peer, require_tool, wait_for
+from tests.sr_reading import sr_summary
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from queue import Empty
 
-from dicom_node.queue import AtomicFilesystemTransport, make_celery
+from dicom_node.jobs.queue import AtomicFilesystemTransport, make_celery
 from dicom_node.settings import Settings
 
 

@@ -203,9 +203,7 @@ def _tiny_bundle(
         view = member_input(x, lung, size, lung_crop, lung_mask)
         calibrate_batchnorm(model, torch.from_numpy(view))
         members.append(
-            MemberExport(
-                arch.split("_")[0], model, size, lung_crop=lung_crop, lung_mask=lung_mask
-            )
+            MemberExport(arch.split("_")[0], model, size, lung_crop=lung_crop, lung_mask=lung_mask)
         )
     embeddings = torch_embeddings(
         unet,

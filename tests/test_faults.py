@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_node import pipeline, status
-from dicom_node.ledger import DeliveryState, JobState, Ledger
+from dicom_node import dimse_status
+from dicom_node.jobs import steps
+from dicom_node.records.ledger import DeliveryState, JobState, Ledger
 from tests.conftest import REPO, NodeProcess, free_port, wait_for
 from tests.peers import Pacs, RedisServer, Scp, storescu_statuses
 from tests.synthetic import synthetic_cr, write
@@ -57,7 +58,7 @@ def test_results_that_cannot_be_built_end_in_a_visible_failure(
     spool = Path(node.ledger.get(job_id).spool_path or "")  # type: ignore[union-attr]
     kept = spool.read_bytes()
     spool.unlink()  # the source is gone when the SR is to be built
-    assert pipeline.finalize_or_fail(node, result) == []
+    assert steps.finalize_or_fail(node, result) == []
     job = node.ledger.get(job_id)
     assert job is not None and job.state is JobState.FAILED
     assert "results not built: FileNotFoundError" in (job.reason or "")
@@ -66,8 +67,8 @@ def test_results_that_cannot_be_built_end_in_a_visible_failure(
     spool.write_bytes(kept)
     assert node.ledger.retry_analysis(job_id)
     assert not node.ledger.retry_analysis(job_id)  # only failed jobs
-    assert pipeline.finalize_or_fail(node, infer(node, job_id)) == ["outbox"]
-    assert pipeline.deliver(node, job_id, "outbox").delivered
+    assert steps.finalize_or_fail(node, infer(node, job_id)) == ["outbox"]
+    assert steps.deliver(node, job_id, "outbox").delivered
 
 
 # --- helpers for the process tests ------------------------------------------------------------
@@ -109,7 +110,7 @@ def assert_each_sr_once(node: NodeProcess, pacs: Pacs, count: int) -> None:
 def start_worker(node: NodeProcess, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "worker"],
+            [sys.executable, "-m", "dicom_node", "worker"],
             env=node.env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -155,7 +156,7 @@ def test_worker_killed_mid_job_is_redone_and_delivered_once(
     sent = 0
     held = 0
     for batch in (files[:8], files[8:16], files[16:]):
-        assert storescu_statuses(node.port, batch) == [status.SUCCESS] * len(batch)
+        assert storescu_statuses(node.port, batch) == [dimse_status.SUCCESS] * len(batch)
         sent += len(batch)
         # freeze the worker the moment it holds a task, and look again at what it holds
         deadline = time.monotonic() + 120
@@ -200,7 +201,7 @@ def test_redis_restart_with_queued_jobs_loses_nothing(
         recovery_interval_s="2",
     )
     files = make_instances(tmp_path / "in", 6)
-    assert storescu_statuses(node.port, files) == [status.SUCCESS] * 6
+    assert storescu_statuses(node.port, files) == [dimse_status.SUCCESS] * 6
     ledger = ledger_of(node)
     redis = own_redis.client()
     # no inference worker yet: the jobs wait in Redis's "infer" queue
@@ -234,7 +235,7 @@ def test_broker_down_at_start_and_while_instances_arrive(
         recovery_interval_s="2",
     )
     files = make_instances(tmp_path / "in", 3)
-    assert storescu_statuses(node.port, files) == [status.SUCCESS] * 3
+    assert storescu_statuses(node.port, files) == [dimse_status.SUCCESS] * 3
     ledger = ledger_of(node)
     assert ledger.counts()["received"] == 3
     own_redis.start()
@@ -258,7 +259,7 @@ def test_destination_down_for_a_while(
         delivery_backoff_s="1",
     )
     files = make_instances(tmp_path / "in", 3)
-    assert storescu_statuses(node.port, files) == [status.SUCCESS] * 3
+    assert storescu_statuses(node.port, files) == [dimse_status.SUCCESS] * 3
     ledger = ledger_of(node)
 
     def failed_attempts() -> int:
@@ -290,7 +291,7 @@ def test_dead_letter_shown_and_retried(
         delivery_backoff_s="1",
     )
     (path,) = make_instances(tmp_path / "in", 1)
-    assert storescu_statuses(node.port, [path]) == [status.SUCCESS]
+    assert storescu_statuses(node.port, [path]) == [dimse_status.SUCCESS]
     ledger = ledger_of(node)
     wait_for(lambda: ledger.counts()["failed"] == 1, 180, "the job dead-lettered")
     (job,) = ledger.jobs_in((JobState.FAILED,))
@@ -321,7 +322,7 @@ def test_node_killed_and_restarted_with_jobs_in_every_state(
     lateral = synthetic_cr(128, seed=99)
     lateral.ViewPosition = "LL"
     first.append(write(lateral, tmp_path / "in" / "lateral.dcm"))
-    assert storescu_statuses(node.port, first) == [status.SUCCESS] * 5
+    assert storescu_statuses(node.port, first) == [dimse_status.SUCCESS] * 5
     wait_delivered(node, 4)
     second = make_instances(tmp_path / "in2", 8)
     ledger = ledger_of(node)
@@ -354,7 +355,7 @@ def test_node_killed_and_restarted_with_jobs_in_every_state(
     restarted = start_node(**settings)
     assert restarted.data_dir == node.data_dir
     # the sender sends again what the dead node had not answered (duplicates: success)
-    assert storescu_statuses(restarted.port, second) == [status.SUCCESS] * 8
+    assert storescu_statuses(restarted.port, second) == [dimse_status.SUCCESS] * 8
     wait_delivered(restarted, 12)
     assert ledger.counts()["rejected"] == 1
     wanted = expected_srs(restarted)
@@ -372,16 +373,16 @@ def test_disk_nearly_full_refuses_new_and_keeps_accepted(
 ) -> None:
     node = scp()
     first, second = make_instances(tmp_path / "in", 2)
-    assert storescu_statuses(node.port, [first]) == [status.SUCCESS]
+    assert storescu_statuses(node.port, [first]) == [dimse_status.SUCCESS]
     node.settings.min_free_disk_mb = 10**9  # a petabyte: the disk is "nearly full"
-    assert storescu_statuses(node.port, [second]) == [status.OUT_OF_RESOURCES]
+    assert storescu_statuses(node.port, [second]) == [dimse_status.OUT_OF_RESOURCES]
     spooled = list(node.settings.spool_dir.iterdir())
     assert len(spooled) == 1  # nothing half-written
     assert dcmread(spooled[0]).SOPInstanceUID == dcmread(first).SOPInstanceUID
     assert sum(node.ledger.counts().values()) == 1
     assert len(node.enqueued) == 1
     node.settings.min_free_disk_mb = 0  # space again: the sender's retry goes through
-    assert storescu_statuses(node.port, [second]) == [status.SUCCESS]
+    assert storescu_statuses(node.port, [second]) == [dimse_status.SUCCESS]
     assert len(list(node.settings.spool_dir.iterdir())) == 2
 
 
@@ -395,8 +396,8 @@ def test_same_instance_twice_is_analysed_once(
     pacs = pacs_factory()
     node = start_node(destinations=pacs.address, produce_sc="false")
     one, two = make_instances(tmp_path / "in", 2)
-    assert storescu_statuses(node.port, [one]) == [status.SUCCESS]
-    assert storescu_statuses(node.port, [one]) == [status.SUCCESS]  # again: still success
+    assert storescu_statuses(node.port, [one]) == [dimse_status.SUCCESS]
+    assert storescu_statuses(node.port, [one]) == [dimse_status.SUCCESS]  # again: still success
     # and the other one by two senders at the same time
     results: Counter[int] = Counter()
 
@@ -408,7 +409,7 @@ def test_same_instance_twice_is_analysed_once(
         thread.start()
     for thread in threads:
         thread.join()
-    assert results == Counter({status.SUCCESS: 2})
+    assert results == Counter({dimse_status.SUCCESS: 2})
     wait_delivered(node, 2)
     assert sum(ledger_of(node).counts().values()) == 2
     assert_each_sr_once(node, pacs, 2)
@@ -418,7 +419,7 @@ def test_same_instance_twice_is_analysed_once(
 def freeze_a_running_step(node: NodeProcess, timeout: float) -> tuple[int, Path]:
     """Wait for a job step to run in the worker (its crash-guard marker), SIGSTOP the worker
     and return its pid and the marker that is still there, i.e. the step frozen mid-run."""
-    from dicom_node.crash_guard import read_marker
+    from worker.crash_guard import read_marker
 
     folder = node.data_dir / "running"
     deadline = time.monotonic() + timeout
@@ -455,7 +456,7 @@ def test_step_that_kills_the_worker_fails_its_job_instead_of_looping(
         recovery_interval_s="2",
     )
     first, second = make_instances(tmp_path / "in", 2)
-    assert storescu_statuses(node.port, [first]) == [status.SUCCESS]
+    assert storescu_statuses(node.port, [first]) == [dimse_status.SUCCESS]
     pid, marker = freeze_a_running_step(node, 120)
     step = marker.name.split("--")[0]
     os.kill(pid, signal.SIGKILL)
@@ -466,7 +467,7 @@ def test_step_that_kills_the_worker_fails_its_job_instead_of_looping(
     assert not list(marker.parent.glob("*.running"))  # the failure removed the marker
     assert f"job {job.job_id}: analysis failed: {step} ended the worker process" in node.logs()
     # the worker is back and the node goes on with the next study
-    assert storescu_statuses(node.port, [second]) == [status.SUCCESS]
+    assert storescu_statuses(node.port, [second]) == [dimse_status.SUCCESS]
     wait_delivered(node, 1, timeout=120)
     # the operator retries the failed one: analysed and delivered like any other
     retried = node.cli("retry", job.job_id)

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE, _config
 
-from dicom_node import pipeline
-from dicom_node.ledger import JobState
-from dicom_node.pipeline import NodeRuntime
-from dicom_node.scp import TRANSFER_SYNTAXES, VERIFICATION
+from dicom_node.jobs import steps
+from dicom_node.jobs.steps import NodeRuntime
+from dicom_node.receiving.scp import TRANSFER_SYNTAXES, VERIFICATION
+from dicom_node.records.ledger import JobState
 from tests.conftest import require_tool
 from tests.fuzzing import MEMORY_LIMIT, make_seeds, mutate, run_campaign
 from tests.peers import Scp
@@ -83,7 +83,7 @@ def test_node_answers_every_mutated_instance(scp: Callable[..., Scp], tmp_path: 
     assert sum(statuses.values()) == WIRE_CASES
 
     for job_id in node.enqueued:
-        pipeline.prepare_or_fail(runtime, job_id)
+        steps.prepare_or_fail(runtime, job_id)
         job = node.ledger.get(job_id)
         assert job is not None
         assert job.state in (JobState.ANALYSING, JobState.REJECTED), (job_id, job.reason)

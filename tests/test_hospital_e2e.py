@@ -21,9 +21,9 @@ from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_node.hospital_index import HospitalStore
-from dicom_node.report import sr_summary
+from dicom_node.results.hospital_index import HospitalStore
 from tests.conftest import NodeProcess, wait_for
+from tests.sr_reading import sr_summary
 from tests.test_e2e import storescu
 from training.synthetic import synthetic_display_image
 from worker.classes import CxrClass

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_node.hospital_index import HospitalEntry, HospitalIndex, HospitalStore
+from dicom_node.results.hospital_index import HospitalEntry, HospitalIndex, HospitalStore
 
 DIM = 16
 SPACE = "1.2.826.0.1.3680043.8.498.1"
@@ -210,7 +210,7 @@ def test_store_schema_holds_no_patient_columns(tmp_path: Path) -> None:
 def test_label_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from dicom_node.cli import app
+    from dicom_node.operations.cli import app
 
     monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("CXR_CONFIG", raising=False)

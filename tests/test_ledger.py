@@ -4,8 +4,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from dicom_node.ledger import DeliveryState, Job, JobState, Ledger, OutputKind, OutputUids
-from dicom_node.recovery import sweep
+from dicom_node.jobs.recovery import sweep
+from dicom_node.records.ledger import DeliveryState, Job, JobState, Ledger, OutputKind, OutputUids
 
 
 def make_job(job_id: str, sop: str, state: JobState = JobState.RECEIVED) -> Job:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_node.ledger import JobState, Ledger
+from dicom_node.records.ledger import JobState, Ledger
 from tests.conftest import REPO, NodeProcess, require_tool, wait_for
 from tests.peers import Pacs, RedisServer
 from tests.synthetic import synthetic_cr, write
@@ -58,7 +58,7 @@ def test_concurrent_senders_lose_nothing_and_duplicate_nothing(
     worker_log = (tmp_path / "worker.log").open("wb")
     node.extra.append(
         subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "worker"],
+            [sys.executable, "-m", "dicom_node", "worker"],
             env=node.env,
             stdout=worker_log,
             stderr=subprocess.STDOUT,
@@ -116,8 +116,9 @@ def test_concurrent_senders_lose_nothing_and_duplicate_nothing(
 def test_results_go_out_before_new_work_is_prepared(own_redis: RedisServer, tmp_path: Path) -> None:
     """On the node queue (Redis), a delivery queued after a burst of preparations is taken
     first, and a finalize before the preparations: the order a worker's BRPOP gets them."""
-    from dicom_node.queue import DELIVER, FINALIZE, PREPARE, make_celery
+    from dicom_node.jobs.queue import DELIVER, PREPARE, make_celery
     from dicom_node.settings import Settings
+    from worker.contracts import FINALIZE
 
     settings = Settings(data_dir=tmp_path / "node", broker_url=own_redis.url)
     app = make_celery(settings)

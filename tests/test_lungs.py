@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dicom_node.lungs import MAX_POINTS, lung_map_on_image, lung_mask, lung_outlines
+from dicom_node.results.lungs import MAX_POINTS, lung_map_on_image, lung_mask, lung_outlines
 from worker.preprocess import (
     PreprocessParams,
     crop_borders,

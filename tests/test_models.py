@@ -18,10 +18,11 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from dicom_node.ledger import JobState, Ledger
-from dicom_node.models import BundleCache, ModelStore, smoke_test
-from dicom_node.report import COMPREHENSIVE_SR, sr_summary
+from dicom_node.jobs.model_store import BundleCache, ModelStore, smoke_test
+from dicom_node.records.ledger import JobState, Ledger
+from dicom_node.results.sr.codes import COMPREHENSIVE_SR
 from tests.conftest import PLUMBING_BUNDLE, NodeProcess, Peer, wait_for
+from tests.sr_reading import sr_summary
 from tests.test_e2e import of_class, storescu
 from worker.bundle import BundleError, load_bundle
 from worker.contracts import InferRequest
@@ -117,7 +118,7 @@ def test_cli_refuses_without_touching_the_current_bundle(tmp_path: Path) -> None
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "dicom_node.cli", "models", *args],
+            [sys.executable, "-m", "dicom_node", "models", *args],
             env=env,
             capture_output=True,
             text=True,
@@ -212,13 +213,13 @@ def test_a_job_started_before_a_switch_finishes_on_its_bundle(
 ) -> None:
     """Deterministic version of the race: prepare on the old bundle, switch, then infer and
     finalize as the worker and the node do (bundle looked up by fingerprint / device UID)."""
-    from dicom_node import pipeline
+    from dicom_node.jobs import steps
     from tests.test_pipeline import make_node, receive
     from worker.inference import get_ensemble, run_infer
 
     node = make_node(tmp_path, hospital_k=0)
     started = receive(node, chest_cr, "PAT1")
-    request = pipeline.prepare(node, started)  # preprocessed for the plumbing bundle
+    request = steps.prepare(node, started)  # preprocessed for the plumbing bundle
     assert request is not None
 
     new_uid = generate_uid()
@@ -231,13 +232,13 @@ def test_a_job_started_before_a_switch_finishes_on_its_bundle(
         bundle = node.bundles.by_fingerprint(job_request.bundle_fingerprint)
         bundle, ensemble = get_ensemble(bundle.root, 1)
         result = run_infer(job_request, ensemble, bundle)
-        pipeline.finalize(node, result)
+        steps.finalize(node, result)
         sr = dcmread(node.result_path(result.job_id))
         return str(sr_summary(sr)["device_uid"])
 
     assert work(request) == plumbing_uid()  # finished on the bundle it started on
     later = receive(node, chest_cr, "PAT2")
-    later_request = pipeline.prepare(node, later)
+    later_request = steps.prepare(node, later)
     assert (
         later_request is not None and later_request.bundle_fingerprint != request.bundle_fingerprint
     )

@@ -18,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from dicom_node.audit import AuditLog
-from dicom_node.ledger import Ledger
 from dicom_node.logs import make_formatter
-from dicom_node.metrics import BUCKETS, MetricsStore, NodeCollector
-from dicom_node.report import COMPREHENSIVE_SR
+from dicom_node.records.audit import AuditLog
+from dicom_node.records.ledger import Ledger
+from dicom_node.records.metrics_store import BUCKETS, MetricsStore, NodeCollector
+from dicom_node.results.sr.codes import COMPREHENSIVE_SR
 from tests.conftest import (
     PLUMBING_BUNDLE,
     NodeProcess,
@@ -290,7 +290,7 @@ def test_queue_depth_worker_metrics_and_health_while_redis_is_down(
     log = (tmp_path / "infer-worker.stderr").open("wb")
     node.extra.append(
         subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "worker"],
+            [sys.executable, "-m", "dicom_node", "worker"],
             env=node.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -380,7 +380,7 @@ def test_cleanup_deletes_files_of_old_finished_jobs_only(tmp_path: Path) -> None
     import sys
     import time
 
-    from dicom_node.ledger import Job, JobState
+    from dicom_node.records.ledger import Job, JobState
 
     data = tmp_path / "data"
     ledger = Ledger(data / "ledger.sqlite3")
@@ -402,7 +402,7 @@ def test_cleanup_deletes_files_of_old_finished_jobs_only(tmp_path: Path) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(CXR_DATA_DIR=str(data), CXR_RETENTION_DAYS="30")
     done = subprocess.run(
-        [sys.executable, "-m", "dicom_node.cli", "cleanup"],
+        [sys.executable, "-m", "dicom_node", "cleanup"],
         env=env,
         capture_output=True,
         text=True,

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_node.report import COMPREHENSIVE_SR, sr_summary
+from dicom_node.results.sr.codes import COMPREHENSIVE_SR
 from tests.conftest import NodeProcess, require_tool, wait_for
 from tests.orthanc import Orthanc
+from tests.sr_reading import sr_summary
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

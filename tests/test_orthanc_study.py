@@ -12,8 +12,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from dicom_node.ledger import JobState, Ledger
-from dicom_node.report import COMPREHENSIVE_SR
+from dicom_node.records.ledger import JobState, Ledger
+from dicom_node.results.sr.codes import COMPREHENSIVE_SR
 from tests.conftest import NodeProcess, wait_for
 from tests.orthanc import Orthanc
 

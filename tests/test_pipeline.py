@@ -15,12 +15,13 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
-from dicom_node import pipeline
-from dicom_node.ledger import DeliveryState, Job, JobState, OutputKind
-from dicom_node.pipeline import NodeRuntime
-from dicom_node.report import COMPREHENSIVE_SR, sr_summary
+from dicom_node.jobs import steps
+from dicom_node.jobs.steps import NodeRuntime
+from dicom_node.records.ledger import DeliveryState, Job, JobState, OutputKind
+from dicom_node.results.sr.codes import COMPREHENSIVE_SR
 from dicom_node.settings import Settings
 from tests.conftest import PLUMBING_BUNDLE, free_port
+from tests.sr_reading import sr_summary
 from worker.contracts import InferResult, encode_png
 from worker.inference import get_ensemble, run_infer
 
@@ -82,7 +83,7 @@ def ellipse_lungs(size: int) -> str:
 
 
 def infer(node: NodeRuntime, job_id: str, lungs: bool = True) -> InferResult:
-    request = pipeline.prepare(node, job_id)
+    request = steps.prepare(node, job_id)
     assert request is not None
     bundle, ensemble = get_ensemble(PLUMBING_BUNDLE)
     result = run_infer(request, ensemble, bundle)
@@ -97,7 +98,7 @@ def test_finalize_builds_sr_and_summary_and_delivers_both_to_the_outbox(
 ) -> None:
     node = make_node(tmp_path)
     job_id = receive(node, chest_cr, "PAT1")
-    assert pipeline.finalize(node, infer(node, job_id)) == ["outbox"]
+    assert steps.finalize(node, infer(node, job_id)) == ["outbox"]
     uids = node.ledger.output_uids(job_id)
     sr = dcmread(node.result_path(job_id, OutputKind.SR))
     sc = dcmread(node.result_path(job_id, OutputKind.SC))
@@ -110,7 +111,7 @@ def test_finalize_builds_sr_and_summary_and_delivers_both_to_the_outbox(
     assert sc.StudyInstanceUID == sr.StudyInstanceUID
     assert sc.Rows > sc.Columns and sc.Columns == 1024
 
-    outcome = pipeline.deliver(node, job_id, "outbox")
+    outcome = steps.deliver(node, job_id, "outbox")
     assert outcome.delivered and outcome.retry_in is None
     names = sorted(p.name for p in node.settings.outbox_dir.iterdir())
     assert names == [f"{job_id}-sc.dcm", f"{job_id}-sr.dcm"]
@@ -123,13 +124,13 @@ def test_redone_finalize_writes_the_same_objects_and_indexes_once(
     node = make_node(tmp_path, produce_seg=True)
     job_id = receive(node, chest_cr, "PAT1")
     result = infer(node, job_id)
-    pipeline.finalize(node, result)
+    steps.finalize(node, result)
     first = {k: dcmread(node.result_path(job_id, k)).SOPInstanceUID for k in OutputKind}
     assert dcmread(node.result_path(job_id, OutputKind.SEG)).SOPClassUID == SEGMENTATION
     # the worker's message is redelivered after the objects were written but before the
     # state changed (a crash between the two)
     node.ledger.set_state(job_id, JobState.ANALYSING)
-    pipeline.finalize(NodeRuntime(node.settings), result)
+    steps.finalize(NodeRuntime(node.settings), result)
     again = {k: dcmread(node.result_path(job_id, k)).SOPInstanceUID for k in OutputKind}
     assert again == first
     assert node.hospital_index.store.count() == 1
@@ -145,10 +146,10 @@ def test_summary_failure_costs_the_summary_only(
     def broken(*args: object) -> Dataset:
         raise RuntimeError("renderer broke")
 
-    monkeypatch.setattr(pipeline, "build_summary", broken)
-    assert pipeline.finalize(node, infer(node, job_id)) == ["outbox"]
+    monkeypatch.setattr(steps, "build_summary", broken)
+    assert steps.finalize(node, infer(node, job_id)) == ["outbox"]
     assert [d.kind for d in node.ledger.deliveries(job_id)] == [OutputKind.SR]
-    assert pipeline.deliver(node, job_id, "outbox").delivered
+    assert steps.deliver(node, job_id, "outbox").delivered
     assert node.ledger.get(job_id).state is JobState.DELIVERED  # type: ignore[union-attr]
 
 
@@ -156,7 +157,7 @@ def test_random_lung_map_is_handled(tmp_path: Path, chest_cr: Path) -> None:
     """The plumbing U-Net's map is noise: whatever it gives, the objects are built."""
     node = make_node(tmp_path, produce_seg=True)
     job_id = receive(node, chest_cr, "PAT1")
-    pipeline.finalize(node, infer(node, job_id, lungs=False))
+    steps.finalize(node, infer(node, job_id, lungs=False))
     kinds = {d.kind for d in node.ledger.deliveries(job_id)}
     assert kinds == set(OutputKind)
 
@@ -164,11 +165,11 @@ def test_random_lung_map_is_handled(tmp_path: Path, chest_cr: Path) -> None:
 def test_hospital_studies_of_other_patients_are_listed(tmp_path: Path, chest_cr: Path) -> None:
     node = make_node(tmp_path, similar_k=0)
     earlier = receive(node, chest_cr, "PAT1")
-    pipeline.finalize(node, infer(node, earlier))
+    steps.finalize(node, infer(node, earlier))
     same_patient = receive(node, chest_cr, "PAT1", study_uid=generate_uid())
-    pipeline.finalize(node, infer(node, same_patient))
+    steps.finalize(node, infer(node, same_patient))
     other = receive(node, chest_cr, "PAT2", study_uid=generate_uid())
-    pipeline.finalize(node, infer(node, other))
+    steps.finalize(node, infer(node, other))
 
     def hospital_studies(job_id: str) -> list[str | None]:
         sr = dcmread(node.result_path(job_id, OutputKind.SR))
@@ -185,7 +186,7 @@ def test_hospital_index_can_be_turned_off(tmp_path: Path, chest_cr: Path) -> Non
     node = make_node(tmp_path, hospital_index=False)
     for patient in ("PAT1", "PAT2"):
         job_id = receive(node, chest_cr, patient, study_uid=generate_uid())
-        pipeline.finalize(node, infer(node, job_id))
+        steps.finalize(node, infer(node, job_id))
         sr = dcmread(node.result_path(job_id, OutputKind.SR))
         assert [s for s in sr_summary(sr)["similar"] if s["kind"] == "hospital"] == []
     assert not (node.settings.hospital_dir / "hospital.sqlite3").exists()
@@ -218,15 +219,15 @@ def test_sr_is_delivered_even_where_the_summary_is_refused(
     destination = f"SRONLY@127.0.0.1:{port}"
     node = make_node(tmp_path, destinations=destination, delivery_attempts=2)
     job_id = receive(node, chest_cr, "PAT1")
-    assert pipeline.finalize(node, infer(node, job_id)) == [destination]
+    assert steps.finalize(node, infer(node, job_id)) == [destination]
 
-    first = pipeline.deliver(node, job_id, destination)
+    first = steps.deliver(node, job_id, destination)
     assert not first.delivered and first.retry_in is not None  # the SC will be tried again
     assert [ds.SOPClassUID for ds in received] == [COMPREHENSIVE_SR]
     states = {d.kind: d.state for d in node.ledger.deliveries(job_id)}
     assert states == {OutputKind.SR: DeliveryState.DELIVERED, OutputKind.SC: DeliveryState.PENDING}
 
-    second = pipeline.deliver(node, job_id, destination)  # only the SC is sent again
+    second = steps.deliver(node, job_id, destination)  # only the SC is sent again
     assert not second.delivered and second.retry_in is None  # attempts used up
     assert len(received) == 1  # the SR was not sent twice
     deliveries = {d.kind: d for d in node.ledger.deliveries(job_id)}
@@ -236,4 +237,4 @@ def test_sr_is_delivered_even_where_the_summary_is_refused(
     assert "Secondary Capture" in (deliveries[OutputKind.SC].last_error or "")
     job = node.ledger.get(job_id)
     assert job is not None and job.state is JobState.FAILED and "SC" in (job.reason or "")
-    assert pipeline.deliver(node, job_id, destination) == pipeline.DeliveryOutcome(False)
+    assert steps.deliver(node, job_id, destination) == steps.DeliveryOutcome(False)

@@ -1,4 +1,4 @@
-"""dicom_node.pixels: real chest CRs (pydicom-data, public pool) and synthetic datasets."""
+"""dicom_node.results.pixels: real chest CRs (pydicom-data, public pool) and synthetic datasets."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from dicom_node.pixels import (
+from dicom_node.results.pixels import (
     DecodeFailure,
     PixelDecodeError,
     decode_display,

@@ -15,10 +15,10 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from dicom_node import status
-from dicom_node.ledger import JobState, Ledger
-from dicom_node.receiver import incoming_dir, remove_abandoned, start_receiver
-from dicom_node.scp import STORAGE_CLASSES
+from dicom_node import dimse_status
+from dicom_node.receiving.processes import incoming_dir, remove_abandoned, start_receiver
+from dicom_node.receiving.scp import STORAGE_CLASSES
+from dicom_node.records.ledger import JobState, Ledger
 from dicom_node.settings import Settings
 from tests.conftest import NodeProcess, Peer, free_port, require_tool, wait_for
 from tests.test_e2e import assert_delivered, with_identity
@@ -75,8 +75,8 @@ def test_file_receiver_spools_what_was_sent_and_refuses_what_the_scp_refuses(
         assoc.release()
     finally:
         server.shutdown()
-    assert ok.Status == status.SUCCESS
-    assert refused.Status == status.DATASET_MISMATCH
+    assert ok.Status == dimse_status.SUCCESS
+    assert refused.Status == dimse_status.DATASET_MISMATCH
     (job,) = ledger.jobs_in((JobState.RECEIVED,))
     assert enqueued == [job.job_id]
     assert job.spool_path is not None
@@ -161,5 +161,5 @@ def test_file_receiver_refuses_an_oversized_instance(
         assoc.release()
     finally:
         server.shutdown()
-    assert response.Status == status.OUT_OF_RESOURCES
+    assert response.Status == dimse_status.OUT_OF_RESOURCES
     assert ledger.counts()["received"] == 0

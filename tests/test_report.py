@@ -14,15 +14,9 @@ import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 
-from dicom_node.report import (
-    COMPREHENSIVE_SR,
-    NOT_FOR_DIAGNOSTIC_USE,
-    PLUMBING_WARNING,
-    ReportOptions,
-    ReportUids,
-    build_sr,
-    sr_summary,
-)
+from dicom_node.results.sr.builder import ReportOptions, ReportUids, build_sr
+from dicom_node.results.sr.codes import COMPREHENSIVE_SR, NOT_FOR_DIAGNOSTIC_USE, PLUMBING_WARNING
+from tests.sr_reading import sr_summary
 from worker.bundle import FileRef, IndexSpec, Manifest, MemberSpec, SegmentationSpec
 from worker.classes import CLASS_MAP
 from worker.contracts import InferResult, SimilarItem

@@ -20,12 +20,11 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
-from dicom_node import status
-from dicom_node.checks import Verdict, check_instance
-from dicom_node.ledger import DeliveryState, Job, JobState
-from dicom_node.pipeline import NodeRuntime, deliver
-from dicom_node.scp import VERIFICATION
-from dicom_node.security import (
+from dicom_node import dimse_status
+from dicom_node.jobs.steps import NodeRuntime, deliver
+from dicom_node.receiving.checks import Verdict, check_instance
+from dicom_node.receiving.scp import VERIFICATION
+from dicom_node.receiving.security import (
     ExposureError,
     address_allowed,
     check_exposure,
@@ -33,6 +32,7 @@ from dicom_node.security import (
     is_valid_uid,
     networks,
 )
+from dicom_node.records.ledger import DeliveryState, Job, JobState
 from dicom_node.settings import Settings
 from tests.conftest import PLUMBING_BUNDLE, Peer, free_port, node_env, require_tool, wait_for
 from tests.peers import Scp
@@ -98,7 +98,7 @@ def test_tls_settings_must_be_complete(tmp_path: Path) -> None:
 def test_serve_refuses_to_start_exposed(tmp_path: Path) -> None:
     env = node_env(tmp_path / "node", free_port(), bind="0.0.0.0")
     done = subprocess.run(
-        [sys.executable, "-m", "dicom_node.cli", "serve"],
+        [sys.executable, "-m", "dicom_node", "serve"],
         env=env,
         capture_output=True,
         text=True,
@@ -113,7 +113,7 @@ def test_crafted_uids_are_refused_by_the_check(chest_cr: Path) -> None:
     ds = dcmread(chest_cr)
     ds.SOPInstanceUID = "../../x"
     check = check_instance(ds, CR, 10**8)
-    assert check.verdict is Verdict.REFUSE and check.status == status.INVALID_UID
+    assert check.verdict is Verdict.REFUSE and check.status == dimse_status.INVALID_UID
     assert "SOPInstanceUID" in check.reason
 
 
@@ -174,9 +174,7 @@ def test_source_address_allow_list(scp: Callable[..., Scp]) -> None:
     wait_for(lambda: len(audit_refusals(elsewhere)) >= 2, 10, "two refusals audited")
     refusals = audit_refusals(elsewhere)
     assert len(refusals) == 2
-    assert {(r["address"], r["reason"]) for r in refusals} == {
-        ("127.0.0.1", "address not allowed")
-    }
+    assert {(r["address"], r["reason"]) for r in refusals} == {("127.0.0.1", "address not allowed")}
     assert audit_refusals(here) == refusals  # one data folder: the same file
 
 
@@ -225,7 +223,7 @@ def test_oversized_instance_refused_out_of_resources(
     assert assoc.is_established
     response = assoc.send_c_store(dcmread(over))
     assoc.release()
-    assert response.Status == status.OUT_OF_RESOURCES
+    assert response.Status == dimse_status.OUT_OF_RESOURCES
 
     assert chest_cr.stat().st_size > 3 * 1024 * 1024
     assoc = ae.associate("127.0.0.1", node.port, ae_title="CXRNODE")
@@ -273,7 +271,7 @@ def test_crafted_sop_instance_uid_over_the_wire(
     assert assoc.is_established
     response = assoc.send_c_store(ds)
     assoc.release()
-    assert response.Status == status.INVALID_UID
+    assert response.Status == dimse_status.INVALID_UID
     assert sum(node.ledger.counts().values()) == 0
     assert list(node.settings.spool_dir.iterdir()) == []
     everything = {p.name for p in tmp_path.rglob("*")}

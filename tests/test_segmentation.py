@@ -13,7 +13,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 
-from dicom_node.segmentation import SegOptions, build_seg
+from dicom_node.results.seg.builder import SegOptions, build_seg
 from tests.test_lungs import two_lungs
 from tests.test_report import make_manifest
 from worker.bundle import Manifest

@@ -9,9 +9,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.pixels import pixel_array
 
-from dicom_node import pipeline
-from dicom_node.display_cache import DisplayCache
-from dicom_node.pixels import _display_lut, _photometric, _to_display, decode_display
+from dicom_node.jobs import steps
+from dicom_node.results.display_cache import DisplayCache
+from dicom_node.results.pixels import _display_lut, _photometric, _to_display, decode_display
 from tests.test_pipeline import make_node, receive
 from tests.test_pixels import make_dataset
 
@@ -79,25 +79,25 @@ def test_display_cache_drops_images_nobody_took_when_room_is_needed() -> None:
 def test_finalize_uses_the_image_prepare_decoded(tmp_path: Path, chest_cr: Path) -> None:
     node = make_node(tmp_path)
     job_id = receive(node, chest_cr, "PAT1")
-    assert pipeline.prepare(node, job_id) is not None
+    assert steps.prepare(node, job_id) is not None
     kept = node.display_cache.take(job_id)
     assert kept is not None
     node.display_cache.put(job_id, kept)
     job = node.ledger.get(job_id)
     assert job is not None and job.spool_path
-    source = pipeline.load_source(node, job.spool_path, job_id)
+    source = steps.load_source(node, job.spool_path, job_id)
     assert source.display is kept
     assert "PixelData" not in source.header
     assert len(node.display_cache) == 0
     # Without the kept image (another process, a restart) it is decoded again, identically.
-    again = pipeline.load_source(node, job.spool_path, job_id)
+    again = steps.load_source(node, job.spool_path, job_id)
     np.testing.assert_array_equal(again.display, kept)
 
 
 def test_display_cache_can_be_turned_off(tmp_path: Path, chest_cr: Path) -> None:
     node = make_node(tmp_path, display_cache_mb=0)
     job_id = receive(node, chest_cr, "PAT1")
-    assert pipeline.prepare(node, job_id) is not None
+    assert steps.prepare(node, job_id) is not None
     assert len(node.display_cache) == 0
 
 

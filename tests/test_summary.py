@@ -14,17 +14,16 @@ import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 
-from dicom_node.lungs import lung_outlines
-from dicom_node.pixels import decode_display
-from dicom_node.summary import (
+from dicom_node.results.lungs import lung_outlines
+from dicom_node.results.pixels import decode_display
+from dicom_node.results.sc.builder import ScOptions, build_sc
+from dicom_node.results.sc.render import (
     _ABSENT,
     _BAND,
     _OUTLINE,
     _PRESENT,
-    ScOptions,
     Summary,
     SummaryFacts,
-    build_sc,
     render_summary,
 )
 from tests.test_lungs import two_lungs

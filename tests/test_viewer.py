@@ -16,7 +16,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 
-from dicom_node.report import ReportOptions, build_sr
+from dicom_node.results.sr.builder import ReportOptions, build_sr
 from tests.conftest import require_tool
 from tests.test_report import (
     HOSPITAL_ITEM,

@@ -256,7 +256,7 @@ def read_display_image(path: str | Path) -> np.ndarray:
         # DICOM only when one is read: the training path stays importable without the node.
         import pydicom
 
-        from dicom_node.pixels import decode_display
+        from dicom_node.results.pixels import decode_display
 
         return decode_display(pydicom.dcmread(path))
     raw = np.fromfile(path, dtype=np.uint8)

@@ -8,6 +8,12 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, Field
 
+#: Celery task names that cross the node/worker boundary (the node's own tasks:
+#: dicom_node.jobs.queue).
+INFER = "cxr.infer"  # node -> worker: an InferRequest
+FINALIZE = "cxr.finalize"  # worker -> node: an InferResult
+ANALYSIS_FAILED = "cxr.analysis_failed"  # worker -> node: the job could not be analysed
+
 
 def encode_png(image: np.ndarray) -> str:
     """Lossless, compact transport of a uint8 image: PNG, base64 text (JSON-safe)."""

@@ -27,7 +27,7 @@ def resize_batch(x: np.ndarray, size: int) -> np.ndarray:
 
 
 #: A lung is where the segmentation's probability is at least this (the lung crop, and the
-#: outlines of the SR, SC and SEG: `dicom_node.lungs`).
+#: outlines of the SR, SC and SEG: `dicom_node.results.lungs`).
 LUNG_THRESHOLD = 0.5
 #: Below this share of lung pixels the U-Net found no lungs: the member sees the whole image.
 MIN_LUNG_FRACTION = 0.02

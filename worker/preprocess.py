@@ -1,9 +1,10 @@
 """The one preprocessing function shared by training and serving.
 
-Input: a 2-D display image (uint8, brighter = denser, as decoded by `dicom_node.pixels` or read
-from a PNG/JPEG). Output: a square uint8 image of `params.size` pixels. The model input (float
-normalisation) is `to_model_input`. Its parameters are stored in the bundle manifest, and the
-node preprocesses with the parameters of the bundle it serves.
+Input: a 2-D display image (uint8, brighter = denser, as decoded by
+`dicom_node.results.pixels` or read from a PNG/JPEG). Output: a square uint8 image of
+`params.size` pixels. The model input (float normalisation) is `to_model_input`. Its
+parameters are stored in the bundle manifest, and the node preprocesses with the parameters
+of the bundle it serves.
 """
 
 from __future__ import annotations

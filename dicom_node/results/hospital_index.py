@@ -44,7 +44,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from dicom_node.sqlite import connect as sqlite_connect
+from dicom_node.records.sqlite import connect as sqlite_connect
 from worker.contracts import SimilarItem
 
 log = logging.getLogger(__name__)

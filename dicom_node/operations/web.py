@@ -23,8 +23,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from dicom_node.health import Health
-from dicom_node.ledger import Job, JobState
+from dicom_node.operations.health import Health
+from dicom_node.records.ledger import Job, JobState
 
 log = logging.getLogger(__name__)
 

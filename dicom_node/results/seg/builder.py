@@ -1,6 +1,6 @@
 """The lung mask as DICOM Segmentation (highdicom), on the received image's pixel grid.
 
-Binary (lung / not lung at the probability threshold of `dicom_node.lungs`), one segment,
+Binary (lung / not lung at the probability threshold of `dicom_node.results.lungs`), one segment,
 same study as the X-ray, new series. Off by default (`CXR_PRODUCE_SEG`): many PACS store a
 SEG but cannot show it, and the SR's outline and the summary image carry the same contour.
 """
@@ -15,8 +15,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.checks import OWN_MANUFACTURER
-from dicom_node.report import evidence_header, model_equipment
+from dicom_node.results.equipment import OWN_MANUFACTURER, evidence_header, model_equipment
 from worker.bundle import Manifest
 
 

@@ -1,7 +1,7 @@
 """The Secondary Capture summary image: what every PACS can show, even one that cannot read SR.
 
 `render_summary` is a pure function: the received X-ray as a display image (windowed by
-`dicom_node.pixels.decode_display`), the lung outlines on its pixel grid, and the result ->
+`dicom_node.results.pixels.decode_display`), the lung outlines on its pixel grid, and the result ->
 an RGB picture::
 
     +--------------------------------------------------------------+
@@ -21,9 +21,6 @@ an RGB picture::
 Text sits in bands above and below the image, never over the anatomy. Its size is a fixed
 fraction of the width (capital letters about 2 % of it: 20 px on the default 1024 px wide
 image), so it is legible at 1:1 whatever the summary width.
-
-`build_sc` wraps the picture as a Secondary Capture Image (highdicom) in the source's study,
-in a new series, referencing the source image.
 """
 
 from __future__ import annotations
@@ -33,14 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import cv2
-import highdicom as hd
 import numpy as np
-from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
-
-from dicom_node.checks import OWN_MANUFACTURER
-from dicom_node.report import evidence_header, model_equipment
-from worker.bundle import Manifest
 
 # Colours are RGB.
 _BAND = (24, 24, 24)
@@ -189,80 +179,3 @@ def _band(
         origin = (pad + line.indent, baseline_y)
         cv2.putText(band, line.text, origin, _FONT, scale, line.colour, thickness, cv2.LINE_AA)
     return band
-
-
-# ------------------------------------------------------------------------------ DICOM
-
-
-@dataclass(frozen=True)
-class ScOptions:
-    manufacturer: str = OWN_MANUFACTURER
-    institution: str | None = None
-    series_number: int = 9902
-    instance_number: int = 1
-
-
-def build_sc(
-    source: Dataset,
-    summary: Summary,
-    manifest: Manifest,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    options: ScOptions,
-) -> Dataset:
-    """Secondary Capture Image of the summary, same study as `source` (header only is enough)."""
-    header = evidence_header(source)
-    equipment = model_equipment(
-        manifest,
-        options.manufacturer,
-        options.institution,
-        "COVID-19 classification summary image (model bundle)",
-    )
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header,
-        pixel_array=summary.pixels,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        series_instance_uid=series_instance_uid,
-        series_number=options.series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=options.instance_number,
-        manufacturer=options.manufacturer,
-        patient_orientation=("L", "F"),  # placeholder for highdicom's check; set below
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[equipment],
-        manufacturer_model_name=manifest.name,
-        software_versions=manifest.version,
-        institution_name=options.institution,
-        series_description=_series_description(manifest),
-    )
-    # Rows and columns are the source's, only scaled: so is the orientation (type 2: empty
-    # when the source did not say).
-    sc.PatientOrientation = _orientation(header)
-    sc.ConversionType = "WSD"  # made on a workstation, not digitised from film
-    sc.BurnedInAnnotation = "YES"  # the result text, no patient identity, is in the pixels
-    # The node analyses chest radiographs only; the standard term is written whatever the
-    # modality sent (e.g. "THORAX", which is no defined term and makes Laterality required).
-    sc.BodyPartExamined = "CHEST"
-    sc.DerivationDescription = (
-        "Source X-ray scaled to the summary width, AI lung outline and result text added"
-    )
-    sc.ImageComments = f"AI result, not for diagnostic use. {manifest.name} {manifest.version}"
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = header.SOPClassUID
-    reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
-    sc.SourceImageSequence = [reference]
-    return sc
-
-
-def _orientation(header: Dataset) -> list[str]:
-    value = header.get("PatientOrientation")
-    if value is not None and not isinstance(value, str) and len(value) == 2:
-        return [str(v) for v in value]
-    return []
-
-
-def _series_description(manifest: Manifest) -> str:
-    prefix = "PLUMBING random weights - " if manifest.random_weights else ""
-    return f"{prefix}AI COVID-19 summary {manifest.version} - not diagnostic"[:64]

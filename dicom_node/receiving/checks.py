@@ -13,8 +13,9 @@ from enum import Enum
 from pydicom import Dataset
 from pydicom.uid import UID
 
-from dicom_node import status
-from dicom_node.security import is_valid_uid
+from dicom_node import dimse_status
+from dicom_node.receiving.security import is_valid_uid
+from dicom_node.results.equipment import OWN_MANUFACTURER
 
 
 class Verdict(Enum):
@@ -27,18 +28,13 @@ class Verdict(Enum):
 class Check:
     verdict: Verdict
     reason: str = ""
-    status: int = status.SUCCESS
+    status: int = dimse_status.SUCCESS
 
 
 ANALYSED_MODALITIES = {"CR", "DX", "OT", "XC", ""}
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "TORSO", ""}
 LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
 REQUIRED_UIDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
-
-#: The Manufacturer this node writes into its results (SR, summary SC, SEG). A PACS that
-#: routes every new image of a study to the node sends the summary SC back: it is a chest
-#: "Secondary Capture" like any other, and analysing it would loop.
-OWN_MANUFACTURER = "cxr-node"
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -51,33 +47,35 @@ def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> C
     for keyword in REQUIRED_UIDS:
         value = str(ds.get(keyword, "")).strip()
         if not value:
-            return Check(Verdict.REFUSE, f"missing {keyword}", status.MISSING_ATTRIBUTE)
+            return Check(Verdict.REFUSE, f"missing {keyword}", dimse_status.MISSING_ATTRIBUTE)
         if not is_valid_uid(value):  # never let a crafted UID near a file name or a query
-            return Check(Verdict.REFUSE, f"{keyword} is not a valid UID", status.INVALID_UID)
+            return Check(Verdict.REFUSE, f"{keyword} is not a valid UID", dimse_status.INVALID_UID)
     if str(ds.SOPClassUID) != negotiated_sop_class:
         return Check(
             Verdict.REFUSE,
             f"SOP Class UID {ds.SOPClassUID} differs from the negotiated "
             f"{UID(negotiated_sop_class).name}",
-            status.DATASET_MISMATCH,
+            dimse_status.DATASET_MISMATCH,
         )
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        return Check(Verdict.REFUSE, "no pixel data", status.DATASET_MISMATCH)
+        return Check(Verdict.REFUSE, "no pixel data", dimse_status.DATASET_MISMATCH)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
-        return Check(Verdict.REFUSE, "Rows/Columns missing or invalid", status.DATASET_MISMATCH)
+        return Check(
+            Verdict.REFUSE, "Rows/Columns missing or invalid", dimse_status.DATASET_MISMATCH
+        )
     if rows <= 0 or cols <= 0:
-        return Check(Verdict.REFUSE, f"empty image {rows}x{cols}", status.DATASET_MISMATCH)
+        return Check(Verdict.REFUSE, f"empty image {rows}x{cols}", dimse_status.DATASET_MISMATCH)
     if rows * cols > max_pixels:
         return Check(
             Verdict.REFUSE,
             f"image of {rows}x{cols} exceeds {max_pixels} pixels",
-            status.DATASET_MISMATCH,
+            dimse_status.DATASET_MISMATCH,
         )
     short = _pixel_data_short(ds, rows, cols)
     if short:
-        return Check(Verdict.REFUSE, short, status.DATASET_MISMATCH)
+        return Check(Verdict.REFUSE, short, dimse_status.DATASET_MISMATCH)
 
     if _made_by_a_node(ds):
         return Check(Verdict.NOT_ANALYSABLE, "a result image of a CXR node: not analysed again")

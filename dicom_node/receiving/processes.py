@@ -5,7 +5,8 @@ senders of 10 MB radiographs a single pynetdicom SCP reaches less than half of D
 `storescp --fork` (bench/ingest.py). Here N receiver processes each listen on the DICOM port
 with SO_REUSEPORT, and the kernel spreads incoming associations over them. Each process
 checks, spools, records in the ledger and enqueues exactly as the single SCP does
-(`dicom_node.scp.StoreHandler`), with two differences that remove copies of the pixel data:
+(`dicom_node.receiving.scp.StoreHandler`), with two differences that remove copies of the
+pixel data:
 
 - pynetdicom writes the data set to a file as its fragments arrive
   (`_config.STORE_RECV_CHUNKED_DATASET`), in a folder beside the spool;
@@ -37,21 +38,21 @@ from pynetdicom import _config
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.audit import AuditLog
-from dicom_node.ledger import Ledger
+from dicom_node.jobs.queue import PREPARE, make_celery
 from dicom_node.logs import setup_logging
-from dicom_node.metrics import MetricsStore
-from dicom_node.observe import NodeStoreEvents, association_handlers
-from dicom_node.queue import PREPARE, make_celery
-from dicom_node.scp import (
+from dicom_node.receiving.events import NodeStoreEvents, association_handlers
+from dicom_node.receiving.scp import (
     Enqueue,
     GuardedServer,
     StoreEvents,
     StoreHandler,
     serve_guarded,
 )
+from dicom_node.records.audit import AuditLog
+from dicom_node.records.durable import move_durably
+from dicom_node.records.ledger import Ledger
+from dicom_node.records.metrics_store import MetricsStore
 from dicom_node.settings import Settings
-from dicom_node.spool import move_durably
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def start_receiver(
     extra_handlers: list[tuple[Any, Callable[[Event], None]]] | None = None,
 ) -> ThreadedAssociationServer:
     """Listen (SO_REUSEPORT) in this process, receiving to files; the caller shuts it down.
-    The same guards as the single SCP (`dicom_node.scp.start_scp`); the association limit
+    The same guards as the single SCP (`dicom_node.receiving.scp.start_scp`); the association limit
     applies per receiver process."""
     settings.make_dirs()
     incoming = incoming_dir(settings)
@@ -160,7 +161,7 @@ def spawn_receiver(settings: Settings, name: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["CXR_DATA_DIR"] = str(settings.data_dir.resolve())
     env["CXR_BUNDLE"] = str(settings.bundle.resolve())
-    return subprocess.Popen([sys.executable, "-m", "dicom_node.receiver", name], env=env)
+    return subprocess.Popen([sys.executable, "-m", "dicom_node.receiving.processes", name], env=env)
 
 
 class Receivers:

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from dicom_node.ledger import UNFINISHED, Ledger
+from dicom_node.records.ledger import UNFINISHED, Ledger
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread
 
-from dicom_node.audit import AuditLog
-from dicom_node.delivery import OUTBOX, backoff_seconds, send_files, to_outbox
-from dicom_node.display_cache import DisplayCache
-from dicom_node.hospital_index import HospitalEntry, HospitalIndex
-from dicom_node.ledger import (
+from dicom_node.jobs.model_store import BundleCache, ModelStore
+from dicom_node.logs import describe_failure
+from dicom_node.records.audit import AuditLog
+from dicom_node.records.durable import write_durably
+from dicom_node.records.ledger import (
     UNFINISHED,
     Delivery,
     DeliveryState,
@@ -35,17 +35,18 @@ from dicom_node.ledger import (
     OutputKind,
     OutputUids,
 )
-from dicom_node.logs import describe_failure
-from dicom_node.lungs import lung_map_on_image, lung_mask, lung_outlines
-from dicom_node.metrics import MetricsStore
-from dicom_node.models import BundleCache, ModelStore
-from dicom_node.pixels import PixelDecodeError, decode_display
-from dicom_node.report import ReportOptions, ReportUids, build_sr, is_present
-from dicom_node.retrieval import ReferenceIndex
-from dicom_node.segmentation import SegOptions, build_seg
+from dicom_node.records.metrics_store import MetricsStore
+from dicom_node.results.delivery import OUTBOX, backoff_seconds, send_files, to_outbox
+from dicom_node.results.display_cache import DisplayCache
+from dicom_node.results.hospital_index import HospitalEntry, HospitalIndex
+from dicom_node.results.lungs import lung_map_on_image, lung_mask, lung_outlines
+from dicom_node.results.pixels import PixelDecodeError, decode_display
+from dicom_node.results.reference_index import ReferenceIndex
+from dicom_node.results.sc.builder import ScOptions, build_sc
+from dicom_node.results.sc.render import SummaryFacts, render_summary
+from dicom_node.results.seg.builder import SegOptions, build_seg
+from dicom_node.results.sr.builder import ReportOptions, ReportUids, build_sr, is_present
 from dicom_node.settings import Destination, Settings
-from dicom_node.spool import write_durably
-from dicom_node.summary import ScOptions, SummaryFacts, build_sc, render_summary
 from worker.bundle import Bundle
 from worker.contracts import InferRequest, InferResult, SimilarItem, decode_png, encode_png
 from worker.preprocess import preprocess, preprocess_geometry

@@ -2,7 +2,7 @@
 
 The embedded queue is kombu's filesystem transport in the data folder: no external service,
 the same tasks and the same worker code path as with Redis. Messages are only hints; the
-ledger is the source of truth (see `dicom_node.recovery`).
+ledger is the source of truth (see `dicom_node.jobs.recovery`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 
 from dicom_node.settings import Settings
+from worker.contracts import ANALYSIS_FAILED, FINALIZE, INFER
 
 
 class _AtomicChannel(filesystem.Channel):
@@ -48,10 +49,7 @@ NODE_QUEUE = "node"
 INFER_QUEUE = "infer"
 
 PREPARE = "cxr.prepare"
-INFER = "cxr.infer"
-FINALIZE = "cxr.finalize"
 DELIVER = "cxr.deliver"
-ANALYSIS_FAILED = "cxr.analysis_failed"
 
 #: Which role's queue each task goes to.
 TASK_ROLES = {

@@ -1,7 +1,7 @@
 """The DICOM SCP: Verification and Storage of chest radiographs.
 
 The C-STORE handler checks, spools durably, records in the ledger and enqueues; it never
-raises, and every outcome is a named status (`dicom_node.status`). Decoding and analysis
+raises, and every outcome is a named status (`dicom_node.dimse_status`). Decoding and analysis
 happen later, on the node's queue.
 """
 
@@ -46,20 +46,20 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import status
-from dicom_node.audit import AuditLog
-from dicom_node.checks import Verdict, check_instance
-from dicom_node.ledger import Job, JobState, Ledger
+from dicom_node import dimse_status
 from dicom_node.logs import describe_failure
-from dicom_node.security import (
+from dicom_node.receiving.checks import Verdict, check_instance
+from dicom_node.receiving.security import (
     Network,
     address_allowed,
     is_valid_uid,
     networks,
     server_tls_context,
 )
+from dicom_node.records.audit import AuditLog
+from dicom_node.records.durable import free_bytes, write_durably
+from dicom_node.records.ledger import Job, JobState, Ledger
 from dicom_node.settings import Settings
-from dicom_node.spool import free_bytes, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,10 @@ class StoreHandler:
             log.error(
                 "C-STORE failed unexpectedly (%s); answering 0x%04X",
                 describe_failure(exc),
-                status.CANNOT_UNDERSTAND,
+                dimse_status.CANNOT_UNDERSTAND,
             )
-            code = status.CANNOT_UNDERSTAND
-        if code != status.SUCCESS:
+            code = dimse_status.CANNOT_UNDERSTAND
+        if code != dimse_status.SUCCESS:
             self._tell(
                 lambda: self.events.refused(
                     code, _sop_uid(event), event.assoc.requestor.ae_title.strip(), _address(event)
@@ -166,11 +166,11 @@ class StoreHandler:
             log.warning(
                 "C-STORE from %s refused with 0x%04X: %d bytes exceed %d MB",
                 calling_ae,
-                status.OUT_OF_RESOURCES,
+                dimse_status.OUT_OF_RESOURCES,
                 size,
                 self.settings.max_instance_mb,
             )
-            return status.OUT_OF_RESOURCES
+            return dimse_status.OUT_OF_RESOURCES
 
         try:
             ds = self.read(event)
@@ -181,7 +181,7 @@ class StoreHandler:
                 calling_ae,
                 type(exc).__name__,
             )
-            return status.CANNOT_UNDERSTAND
+            return dimse_status.CANNOT_UNDERSTAND
 
         try:  # values are decoded on access: a malformed one raises here
             check = check_instance(ds, str(event.context.abstract_syntax), self.settings.max_pixels)
@@ -192,7 +192,7 @@ class StoreHandler:
                 calling_ae,
                 describe_failure(exc),
             )
-            return status.CANNOT_UNDERSTAND
+            return dimse_status.CANNOT_UNDERSTAND
         if check.verdict is Verdict.REFUSE:
             log.warning(
                 "C-STORE sop=%s from %s refused with 0x%04X: %s",
@@ -212,16 +212,16 @@ class StoreHandler:
                 existing.job_id,
                 existing.state,
             )
-            return status.SUCCESS
+            return dimse_status.SUCCESS
 
         min_free = self.settings.min_free_disk_mb * 1024 * 1024
         if min_free and free_bytes(self.settings.spool_dir) < min_free:
             log.error(
                 "C-STORE sop=%s refused with 0x%04X: free disk below threshold",
                 sop_uid,
-                status.OUT_OF_RESOURCES,
+                dimse_status.OUT_OF_RESOURCES,
             )
-            return status.OUT_OF_RESOURCES
+            return dimse_status.OUT_OF_RESOURCES
 
         job_id = uuid.uuid4().hex[:16]
         spool_path = self.settings.spool_dir / f"{job_id}.dcm"
@@ -231,10 +231,10 @@ class StoreHandler:
             log.error(
                 "C-STORE sop=%s refused with 0x%04X: spool write failed (%s)",
                 sop_uid,
-                status.OUT_OF_RESOURCES,
+                dimse_status.OUT_OF_RESOURCES,
                 exc.strerror,
             )
-            return status.OUT_OF_RESOURCES
+            return dimse_status.OUT_OF_RESOURCES
 
         analyse = check.verdict is Verdict.ANALYSE
         now = time.time()
@@ -258,7 +258,7 @@ class StoreHandler:
             spool_path.unlink(missing_ok=True)
             log.info("C-STORE sop=%s duplicate (concurrent): not analysed again", sop_uid)
             self._tell(lambda: self.events.duplicate(sop_uid, calling_ae, _address(event)))
-            return status.SUCCESS
+            return dimse_status.SUCCESS
         self._tell(lambda: self.events.received(job, _address(event)))
 
         if analyse:
@@ -285,7 +285,7 @@ class StoreHandler:
                 calling_ae,
                 check.reason,
             )
-        return status.SUCCESS
+        return dimse_status.SUCCESS
 
 
 def _address(event: Event) -> str:
@@ -341,7 +341,7 @@ def _loggable(uid: str) -> str:
 
 def handle_echo(event: Event) -> int:
     log.info("C-ECHO from %s", event.assoc.requestor.ae_title.strip())
-    return status.SUCCESS
+    return dimse_status.SUCCESS
 
 
 def make_ae(settings: Settings) -> AE:
@@ -419,7 +419,8 @@ def serve_guarded(
     thread_name: str = "scp-accept",
 ) -> GuardedServer:
     """Listen in a background thread with every guard: allow-lists, TLS, limits, size guard.
-    The single SCP and each receiver process (`dicom_node.receiver`) start their server here."""
+    The single SCP and each receiver process (`dicom_node.receiving.processes`) start their
+    server here."""
     ae = make_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handler),

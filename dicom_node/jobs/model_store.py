@@ -233,7 +233,7 @@ def smoke_test(bundle: Bundle, onnx_threads: int = 0) -> dict[str, float]:
     BundleError when an output is missing or out of range."""
     import numpy as np
 
-    from dicom_node.retrieval import ReferenceIndex
+    from dicom_node.results.reference_index import ReferenceIndex
     from worker.inference import Ensemble
     from worker.preprocess import preprocess
 

@@ -16,20 +16,21 @@ import sys
 import threading
 from collections.abc import Callable
 
-from dicom_node.audit import AuditLog
-from dicom_node.ledger import Ledger
+from dicom_node.jobs.model_store import BundleCache, ModelStore
+from dicom_node.jobs.queue import DELIVER, INFER_QUEUE, NODE_QUEUE, PREPARE, make_celery, queue_name
+from dicom_node.jobs.recovery import PeriodicSweep, sweep
+from dicom_node.jobs.tasks import register_tasks
 from dicom_node.logs import describe_failure, setup_logging
-from dicom_node.metrics import MetricsStore
-from dicom_node.models import BundleCache, ModelStore
-from dicom_node.observe import NodeStoreEvents, association_handlers, node_app
-from dicom_node.queue import DELIVER, INFER_QUEUE, NODE_QUEUE, PREPARE, make_celery, queue_name
-from dicom_node.receiver import Receivers
-from dicom_node.recovery import PeriodicSweep, sweep
-from dicom_node.scp import start_scp
-from dicom_node.security import check_exposure
+from dicom_node.operations.observe import node_app
+from dicom_node.operations.web import start_http
+from dicom_node.receiving.events import NodeStoreEvents, association_handlers
+from dicom_node.receiving.processes import Receivers
+from dicom_node.receiving.scp import start_scp
+from dicom_node.receiving.security import check_exposure
+from dicom_node.records.audit import AuditLog
+from dicom_node.records.ledger import Ledger
+from dicom_node.records.metrics_store import MetricsStore
 from dicom_node.settings import Settings
-from dicom_node.tasks import register_tasks
-from dicom_node.web import start_http
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def run_worker(settings: Settings, roles: list[str], name: str) -> None:
     app = make_celery(settings)
     register_tasks(app, settings)
     if settings.worker_http_port:
-        from dicom_node.observe import WorkerMetrics, worker_app
+        from dicom_node.operations.observe import WorkerMetrics, worker_app
 
         metrics = WorkerMetrics()
         metrics.connect()
@@ -139,7 +140,7 @@ def _spawn_worker(settings: Settings, queues: list[str]) -> subprocess.Popen[byt
     cmd = [
         sys.executable,
         "-m",
-        "dicom_node.cli",
+        "dicom_node",
         "worker",
         "--queues",
         ",".join(queues),

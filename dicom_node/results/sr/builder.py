@@ -29,21 +29,6 @@ Content tree (order as written; TID 1500 rows first, then this node's extensions
         CONTAINER Similar reference-set image:
                   identifier, embedding distance, [label], dataset
 
-Code choices (all from DICOM PS3.16 / SNOMED CT, as carried by pydicom's code dictionary,
-except the local 99CXRN codes for concepts the standard has no code for):
-
-- Procedure reported: SNOMED CT 399208008 "Plain chest X-ray" (a procedure concept that
-  does not claim a view count; LOINC 36643-5 is "XR Chest 2 Views", which a single portable
-  frontal film is not). CID 100 is extensible, so an SCT procedure code is allowed.
-- Present / Absent: SCT 52101004 / SCT 272519000, the values of DICOM CID 241 "Present
-  Absent Only" (the DICOM value set uses 272519000, not 2667000, for "Absent").
-- Probability: DCM 122157 "Probability", unit UCUM "1" (no units), value 0..1.
-- Contributing equipment purpose: DCM 109102 "Processing Equipment" (CID 7005). There is no
-  "Processing Algorithm" code; 109103 is "Modifying Equipment" (changes an instance in place),
-  which is not what an algorithm creating a new instance does.
-- Finding COVID-19: SCT 840539006 with meaning "COVID-19" (an accepted SNOMED CT synonym);
-  the fully specified name is 65 characters, longer than the 64 a Code Meaning (LO) allows.
-
 Flags: Completion COMPLETE (the algorithm's output is whole; a radiologist's review would be a
 new document), Verification UNVERIFIED (no person has signed it), Preliminary PRELIMINARY (an
 unverified research result is not the definitive means of communicating the finding).
@@ -51,13 +36,11 @@ unverified research result is not the definitive means of communicating the find
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
@@ -89,18 +72,42 @@ from highdicom.sr import (
     TrackingIdentifier,
     UIDRefContentItem,
 )
-from pydicom import Dataset, config
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from pydicom.valuerep import validate_value
 
-from dicom_node.checks import OWN_MANUFACTURER
+from dicom_node.results.equipment import OWN_MANUFACTURER, evidence_header, model_equipment
+from dicom_node.results.sr.codes import (
+    ABSENT,
+    AI_PROBABILITY_THEN,
+    ANATOMICAL_STRUCTURE,
+    COMMENT,
+    CONFIRMED_DIAGNOSIS,
+    DIAGNOSIS_TEXT,
+    EMBEDDING_DISTANCE,
+    FINDING_COVID19,
+    IDENTIFIER,
+    LOCAL_SCHEME,
+    LUNG,
+    NEIGHBOUR_DATASET,
+    NEIGHBOUR_LABEL,
+    NO_UNITS,
+    NOT_FOR_DIAGNOSTIC_USE,
+    PLAIN_CHEST_XRAY,
+    PLUMBING_WARNING,
+    PRESENT,
+    PROBABILITY,
+    SERIES_UID,
+    SIMILAR_HOSPITAL,
+    SIMILAR_IMAGE,
+    SIMILAR_REFERENCE,
+    SIMILAR_STUDIES,
+    STUDY_DATE,
+    STUDY_UID,
+)
 from dicom_node.settings import HOSPITAL_FIELDS
 from worker.bundle import Manifest
-from worker.classes import COVID19_SNOMED
 from worker.contracts import InferResult, SimilarItem
-
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 # highdicom warns about single-component person names and quotes the name in the warning:
 # a patient's or physician's name would reach the logs. Names are copied as the modality
@@ -110,51 +117,7 @@ warnings.filterwarnings(
     "ignore", message=r"The string .* is unlikely to represent the intended person name"
 )
 
-# Local coding scheme for concepts DICOM has no code for; "99" marks a private scheme
-# (PS3.3 8.2) and the SR documents it in the Coding Scheme Identification Sequence.
-LOCAL_SCHEME = "99CXRN"
-
-FINDING_COVID19 = CodedConcept(*COVID19_SNOMED)
-PRESENT = CodedConcept("52101004", "SCT", "Present")
-ABSENT = CodedConcept("272519000", "SCT", "Absent")
-PLAIN_CHEST_XRAY = CodedConcept("399208008", "SCT", "Plain chest X-ray")
-PROBABILITY = CodedConcept("122157", "DCM", "Probability")
-NO_UNITS = CodedConcept("1", "UCUM", "no units")
-COMMENT = CodedConcept("121106", "DCM", "Comment")
-IDENTIFIER = CodedConcept("125010", "DCM", "Identifier")
-STUDY_UID = CodedConcept("110180", "DCM", "Study Instance UID")
-SERIES_UID = CodedConcept("112002", "DCM", "Series Instance UID")
-SIMILAR_STUDIES = CodedConcept("CXRN001", LOCAL_SCHEME, "Most similar studies")
-SIMILAR_HOSPITAL = CodedConcept("CXRN002", LOCAL_SCHEME, "Similar hospital study")
-SIMILAR_REFERENCE = CodedConcept("CXRN005", LOCAL_SCHEME, "Similar reference-set image")
-NEIGHBOUR_LABEL = CodedConcept("CXRN003", LOCAL_SCHEME, "Label")
-NEIGHBOUR_DATASET = CodedConcept("CXRN004", LOCAL_SCHEME, "Dataset")
-SIMILAR_IMAGE = CodedConcept("CXRN006", LOCAL_SCHEME, "Similar image")
-EMBEDDING_DISTANCE = CodedConcept("CXRN007", LOCAL_SCHEME, "Embedding distance")
-AI_PROBABILITY_THEN = CodedConcept("CXRN008", LOCAL_SCHEME, "AI probability at analysis")
-CONFIRMED_DIAGNOSIS = CodedConcept("CXRN009", LOCAL_SCHEME, "Confirmed diagnosis")
-STUDY_DATE = CodedConcept("111060", "DCM", "Study Date")
-LUNG = CodedConcept("39607008", "SCT", "Lung")
-ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical Structure")
-
-#: How a confirmed diagnosis recorded with `cxr-node label` reads in the SR.
-DIAGNOSIS_TEXT = {"covid": "COVID-19 (confirmed)", "negative": "COVID-19 negative (confirmed)"}
-
-NOT_FOR_DIAGNOSTIC_USE = "Not for diagnostic use. Research software; result not verified."
-PLUMBING_WARNING = "PLUMBING BUNDLE: random weights, score meaningless"
-
 _CONTAINS = RelationshipTypeValues.CONTAINS
-_TYPE2_EVIDENCE = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 
 
 @dataclass(frozen=True)
@@ -199,7 +162,7 @@ def build_sr(
 ) -> Dataset:
     """Comprehensive SR with the COVID-19 result for `source` (header only is enough).
 
-    lung_outlines: closed (column, row) polylines on the source image (`dicom_node.lungs`),
+    lung_outlines: closed (column, row) polylines on the source image (`dicom_node.results.lungs`),
     written as TID 1410 planar regions so that TID 1500 viewers draw them.
     """
     header = evidence_header(source)
@@ -282,58 +245,6 @@ def _separate(node: Dataset) -> None:
         node.ContinuityOfContent = "SEPARATE"
     for child in node.get("ContentSequence", []):
         _separate(child)
-
-
-def model_equipment(
-    manifest: Manifest, manufacturer: str, institution: str | None, contribution: str
-) -> hd.ContributingEquipment:
-    """Contributing Equipment naming the model bundle (its device UID changes with every
-    version), shared by the SR, the summary SC and the SEG."""
-    equipment = hd.ContributingEquipment(
-        manufacturer=manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=manifest.name,
-        software_versions=manifest.version,
-        institution_name=institution,
-        contribution_description=contribution,
-    )
-    equipment.DeviceUID = manifest.device_uid
-    return equipment
-
-
-def evidence_header(source: Dataset) -> Dataset:
-    """A copy of the source header that highdicom can take as evidence.
-
-    Tolerant reading: type 2 patient/study attributes a modality left out are added empty,
-    so the SR carries them empty (valid) rather than failing.
-    """
-    missing = [
-        k
-        for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        if not source.get(k)
-    ]
-    if missing:
-        raise ValueError(f"source header lacks {', '.join(missing)}")
-    header = copy.deepcopy(source)
-    _drop_invalid_values(header)
-    for keyword in _TYPE2_EVIDENCE:
-        if keyword not in header:
-            setattr(header, keyword, None)
-    return header
-
-
-def _drop_invalid_values(header: Dataset) -> None:
-    """Strict writing: a value the source got wrong (e.g. Patient's Age "68" instead of
-    "068Y") is not copied into the SR; UIDs are kept as sent, since they identify the source."""
-    for element in list(header):
-        if element.VR in ("SQ", "UI", "OB", "OW", "UN") or element.value in (None, ""):
-            continue
-        values = element.value if element.VM > 1 else [element.value]
-        try:
-            for value in values:
-                validate_value(element.VR, value, config.RAISE)
-        except (ValueError, TypeError):
-            del header[element.tag]
 
 
 def _measurement_group(
@@ -529,163 +440,3 @@ def _series_description(manifest: Manifest) -> str:
     prefix = "PLUMBING random weights - " if manifest.random_weights else ""
     text = f"{prefix}AI COVID-19 {manifest.name} {manifest.version} - not diagnostic"
     return text[:64]
-
-
-# ---------------------------------------------------------------------------- reading back
-
-
-class SimilarSummary(TypedDict):
-    kind: str  # "hospital" or "reference"
-    item_id: str
-    study_uid: str | None
-    label: str | None  # hospital: the confirmed diagnosis as recorded ("covid", "negative")
-
-
-class SrSummary(TypedDict):
-    probability: float | None
-    finding_present: bool | None
-    referenced_sop_instance_uids: list[str]
-    member_probabilities: dict[str, float]
-    device_uid: str | None
-    similar_ids: list[str]
-    similar: list[SimilarSummary]
-    pertinent_study_uids: list[str]
-    lung_regions: int
-    plumbing_bundle: bool
-
-
-def sr_summary(ds: Dataset) -> SrSummary:
-    """What a produced SR says, read with plain pydicom (tolerant of any writer).
-
-    - probability: the ensemble Probability (the NUM without its own Algorithm Name);
-    - finding_present: the COVID-19 CODE item, True / False, None when absent or unknown;
-    - referenced_sop_instance_uids: CurrentRequestedProcedureEvidenceSequence instances;
-    - similar: each similar item's kind, identifier, study UID and label;
-    - lung_regions: how many SCOORD regions (lung outlines) the report holds.
-    """
-    probability: float | None = None
-    members: dict[str, float] = {}
-    present: bool | None = None
-    device_uid: str | None = None
-    similar_ids: list[str] = []
-    similar = [_similar_summary(item) for item in _neighbour_containers(ds)]
-    regions = 0
-    plumbing = False
-    for item, parents in _walk(ds.get("ContentSequence", [])):
-        concept = _concept(item)
-        value_type = item.get("ValueType")
-        if value_type == "NUM" and concept == ("122157", "DCM"):
-            value = _num_value(item)
-            algorithm = next(
-                (
-                    c.get("TextValue")
-                    for c, _ in _walk(item.get("ContentSequence", []))
-                    if _concept(c) == ("111001", "DCM")
-                ),
-                None,
-            )
-            if algorithm is None:
-                probability = value if probability is None else probability
-            elif value is not None:
-                members[str(algorithm)] = value
-        elif value_type == "CODE" and concept == (COVID19_SNOMED[0], COVID19_SNOMED[1]):
-            values = item.get("ConceptCodeSequence") or [Dataset()]
-            present = _PRESENCE.get(str(values[0].get("CodeValue", "")))
-        elif value_type == "UIDREF" and concept == ("121012", "DCM"):
-            device_uid = str(item.UID)
-        elif value_type == "SCOORD":
-            regions += 1
-        elif value_type == "TEXT":
-            text = str(item.get("TextValue", ""))
-            if concept == ("125010", "DCM") and parents and parents[-1] in _NEIGHBOUR_CONCEPTS:
-                similar_ids.append(text)
-            if PLUMBING_WARNING.split(":")[0] in text:
-                plumbing = True
-    return SrSummary(
-        probability=probability,
-        finding_present=present,
-        referenced_sop_instance_uids=_evidence_uids(
-            ds, "CurrentRequestedProcedureEvidenceSequence"
-        ),
-        member_probabilities=members,
-        device_uid=device_uid,
-        similar_ids=similar_ids,
-        similar=similar,
-        pertinent_study_uids=[
-            str(s.StudyInstanceUID) for s in ds.get("PertinentOtherEvidenceSequence", [])
-        ],
-        lung_regions=regions,
-        plumbing_bundle=plumbing,
-    )
-
-
-def _neighbour_containers(ds: Dataset) -> list[Dataset]:
-    return [
-        item
-        for item, _ in _walk(ds.get("ContentSequence", []))
-        if item.get("ValueType") == "CONTAINER" and _concept(item) in _NEIGHBOUR_CONCEPTS
-    ]
-
-
-def _similar_summary(container: Dataset) -> SimilarSummary:
-    hospital = _concept(container) == (SIMILAR_HOSPITAL.value, SIMILAR_HOSPITAL.scheme_designator)
-    item_id, study_uid, label = "", None, None
-    for child in container.get("ContentSequence", []):
-        concept = _concept(child)
-        if concept == (IDENTIFIER.value, IDENTIFIER.scheme_designator):
-            item_id = str(child.get("TextValue", ""))
-        elif concept == (STUDY_UID.value, STUDY_UID.scheme_designator):
-            study_uid = str(child.UID)
-        elif concept in _LABEL_CONCEPTS:
-            label = _DIAGNOSIS_BY_TEXT.get(str(child.TextValue), str(child.TextValue))
-    return SimilarSummary(
-        kind="hospital" if hospital else "reference",
-        item_id=item_id,
-        study_uid=study_uid,
-        label=label,
-    )
-
-
-_NEIGHBOUR_CONCEPTS = {
-    (c.value, c.scheme_designator) for c in (SIMILAR_HOSPITAL, SIMILAR_REFERENCE)
-}
-_LABEL_CONCEPTS = {(c.value, c.scheme_designator) for c in (NEIGHBOUR_LABEL, CONFIRMED_DIAGNOSIS)}
-_DIAGNOSIS_BY_TEXT = {text: label for label, text in DIAGNOSIS_TEXT.items()}
-# Tolerant reading: SNOMED "Absent" 2667000 is accepted too (other writers use it).
-_PRESENCE = {PRESENT.value: True, ABSENT.value: False, "2667000": False}
-
-
-def _walk(
-    items: Sequence[Dataset], parents: tuple[tuple[str, str] | None, ...] = ()
-) -> Iterator[tuple[Dataset, tuple[tuple[str, str] | None, ...]]]:
-    for item in items:
-        yield item, parents
-        yield from _walk(item.get("ContentSequence", []), (*parents, _concept(item)))
-
-
-def _concept(item: Dataset) -> tuple[str, str] | None:
-    seq = item.get("ConceptNameCodeSequence")
-    if not seq:
-        return None
-    return str(seq[0].get("CodeValue", "")), str(seq[0].get("CodingSchemeDesignator", ""))
-
-
-def _num_value(item: Dataset) -> float | None:
-    seq = item.get("MeasuredValueSequence")
-    if not seq:
-        return None
-    measured = seq[0]
-    if "FloatingPointValue" in measured:
-        return float(measured.FloatingPointValue)
-    if measured.get("NumericValue") is not None:
-        return float(measured.NumericValue)
-    return None
-
-
-def _evidence_uids(ds: Dataset, keyword: str) -> list[str]:
-    return [
-        str(sop.ReferencedSOPInstanceUID)
-        for study in ds.get(keyword, [])
-        for series in study.get("ReferencedSeriesSequence", [])
-        for sop in series.get("ReferencedSOPSequence", [])
-    ]

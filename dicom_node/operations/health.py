@@ -11,10 +11,10 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dicom_node.ledger import Ledger
-from dicom_node.queue import INFER_QUEUE, NODE_QUEUE, queue_name
+from dicom_node.jobs.queue import INFER_QUEUE, NODE_QUEUE, queue_name
+from dicom_node.records.durable import free_bytes
+from dicom_node.records.ledger import Ledger
 from dicom_node.settings import Settings
-from dicom_node.spool import free_bytes
 
 Check = Callable[[], tuple[bool, str]]
 

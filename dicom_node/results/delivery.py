@@ -9,8 +9,8 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicom_node.records.durable import write_durably
 from dicom_node.settings import Destination
-from dicom_node.spool import write_durably
 
 log = logging.getLogger(__name__)
 

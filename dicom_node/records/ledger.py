@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from dicom_node.sqlite import connect as sqlite_connect
+from dicom_node.records.sqlite import connect as sqlite_connect
 
 
 class JobState(StrEnum):

@@ -1,7 +1,7 @@
 """Who may talk to the node: the start-up exposure check, source addresses, TLS, UIDs.
 
-Pure functions of the settings (and of what a peer sent); the SCP (`dicom_node.scp`) applies
-them. See docs/RELIABILITY.md for what each guards against.
+Pure functions of the settings (and of what a peer sent); the SCP
+(`dicom_node.receiving.scp`) applies them. See docs/RELIABILITY.md for what each guards against.
 """
 
 from __future__ import annotations

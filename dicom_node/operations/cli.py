@@ -29,8 +29,8 @@ def _settings() -> Settings:
 @app.command()
 def serve() -> None:
     """Run the node: SCP, queue, node-side worker (and inference with the embedded queue)."""
-    from dicom_node.security import ExposureError
-    from dicom_node.service import serve as run
+    from dicom_node.operations.service import serve as run
+    from dicom_node.receiving.security import ExposureError
 
     try:
         run(_settings())
@@ -45,7 +45,7 @@ def worker(
     name: Annotated[str, typer.Option(help="worker name")] = "infer",
 ) -> None:
     """Run a Celery worker (default: inference, queue "infer"; scales out with Redis)."""
-    from dicom_node.service import run_worker
+    from dicom_node.operations.service import run_worker
 
     run_worker(_settings(), [q.strip() for q in queues.split(",") if q.strip()], name)
 
@@ -60,7 +60,7 @@ def echo(
     """C-ECHO a DICOM peer (by default this node)."""
     from pynetdicom import AE
 
-    from dicom_node.scp import VERIFICATION
+    from dicom_node.receiving.scp import VERIFICATION
 
     settings = _settings()
     ae = AE(ae_title=aet)
@@ -86,7 +86,7 @@ def send(
     aet: Annotated[str, typer.Option(help="calling AE")] = "CXRSCU",
 ) -> None:
     """C-STORE files to a DICOM peer (by default this node); prints each status."""
-    from dicom_node.delivery import DeliveryError, send_file
+    from dicom_node.results.delivery import DeliveryError, send_file
     from dicom_node.settings import Destination
 
     settings = _settings()
@@ -110,7 +110,7 @@ def status(
     errors: Annotated[int, typer.Option(help="how many recent errors to show")] = 10,
 ) -> None:
     """Jobs by state, and the most recent failures and rejections."""
-    from dicom_node.ledger import Ledger
+    from dicom_node.records.ledger import Ledger
 
     settings = _settings()
     if not settings.ledger_path.exists():
@@ -137,8 +137,8 @@ def status(
 def retry(job_id: Annotated[str, typer.Argument(help="a failed (dead-lettered) job")]) -> None:
     """Retry a failed (dead-lettered) job: its failed deliveries, or its analysis when that
     is what failed."""
-    from dicom_node.ledger import Ledger
-    from dicom_node.queue import DELIVER, PREPARE, make_celery
+    from dicom_node.jobs.queue import DELIVER, PREPARE, make_celery
+    from dicom_node.records.ledger import Ledger
 
     settings = _settings()
     ledger = Ledger(settings.ledger_path)
@@ -165,7 +165,7 @@ def label(
 ) -> None:
     """Record the confirmed diagnosis of a study; later SRs show it when they list the study
     among the similar ones."""
-    from dicom_node.hospital_index import DIAGNOSES, HospitalStore
+    from dicom_node.results.hospital_index import DIAGNOSES, HospitalStore
 
     choice = diagnosis.strip().lower()
     if choice not in (*DIAGNOSES, "none"):
@@ -197,7 +197,7 @@ def models_install(
     """Validate a bundle (manifest, checksums, smoke inference, same class map and schema as
     the bundle in use, a device UID of its own), copy it under CXR_DATA_DIR/models and switch
     to it atomically. Running node and workers use it from their next job on."""
-    from dicom_node.models import ModelStore, smoke_test
+    from dicom_node.jobs.model_store import ModelStore, smoke_test
     from worker.bundle import BundleError
 
     settings = _settings()
@@ -223,7 +223,7 @@ def models_install(
 @models_app.command("list")
 def models_list() -> None:
     """The installed bundles, and which one is in use."""
-    from dicom_node.models import ModelStore
+    from dicom_node.jobs.model_store import ModelStore
 
     settings = _settings()
     table = Table(title=f"bundles in {settings.models_dir}")
@@ -240,7 +240,7 @@ def models_list() -> None:
 @models_app.command("rollback")
 def models_rollback() -> None:
     """Switch back to the previous bundle (atomically; from the next job on)."""
-    from dicom_node.models import ModelStore
+    from dicom_node.jobs.model_store import ModelStore
     from worker.bundle import BundleError
 
     settings = _settings()
@@ -302,8 +302,8 @@ def cleanup(
     index are kept."""
     import time
 
-    from dicom_node.ledger import Ledger, OutputKind
-    from dicom_node.metrics import MetricsStore
+    from dicom_node.records.ledger import Ledger, OutputKind
+    from dicom_node.records.metrics_store import MetricsStore
 
     settings = _settings()
     keep_days = settings.retention_days if days is None else days

@@ -1,0 +1,1 @@
+"""A job from spool to delivery: the queue, the Celery tasks, the steps, recovery, bundles."""

@@ -1,0 +1,67 @@
+"""Thin Celery tasks: validate the payload, call one pipeline step, enqueue the next.
+
+prepare, finalize and deliver run on the node host (queue "node"); infer runs on any worker
+(queue "infer") and touches only the bundle: it is `worker.task`, registered here beside them.
+The steps that run native code on the image (prepare, infer, finalize) run under a crash
+guard: a step that keeps ending the worker process fails its job instead of being run again
+and again (worker.crash_guard).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, Task
+
+from dicom_node.jobs import steps
+from dicom_node.jobs.queue import DELIVER, PREPARE
+from dicom_node.jobs.steps import NodeRuntime
+from dicom_node.settings import Settings
+from worker.contracts import ANALYSIS_FAILED, FINALIZE, INFER, InferResult
+from worker.crash_guard import CrashGuard, StepKeptCrashing
+from worker.task import register_infer
+
+log = logging.getLogger(__name__)
+
+
+def register_tasks(app: Celery, settings: Settings) -> None:
+    node = NodeRuntime(settings)
+    guard = CrashGuard(settings.running_dir, settings.step_crash_limit)
+
+    @app.task(name=PREPARE)
+    def prepare(job_id: str) -> None:
+        try:
+            with guard.running("prepare", job_id):
+                request = steps.prepare_or_fail(node, job_id)
+        except StepKeptCrashing as exc:
+            steps.analysis_failed(node, job_id, str(exc))
+            return
+        if request is not None:
+            app.send_task(INFER, args=[request.model_dump()])
+
+    register_infer(
+        app, node.bundles.by_fingerprint, guard, settings.onnx_threads, settings.onnx_spin
+    )
+
+    @app.task(name=ANALYSIS_FAILED)
+    def analysis_failed(job_id: str, error: str) -> None:
+        steps.analysis_failed(node, job_id, error)
+
+    @app.task(name=FINALIZE)
+    def finalize(payload: dict[str, Any]) -> None:
+        result = InferResult.model_validate(payload)
+        try:
+            with guard.running("finalize", result.job_id):
+                destinations = steps.finalize_or_fail(node, result)
+        except StepKeptCrashing as exc:
+            steps.analysis_failed(node, result.job_id, str(exc))
+            return
+        for destination in destinations:
+            app.send_task(DELIVER, args=[result.job_id, destination])
+
+    @app.task(name=DELIVER, bind=True, max_retries=None)
+    def deliver(self: Task, job_id: str, destination: str) -> None:
+        outcome = steps.deliver(node, job_id, destination)
+        if outcome.retry_in is not None:
+            raise self.retry(countdown=outcome.retry_in)

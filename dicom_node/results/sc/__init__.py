@@ -1,0 +1,1 @@
+"""The summary Secondary Capture: the picture (render) and the DICOM object (builder)."""

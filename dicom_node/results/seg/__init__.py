@@ -1,0 +1,1 @@
+"""The lung Segmentation object (builder)."""

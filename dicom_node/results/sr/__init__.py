@@ -1,0 +1,1 @@
+"""The Structured Report: its codes and fixed texts (codes), its builder (builder)."""
