@@ -35,7 +35,7 @@ from pydicom.uid import generate_uid
 
 from bench.common import DEFAULT_BUNDLE, header, interleaved, median, ms, percentile, table
 from dicom_node.jobs import steps
-from dicom_node.records.ledger import Job, JobState, OutputKind
+from dicom_node.records.ledger import Job, OutputKind
 from dicom_node.results.pixels import decode_display
 from dicom_node.settings import Settings
 from worker.contracts import InferRequest, decode_png, encode_png
@@ -73,23 +73,15 @@ def new_instance(source: Path, spool: Path, node: steps.NodeRuntime) -> str:
     job_id = uuid.uuid4().hex[:16]
     path = spool / f"{job_id}.dcm"
     ds.save_as(path)
-    now = time.time()
     node.ledger.add(
-        Job(
-            job_id=job_id,
+        Job.received(
+            job_id,
             sop_instance_uid=str(ds.SOPInstanceUID),
             sop_class_uid=str(ds.SOPClassUID),
             study_instance_uid=str(ds.StudyInstanceUID),
             series_instance_uid=str(ds.SeriesInstanceUID),
             calling_ae="BENCH",
             spool_path=str(path),
-            state=JobState.RECEIVED,
-            reason=None,
-            sr_series_uid=generate_uid(),
-            sr_sop_uid=generate_uid(),
-            probability=None,
-            received_at=now,
-            updated_at=now,
         )
     )
     return job_id
@@ -141,26 +133,40 @@ def breakdown(node: steps.NodeRuntime, job_id: str, threads: int) -> dict[str, f
     result = run_infer(request, ensemble, bundle)  # for the finalize steps below (not timed)
     times = c.times
     c = Clock()
-    steps.load_source(node, job.spool_path)
+    settings = node.settings
+    steps.load_source(job.spool_path, None, settings.max_pixels)
     c.lap("finalize: source, read + decode again (before)")
     node.display_cache.put(job_id, display)
     c.restart()
-    source = steps.load_source(node, job.spool_path, job_id)
+    source = steps.load_source(job.spool_path, node.display_cache.take(job_id), settings.max_pixels)
     c.lap("finalize: source, header + image kept by prepare (after)")
-    lungs = steps.locate_lungs(node, source, result)
+    lungs = steps.locate_lungs(source, result, manifest.preprocessing)
     c.lap("finalize: lung outline")
-    similar = steps.find_similar(node, source.header, result)
+    hospital = node.hospital_index_for(bundle)
+    similar = steps.find_similar(
+        source.header,
+        result,
+        node.reference_index_for(bundle),
+        settings.similar_k,
+        hospital,
+        settings.hospital_k,
+    )
     c.lap("finalize: retrieve")
     uids = node.ledger.output_uids(job_id)
-    sr = steps.build_report(node, source.header, result, uids[OutputKind.SR], similar, lungs)
+    options = steps.report_options(settings, similar)
+    sr = steps.build_report(
+        source.header, result, manifest, uids[OutputKind.SR], similar, lungs, options
+    )
     c.lap("finalize: build SR")
-    sc = steps.build_summary(node, source, result, uids[OutputKind.SC], lungs)
+    sc = steps.build_summary(
+        source, result, manifest, uids[OutputKind.SC], lungs, settings.summary_width
+    )
     c.lap("finalize: build SC")
     for kind, obj in ((OutputKind.SR, sr), (OutputKind.SC, sc)):
         if obj is not None:
             obj.save_as(node.result_path(job_id, kind), enforce_file_format=True)
     c.lap("finalize: write")
-    steps.remember(node, source.header, result)
+    steps.remember(hospital, source.header, result)
     c.lap("finalize: hospital index")
     return times | c.times
 
@@ -260,9 +266,10 @@ def main(argv: list[str] | None = None) -> None:
         settings.make_dirs()
         node = steps.NodeRuntime(settings)
         get_ensemble(settings.bundle, args.threads)  # loaded once per process, like a worker
-        node.reference_index  # noqa: B018 - load once, like the node
+        bundle = node.bundles.current()
+        node.reference_index_for(bundle)  # loaded once, like the node
         print(
-            f"bundle {node.bundle.manifest.name} {node.bundle.manifest.version}; "
+            f"bundle {bundle.manifest.name} {bundle.manifest.version}; "
             f"SR + SC on, SEG off; hospital index on\n"
         )
         stage_rows: list[list[object]] = []

@@ -76,13 +76,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         node = make_node(work, hospital_k=3, similar_k=2)
-        size = node.bundle.manifest.preprocessing.size
+        bundle = node.bundles.current()
+        size = bundle.manifest.preprocessing.size
         for n in range(3):
             job = receive(node, synthetic_study(work, n), f"EARLIER{n}")
             steps.finalize(node, infer(node, job))  # elliptic stand-in lungs
         confirmed = node.ledger.get("job000")
         assert confirmed is not None
-        node.hospital_index.store.set_diagnosis(confirmed.study_instance_uid, "covid")
+        node.hospital_index_for(bundle).store.set_diagnosis(confirmed.study_instance_uid, "covid")
 
         job = receive(node, source, "9RG1")
         result = infer(node, job, lungs=False)

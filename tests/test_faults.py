@@ -24,7 +24,7 @@ from pydicom import dcmread
 
 from dicom_node import dimse_status
 from dicom_node.jobs import steps
-from dicom_node.records.ledger import DeliveryState, JobState, Ledger
+from dicom_node.records.ledger import DeliveryState, JobState, Ledger, OutputKind
 from tests.conftest import REPO, NodeProcess, free_port, wait_for
 from tests.peers import Pacs, RedisServer, Scp, storescu_statuses
 from tests.synthetic import synthetic_cr, write
@@ -85,7 +85,8 @@ def ledger_of(node: NodeProcess) -> Ledger:
 
 def expected_srs(node: NodeProcess) -> set[str]:
     ledger = ledger_of(node)
-    return {job.sr_sop_uid for job in ledger.jobs_in((JobState.DELIVERED,))}
+    jobs = ledger.jobs_in((JobState.DELIVERED,))
+    return {ledger.output_uids(job.job_id)[OutputKind.SR].sop_instance_uid for job in jobs}
 
 
 def wait_delivered(node: NodeProcess, count: int, timeout: float = 300) -> None:

@@ -1,31 +1,26 @@
 from __future__ import annotations
 
 import sqlite3
-import time
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from dicom_node.jobs.recovery import sweep
 from dicom_node.records.ledger import DeliveryState, Job, JobState, Ledger, OutputKind, OutputUids
 
 
 def make_job(job_id: str, sop: str, state: JobState = JobState.RECEIVED) -> Job:
-    now = time.time()
-    return Job(
-        job_id=job_id,
+    job = Job.received(
+        job_id,
         sop_instance_uid=sop,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
         study_instance_uid="1.2.3",
         series_instance_uid="1.2.3.4",
         calling_ae="MOD",
         spool_path=f"/spool/{job_id}.dcm",
-        state=state,
-        reason=None,
-        sr_series_uid="1.2.9",
-        sr_sop_uid=f"1.2.9.{job_id}",
-        probability=None,
-        received_at=now,
-        updated_at=now,
     )
+    return replace(job, state=state)
 
 
 def test_same_sop_instance_is_recorded_once(tmp_path: Path) -> None:
@@ -86,13 +81,56 @@ def test_output_uids_fixed_at_receive_time(tmp_path: Path) -> None:
     ledger.add(make_job("a", "1.1"))
     uids = ledger.output_uids("a")
     assert set(uids) == set(OutputKind)
-    assert uids[OutputKind.SR] == OutputUids("1.2.9", "1.2.9.a")  # the job's SR UIDs
     assert len({u.sop_instance_uid for u in uids.values()}) == 3
     assert len({u.series_instance_uid for u in uids.values()}) == 3  # a series per object
     assert Ledger(tmp_path / "l.db").output_uids("a") == uids  # the same on every call
     # a duplicate receive does not change them
     assert not ledger.add(make_job("b", "1.1"))
     assert ledger.output_uids("a") == uids
+
+
+#: The jobs table of ledgers written before the output UIDs had one home: the SR's UIDs sat in
+#: `jobs` and, from when the `outputs` table came, in it too.
+OLD_JOBS = """
+CREATE TABLE jobs (
+    job_id TEXT PRIMARY KEY, sop_instance_uid TEXT NOT NULL UNIQUE,
+    sop_class_uid TEXT NOT NULL, study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL, calling_ae TEXT NOT NULL, spool_path TEXT,
+    state TEXT NOT NULL, reason TEXT, sr_series_uid TEXT NOT NULL, sr_sop_uid TEXT NOT NULL,
+    probability REAL, received_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+"""
+
+
+def test_an_old_ledger_keeps_its_sr_uids_and_they_live_in_one_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_JOBS)
+        db.execute(
+            "INSERT INTO jobs VALUES ('a', '1.1', '1.2.840.10008.5.1.4.1.1.1', '1.2', '1.3', "
+            "'MOD', NULL, 'delivered', NULL, '1.2.9', '1.2.9.1', 0.4, 1.0, 2.0)"
+        )
+    db.close()
+    ledger = Ledger(path)
+    uids = ledger.output_uids("a")
+    # the SR a PACS already holds keeps its UIDs: a redone job replaces it there
+    assert uids[OutputKind.SR] == OutputUids("1.2.9", "1.2.9.1")
+    assert set(uids) == set(OutputKind)
+    assert len({u.sop_instance_uid for u in uids.values()}) == 3
+    with sqlite3.connect(path) as db:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+    db.close()
+    assert not {"sr_series_uid", "sr_sop_uid"} & columns
+    job = ledger.get("a")
+    assert job is not None and job.state is JobState.DELIVERED and job.probability == 0.4
+    assert Ledger(path).output_uids("a") == uids  # opened again: nothing changes
+    assert ledger.add(make_job("b", "1.4"))  # and new jobs go in
+    assert set(ledger.output_uids("b")) == set(OutputKind)
+
+
+def test_reading_output_uids_of_an_unknown_job_fails(tmp_path: Path) -> None:
+    with pytest.raises(KeyError):
+        Ledger(tmp_path / "l.db").output_uids("nope")
 
 
 def test_deliveries_are_per_object_and_destination(tmp_path: Path) -> None:

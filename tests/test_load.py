@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_node.records.ledger import JobState, Ledger
+from dicom_node.records.ledger import JobState, Ledger, OutputKind
 from tests.conftest import REPO, NodeProcess, require_tool, wait_for
 from tests.peers import Pacs, RedisServer
 from tests.synthetic import synthetic_cr, write
@@ -97,7 +97,7 @@ def test_concurrent_senders_lose_nothing_and_duplicate_nothing(
     assert counts["delivered"] == count and sum(counts.values()) == count
 
     jobs = ledger.jobs_in((JobState.DELIVERED,))
-    wanted = {job.sr_sop_uid for job in jobs}
+    wanted = {ledger.output_uids(job.job_id)[OutputKind.SR].sop_instance_uid for job in jobs}
     wait_for(lambda: set(pacs.sr_copies()) >= wanted, 120, "every SR file at the destination")
     copies = pacs.sr_copies()
     lost = wanted - set(copies)

@@ -225,7 +225,7 @@ def test_a_job_started_before_a_switch_finishes_on_its_bundle(
     new_uid = generate_uid()
     v2 = make_bundle(tmp_path / "v2", "0.0.1-random", device_uid=new_uid)
     ModelStore(node.settings.models_dir).install(v2, node.settings.bundle_in_use, lambda b: None)
-    assert node.bundle.manifest.device_uid == new_uid  # the node sees the switch at once
+    assert node.bundles.current().manifest.device_uid == new_uid  # the node sees the switch at once
 
     def work(job_request: InferRequest) -> str:
         # what the infer task does, then finalize on the node; the SR's device UID

@@ -11,6 +11,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -393,10 +394,17 @@ def test_cleanup_deletes_files_of_old_finished_jobs_only(tmp_path: Path) -> None
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"x" * 1000)
         files[name] = (spool, result)
-        ledger.add(
-            Job(name, generate_uid(), "1.2", "1.3", "1.4", "CR1", str(spool), state, None,
-                generate_uid(), generate_uid(), None, old, old)
-        )  # fmt: skip
+        job = Job.received(
+            name,
+            sop_instance_uid=generate_uid(),
+            sop_class_uid="1.2",
+            study_instance_uid="1.3",
+            series_instance_uid="1.4",
+            calling_ae="CR1",
+            spool_path=str(spool),
+            at=old,
+        )
+        ledger.add(replace(job, state=state))
     with ledger._connect() as db:  # make them old
         db.execute("UPDATE jobs SET updated_at = ?", (old,))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}

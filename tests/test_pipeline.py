@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,23 +50,15 @@ def receive(node: NodeRuntime, source: Path, patient_id: str, study_uid: str | N
     job_id = f"job{len(node.ledger.jobs_in(tuple(JobState))):03d}"
     spool = node.settings.spool_dir / f"{job_id}.dcm"
     ds.save_as(spool)
-    now = time.time()
     assert node.ledger.add(
-        Job(
-            job_id=job_id,
+        Job.received(
+            job_id,
             sop_instance_uid=str(ds.SOPInstanceUID),
             sop_class_uid=str(ds.SOPClassUID),
             study_instance_uid=str(ds.StudyInstanceUID),
             series_instance_uid=str(ds.SeriesInstanceUID),
             calling_ae="TEST",
             spool_path=str(spool),
-            state=JobState.RECEIVED,
-            reason=None,
-            sr_series_uid=generate_uid(),
-            sr_sop_uid=generate_uid(),
-            probability=None,
-            received_at=now,
-            updated_at=now,
         )
     )
     return job_id
@@ -133,7 +124,7 @@ def test_redone_finalize_writes_the_same_objects_and_indexes_once(
     steps.finalize(NodeRuntime(node.settings), result)
     again = {k: dcmread(node.result_path(job_id, k)).SOPInstanceUID for k in OutputKind}
     assert again == first
-    assert node.hospital_index.store.count() == 1
+    assert node.hospital_index_for(node.bundles.current()).store.count() == 1
     assert len(node.ledger.deliveries(job_id)) == 3  # SR, SC, SEG to the outbox, once each
 
 

@@ -14,7 +14,8 @@ import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 
-from dicom_node.results.sr.builder import ReportOptions, ReportUids, build_sr
+from dicom_node.records.ledger import OutputUids
+from dicom_node.results.sr.builder import ReportOptions, build_sr
 from dicom_node.results.sr.codes import COMPREHENSIVE_SR, NOT_FOR_DIAGNOSTIC_USE, PLUMBING_WARNING
 from tests.sr_reading import sr_summary
 from worker.bundle import FileRef, IndexSpec, Manifest, MemberSpec, SegmentationSpec
@@ -101,7 +102,7 @@ SIMILAR = [
         sop_instance_uid=HOSPITAL_SOP,
     ),
 ]
-UIDS = ReportUids(
+UIDS = OutputUids(
     series_instance_uid="1.2.826.0.1.3680043.8.498.9901",
     sop_instance_uid="1.2.826.0.1.3680043.8.498.9901.1",
 )

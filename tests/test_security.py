@@ -403,11 +403,15 @@ def test_results_only_to_configured_destinations(storescp: Peer, tmp_path: Path)
     )
     settings.make_dirs()
     node = NodeRuntime(settings)
-    now = time.time()
-    job = Job(
-        "j1", "1.2.3.4", CR, "1.2.3", "1.2.3.1", "MODALITY", None, JobState.ANALYSED, None,
-        "1.2.3.9", "1.2.3.9.1", 0.5, now, now,
-    )  # fmt: skip
+    job = Job.received(
+        "j1",
+        sop_instance_uid="1.2.3.4",
+        sop_class_uid=CR,
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.1",
+        calling_ae="MODALITY",
+        spool_path=None,
+    )
     node.ledger.add(job)
     node.ledger.set_state("j1", JobState.ANALYSED)
     node.result_path("j1").write_bytes(b"not sent anyway")

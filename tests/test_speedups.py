@@ -85,12 +85,12 @@ def test_finalize_uses_the_image_prepare_decoded(tmp_path: Path, chest_cr: Path)
     node.display_cache.put(job_id, kept)
     job = node.ledger.get(job_id)
     assert job is not None and job.spool_path
-    source = steps.load_source(node, job.spool_path, job_id)
+    source = steps.load_source(job.spool_path, node.display_cache.take(job_id), 10**8)
     assert source.display is kept
     assert "PixelData" not in source.header
     assert len(node.display_cache) == 0
     # Without the kept image (another process, a restart) it is decoded again, identically.
-    again = steps.load_source(node, job.spool_path, job_id)
+    again = steps.load_source(job.spool_path, node.display_cache.take(job_id), 10**8)
     np.testing.assert_array_equal(again.display, kept)
 
 
@@ -103,9 +103,10 @@ def test_display_cache_can_be_turned_off(tmp_path: Path, chest_cr: Path) -> None
 
 def test_both_indexes_search_with_the_bundles_index_parameters(tmp_path: Path) -> None:
     node = make_node(tmp_path)
-    spec = node.bundle.manifest.index
-    assert node.reference_index.index.ef == max(spec.ef_search, spec.k)
-    hospital = node.hospital_index
+    bundle = node.bundles.current()
+    spec = bundle.manifest.index
+    assert node.reference_index_for(bundle).index.ef == max(spec.ef_search, spec.k)
+    hospital = node.hospital_index_for(bundle)
     assert (hospital.m, hospital.ef_construction, hospital.ef_search) == (
         spec.m,
         spec.ef_construction,

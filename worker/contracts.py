@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -29,6 +30,30 @@ def decode_png(text: str) -> np.ndarray:
     if image is None:
         raise ValueError("payload image is not a PNG")
     return image
+
+
+class AnalysisFailed(BaseModel):
+    """Worker or node step -> node (queue "node"): the job could not be analysed, and why."""
+
+    job_id: str
+    error: str
+
+
+Payload = TypeVar("Payload", bound=BaseModel)
+
+
+def from_message(model: type[Payload], payload: Any, *positional: Any) -> Payload:
+    """A task's payload model. Messages queued before payloads were typed (by the node
+    version before an upgrade) carry the model's fields as positional arguments instead of
+    one dict: they are read in field order, so none already queued is lost."""
+    if isinstance(payload, dict) and not positional:
+        return model.model_validate(payload)
+    values = (payload, *positional)
+    if len(values) > len(model.model_fields):
+        raise ValueError(
+            f"{model.__name__}: {len(values)} arguments for {len(model.model_fields)} fields"
+        )
+    return model.model_validate(dict(zip(model.model_fields, values, strict=False)))
 
 
 class InferRequest(BaseModel):

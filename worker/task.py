@@ -15,7 +15,14 @@ from typing import Any
 from celery import Celery
 
 from worker.bundle import Bundle
-from worker.contracts import ANALYSIS_FAILED, FINALIZE, INFER, InferRequest, InferResult
+from worker.contracts import (
+    ANALYSIS_FAILED,
+    FINALIZE,
+    INFER,
+    AnalysisFailed,
+    InferRequest,
+    InferResult,
+)
 from worker.crash_guard import CrashGuard, StepKeptCrashing
 
 log = logging.getLogger(__name__)
@@ -42,13 +49,17 @@ def register_infer(
             with guard.running("inference", request.job_id):
                 result = _infer(request)
         except StepKeptCrashing as exc:
-            app.send_task(ANALYSIS_FAILED, args=[request.job_id, str(exc)])
+            _failed(request.job_id, str(exc))
             return
         except Exception as exc:
             log.exception("job %s: inference failed", request.job_id)
-            app.send_task(ANALYSIS_FAILED, args=[request.job_id, f"{type(exc).__name__}: {exc}"])
+            _failed(request.job_id, f"{type(exc).__name__}: {exc}")
             return
         app.send_task(FINALIZE, args=[result.model_dump()])
+
+    def _failed(job_id: str, error: str) -> None:
+        payload = AnalysisFailed(job_id=job_id, error=error)
+        app.send_task(ANALYSIS_FAILED, args=[payload.model_dump()])
 
     def _infer(request: InferRequest) -> InferResult:
         from worker.inference import get_ensemble, run_infer  # loads onnxruntime on first use

@@ -16,6 +16,7 @@ from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
+from pydantic import BaseModel
 
 from dicom_node.settings import Settings
 from worker.contracts import ANALYSIS_FAILED, FINALIZE, INFER
@@ -71,6 +72,30 @@ TASK_PRIORITIES = {
     ANALYSIS_FAILED: 3,
     PREPARE: 6,
 }
+
+
+class PrepareRequest(BaseModel):
+    """Receiving or recovery -> node (queue "node"): decode and preprocess a spooled job."""
+
+    job_id: str
+
+
+class DeliverRequest(BaseModel):
+    """finalize, recovery or `cxr-node retry` -> node: send a job's pending objects to one
+    destination."""
+
+    job_id: str
+    destination: str
+
+
+def send_prepare(app: Celery, job_id: str) -> None:
+    app.send_task(PREPARE, args=[PrepareRequest(job_id=job_id).model_dump()])
+
+
+def send_deliver(app: Celery, job_id: str, destination: str) -> None:
+    app.send_task(
+        DELIVER, args=[DeliverRequest(job_id=job_id, destination=destination).model_dump()]
+    )
 
 
 def queue_name(settings: Settings, role: str) -> str:

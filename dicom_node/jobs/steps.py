@@ -1,7 +1,12 @@
 """Node-host steps of a job, free of Celery: prepare -> (worker infers) -> finalize -> deliver.
 
-Each step reads and writes the ledger and the data folder, and is idempotent: a redelivered
-queue message finds the job already past that step and does nothing.
+The steps the tasks call - prepare, finalize, deliver, analysis_failed - are the edges: they
+read and write the ledger, the data folder and the metrics (held by `NodeRuntime`), and each
+is idempotent: a redelivered queue message finds the job already past that step and does
+nothing. Each resolves its bundle once - prepare the one in use now, finalize the one that
+produced the result - and passes it on: the functions between (infer_request, load_source,
+locate_lungs, find_similar, build_report, build_summary, build_lung_seg, remember) take what
+they use, a manifest or an index of that bundle among it, and touch no ledger or metrics.
 
 finalize: load the source -> lung outline on it -> similar items -> SR [+ SC] [+ SEG] ->
 remember the image in the hospital index -> deliveries per object and destination.
@@ -45,11 +50,11 @@ from dicom_node.results.reference_index import ReferenceIndex
 from dicom_node.results.sc.builder import ScOptions, build_sc
 from dicom_node.results.sc.render import SummaryFacts, render_summary
 from dicom_node.results.seg.builder import SegOptions, build_seg
-from dicom_node.results.sr.builder import ReportOptions, ReportUids, build_sr, is_present
+from dicom_node.results.sr.builder import ReportOptions, build_sr, is_present
 from dicom_node.settings import Destination, Settings
-from worker.bundle import Bundle
+from worker.bundle import Bundle, Manifest
 from worker.contracts import InferRequest, InferResult, SimilarItem, decode_png, encode_png
-from worker.preprocess import preprocess, preprocess_geometry
+from worker.preprocess import PreprocessParams, preprocess, preprocess_geometry
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +77,6 @@ class NodeRuntime:
         return BundleCache(
             lambda: self.settings.bundle_in_use, ModelStore(self.settings.models_dir)
         )
-
-    @property
-    def bundle(self) -> Bundle:
-        """The bundle in use now (an installed switch is seen on the next call)."""
-        return self.bundles.current()
 
     @cached_property
     def metrics(self) -> MetricsStore:
@@ -114,15 +114,6 @@ class NodeRuntime:
         """Display images decoded by prepare, for finalize in the same process."""
         return DisplayCache(self.settings.display_cache_mb * 1024 * 1024)
 
-    @property
-    def reference_index(self) -> ReferenceIndex:
-        return self.reference_index_for(self.bundle)
-
-    @property
-    def hospital_index(self) -> HospitalIndex:
-        """The current bundle's embedding space of the hospital index."""
-        return self.hospital_index_for(self.bundle)
-
     def result_path(self, job_id: str, kind: OutputKind = OutputKind.SR) -> Path:
         return self.settings.results_dir / f"{job_id}-{kind}.dcm"
 
@@ -142,7 +133,8 @@ class NodeRuntime:
 
 
 def prepare(node: NodeRuntime, job_id: str) -> InferRequest | None:
-    """Decode and preprocess a spooled instance; None when there is nothing to infer."""
+    """Decode and preprocess a spooled instance for the bundle in use now; None when there is
+    nothing to infer."""
     job = node.ledger.get(job_id)
     if job is None or job.state not in UNFINISHED or not job.spool_path:
         return None
@@ -155,11 +147,16 @@ def prepare(node: NodeRuntime, job_id: str) -> InferRequest | None:
             node.metrics.inc("rejected")
         log.warning("job %s: %s", job_id, reason)  # the ledger's reason, word for word
         return None
-    bundle = node.bundle
-    image = preprocess(display, bundle.manifest.preprocessing)
+    request = infer_request(job_id, display, node.bundles.current())
     node.display_cache.put(job_id, display)
     node.ledger.set_state(job_id, JobState.ANALYSING, only_from=UNFINISHED)
     node.metrics.observe("prepare", time.time() - job.received_at, once=job_id)
+    return request
+
+
+def infer_request(job_id: str, display: np.ndarray, bundle: Bundle) -> InferRequest:
+    """The worker's input: the display image preprocessed as `bundle` was trained."""
+    image = preprocess(display, bundle.manifest.preprocessing)
     return InferRequest(
         job_id=job_id, bundle_fingerprint=bundle.fingerprint, image_png=encode_png(image)
     )
@@ -189,14 +186,13 @@ class Lungs:
     outlines: list[np.ndarray] = field(default_factory=list)  # closed (col, row) polylines
 
 
-def load_source(node: NodeRuntime, spool_path: str, job_id: str | None = None) -> Source:
-    """The header, and the display image: kept by prepare, or decoded again."""
-    display: np.ndarray | None = node.display_cache.take(job_id) if job_id else None
+def load_source(spool_path: str, display: np.ndarray | None, max_pixels: int) -> Source:
+    """The header, and the display image: the one prepare kept (`display`), or decoded again."""
     if display is not None:
         return Source(header=dcmread(spool_path, stop_before_pixels=True), display=display)
     ds = dcmread(spool_path)
     try:
-        display = decode_display(ds, max_pixels=node.settings.max_pixels)
+        display = decode_display(ds, max_pixels=max_pixels)
     except PixelDecodeError as exc:  # prepare decoded it, so this is unexpected
         log.error("source %s cannot be decoded again: %s", spool_path, exc)
         display = None
@@ -206,38 +202,40 @@ def load_source(node: NodeRuntime, spool_path: str, job_id: str | None = None) -
     return Source(header=ds, display=display)
 
 
-def locate_lungs(
-    node: NodeRuntime, source: Source, result: InferResult, bundle: Bundle | None = None
-) -> Lungs:
-    """Undo the preprocessing geometry on the worker's lung map."""
+def locate_lungs(source: Source, result: InferResult, preprocessing: PreprocessParams) -> Lungs:
+    """Undo the preprocessing geometry (of the bundle that produced `result`) on the worker's
+    lung map."""
     if source.display is None or not result.lung_mask_png:
         return Lungs()
-    params = (bundle or node.bundle).manifest.preprocessing
-    geometry = preprocess_geometry(source.display, params)
+    geometry = preprocess_geometry(source.display, preprocessing)
     mask = lung_mask(lung_map_on_image(decode_png(result.lung_mask_png), geometry))
     return Lungs(mask=mask, outlines=lung_outlines(mask))
 
 
-def patient_key(node: NodeRuntime, header: Dataset, bundle: Bundle | None = None) -> str | None:
-    return node.hospital_index_for(bundle or node.bundle).patient_key(
+def patient_key(hospital: HospitalIndex, header: Dataset) -> str | None:
+    return hospital.patient_key(
         str(header.get("PatientID") or ""), str(header.get("IssuerOfPatientID") or "")
     )
 
 
 def find_similar(
-    node: NodeRuntime, header: Dataset, result: InferResult, bundle: Bundle | None = None
+    header: Dataset,
+    result: InferResult,
+    reference: ReferenceIndex,
+    similar_k: int,
+    hospital: HospitalIndex | None,
+    hospital_k: int,
 ) -> list[SimilarItem]:
-    """Earlier hospital studies of other patients first, then reference-set items, in the
-    embedding space of the bundle that produced the result."""
-    settings = node.settings
-    bundle = bundle or node.bundle
+    """Earlier hospital studies of other patients first (none when `hospital` is None), then
+    reference-set items; both indexes in the embedding space of the bundle that produced the
+    result."""
     items: list[SimilarItem] = []
-    if settings.hospital_index and settings.hospital_k > 0:
+    if hospital is not None and hospital_k > 0:
         try:
-            items += node.hospital_index_for(bundle).query(
+            items += hospital.query(
                 result.embedding,
-                settings.hospital_k,
-                patient_key=patient_key(node, header, bundle),
+                hospital_k,
+                patient_key=patient_key(hospital, header),
                 study_instance_uid=str(header.StudyInstanceUID),
             )
         except Exception:  # the result matters more than its neighbours
@@ -245,41 +243,41 @@ def find_similar(
                 "job %s: hospital index query failed; the SR lists no hospital studies",
                 result.job_id,
             )
-    if settings.similar_k > 0:
-        items += node.reference_index_for(bundle).query(result.embedding, settings.similar_k)
+    if similar_k > 0:
+        items += reference.query(result.embedding, similar_k)
     return items
 
 
+def report_options(settings: Settings, similar: list[SimilarItem]) -> ReportOptions:
+    return ReportOptions(
+        include_similar=bool(similar),
+        include_similar_labels=settings.similar_labels,
+        hospital_fields=frozenset(settings.hospital_fields),
+    )
+
+
 def build_report(
-    node: NodeRuntime,
     header: Dataset,
     result: InferResult,
+    manifest: Manifest,
     uids: OutputUids,
     similar: list[SimilarItem],
     lungs: Lungs,
-    bundle: Bundle | None = None,
+    options: ReportOptions,
 ) -> Dataset:
-    options = ReportOptions(
-        include_similar=bool(similar),
-        include_similar_labels=node.settings.similar_labels,
-        hospital_fields=frozenset(node.settings.hospital_fields),
-    )
-    report_uids = ReportUids(uids.series_instance_uid, uids.sop_instance_uid)
-    manifest = (bundle or node.bundle).manifest
-    return build_sr(header, result, manifest, similar, report_uids, options, lungs.outlines)
+    return build_sr(header, result, manifest, similar, uids, options, lungs.outlines)
 
 
 def build_summary(
-    node: NodeRuntime,
     source: Source,
     result: InferResult,
+    manifest: Manifest,
     uids: OutputUids,
     lungs: Lungs,
-    bundle: Bundle | None = None,
+    width: int,
 ) -> Dataset | None:
     if source.display is None:
         return None
-    manifest = (bundle or node.bundle).manifest
     header = source.header
     facts = SummaryFacts(
         finding_present=is_present(result.probability, manifest.threshold),
@@ -291,33 +289,29 @@ def build_summary(
         image_date=str(header.get("ContentDate") or header.get("StudyDate") or "") or None,
         plumbing=manifest.random_weights,
     )
-    summary = render_summary(source.display, lungs.outlines, facts, node.settings.summary_width)
+    summary = render_summary(source.display, lungs.outlines, facts, width)
     return build_sc(
         header, summary, manifest, uids.series_instance_uid, uids.sop_instance_uid, ScOptions()
     )
 
 
 def build_lung_seg(
-    node: NodeRuntime, source: Source, uids: OutputUids, lungs: Lungs, bundle: Bundle | None = None
+    source: Source, manifest: Manifest, uids: OutputUids, lungs: Lungs
 ) -> Dataset | None:
     if lungs.mask is None:
         return None
     return build_seg(
         source.header,
         lungs.mask,
-        (bundle or node.bundle).manifest,
+        manifest,
         uids.series_instance_uid,
         uids.sop_instance_uid,
         SegOptions(),
     )
 
 
-def remember(
-    node: NodeRuntime, header: Dataset, result: InferResult, bundle: Bundle | None = None
-) -> None:
+def remember(hospital: HospitalIndex, header: Dataset, result: InferResult) -> None:
     """Add the analysed image to the hospital index (once: a redone job finds it there)."""
-    if not node.settings.hospital_index:
-        return
     entry = HospitalEntry(
         sop_instance_uid=str(header.SOPInstanceUID),
         sop_class_uid=str(header.SOPClassUID),
@@ -325,10 +319,10 @@ def remember(
         series_instance_uid=str(header.SeriesInstanceUID),
         study_date=str(header.get("StudyDate") or "") or None,
         probability=result.probability,
-        patient_key=patient_key(node, header, bundle),
+        patient_key=patient_key(hospital, header),
     )
     try:
-        node.hospital_index_for(bundle or node.bundle).add(entry, result.embedding)
+        hospital.add(entry, result.embedding)
     except Exception:  # the result goes out all the same
         log.exception("job %s: the image could not be added to the hospital index", result.job_id)
 
@@ -351,24 +345,40 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
     node.metrics.observe("infer", result.inference_ms / 1000.0, once=job.job_id)
     if job.state is JobState.ANALYSING:  # since prepare: queue wait and inference
         node.metrics.observe("queue_infer", started - job.updated_at, once=job.job_id)
+    settings = node.settings
     # The bundle that produced the result (a newer one may be installed meanwhile): its
     # preprocessing geometry, embedding space and identity in the SR.
     bundle = node.bundles.by_device_uid(result.device_uid)
+    manifest = bundle.manifest
+    hospital = node.hospital_index_for(bundle) if settings.hospital_index else None
     uids = node.ledger.output_uids(job.job_id)
-    source = load_source(node, job.spool_path, job.job_id)
-    lungs = _optional_lungs(node, job.job_id, source, result, bundle)
-    similar = find_similar(node, source.header, result, bundle)
+    source = load_source(job.spool_path, node.display_cache.take(job.job_id), settings.max_pixels)
+    lungs = _optional_lungs(job.job_id, source, result, manifest.preprocessing)
+    similar = find_similar(
+        source.header,
+        result,
+        node.reference_index_for(bundle),
+        settings.similar_k,
+        hospital,
+        settings.hospital_k,
+    )
 
     objects = {
         OutputKind.SR: build_report(
-            node, source.header, result, uids[OutputKind.SR], similar, lungs, bundle
+            source.header,
+            result,
+            manifest,
+            uids[OutputKind.SR],
+            similar,
+            lungs,
+            report_options(settings, similar),
         )
     }
     builders = {
         OutputKind.SC: lambda: build_summary(
-            node, source, result, uids[OutputKind.SC], lungs, bundle
+            source, result, manifest, uids[OutputKind.SC], lungs, settings.summary_width
         ),
-        OutputKind.SEG: lambda: build_lung_seg(node, source, uids[OutputKind.SEG], lungs, bundle),
+        OutputKind.SEG: lambda: build_lung_seg(source, manifest, uids[OutputKind.SEG], lungs),
     }
     for kind in node.outputs[1:]:
         built = _optional(job.job_id, kind, builders[kind])
@@ -379,7 +389,8 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
         ds.save_as(buffer, enforce_file_format=True)
         write_durably(node.result_path(job.job_id, kind), buffer.getvalue())
 
-    remember(node, source.header, result, bundle)
+    if hospital is not None:
+        remember(hospital, source.header, result)
     node.ledger.add_deliveries(job.job_id, node.destinations, list(objects))
     if node.ledger.set_state(
         job.job_id, JobState.ANALYSED, probability=result.probability, only_from=UNFINISHED
@@ -407,10 +418,10 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
 
 
 def _optional_lungs(
-    node: NodeRuntime, job_id: str, source: Source, result: InferResult, bundle: Bundle
+    job_id: str, source: Source, result: InferResult, preprocessing: PreprocessParams
 ) -> Lungs:
     try:
-        return locate_lungs(node, source, result, bundle)
+        return locate_lungs(source, result, preprocessing)
     except Exception:
         log.exception("job %s: lung outline failed; results go without it", job_id)
         return Lungs()

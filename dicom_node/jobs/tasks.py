@@ -1,4 +1,4 @@
-"""Thin Celery tasks: validate the payload, call one pipeline step, enqueue the next.
+"""Thin Celery tasks: validate the typed payload, call one step, enqueue the next.
 
 prepare, finalize and deliver run on the node host (queue "node"); infer runs on any worker
 (queue "infer") and touches only the bundle: it is `worker.task`, registered here beside them.
@@ -15,10 +15,23 @@ from typing import Any
 from celery import Celery, Task
 
 from dicom_node.jobs import steps
-from dicom_node.jobs.queue import DELIVER, PREPARE
+from dicom_node.jobs.queue import (
+    DELIVER,
+    PREPARE,
+    DeliverRequest,
+    PrepareRequest,
+    send_deliver,
+)
 from dicom_node.jobs.steps import NodeRuntime
 from dicom_node.settings import Settings
-from worker.contracts import ANALYSIS_FAILED, FINALIZE, INFER, InferResult
+from worker.contracts import (
+    ANALYSIS_FAILED,
+    FINALIZE,
+    INFER,
+    AnalysisFailed,
+    InferResult,
+    from_message,
+)
 from worker.crash_guard import CrashGuard, StepKeptCrashing
 from worker.task import register_infer
 
@@ -30,7 +43,8 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     guard = CrashGuard(settings.running_dir, settings.step_crash_limit)
 
     @app.task(name=PREPARE)
-    def prepare(job_id: str) -> None:
+    def prepare(payload: dict[str, Any] | str) -> None:
+        job_id = from_message(PrepareRequest, payload).job_id
         try:
             with guard.running("prepare", job_id):
                 request = steps.prepare_or_fail(node, job_id)
@@ -45,8 +59,9 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     )
 
     @app.task(name=ANALYSIS_FAILED)
-    def analysis_failed(job_id: str, error: str) -> None:
-        steps.analysis_failed(node, job_id, error)
+    def analysis_failed(payload: dict[str, Any] | str, error: str | None = None) -> None:
+        failure = from_message(AnalysisFailed, payload, *([] if error is None else [error]))
+        steps.analysis_failed(node, failure.job_id, failure.error)
 
     @app.task(name=FINALIZE)
     def finalize(payload: dict[str, Any]) -> None:
@@ -58,10 +73,13 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             steps.analysis_failed(node, result.job_id, str(exc))
             return
         for destination in destinations:
-            app.send_task(DELIVER, args=[result.job_id, destination])
+            send_deliver(app, result.job_id, destination)
 
     @app.task(name=DELIVER, bind=True, max_retries=None)
-    def deliver(self: Task, job_id: str, destination: str) -> None:
-        outcome = steps.deliver(node, job_id, destination)
+    def deliver(self: Task, payload: dict[str, Any] | str, destination: str | None = None) -> None:
+        request = from_message(
+            DeliverRequest, payload, *([] if destination is None else [destination])
+        )
+        outcome = steps.deliver(node, request.job_id, request.destination)
         if outcome.retry_in is not None:
             raise self.retry(countdown=outcome.retry_in)

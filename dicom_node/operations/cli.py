@@ -137,7 +137,7 @@ def status(
 def retry(job_id: Annotated[str, typer.Argument(help="a failed (dead-lettered) job")]) -> None:
     """Retry a failed (dead-lettered) job: its failed deliveries, or its analysis when that
     is what failed."""
-    from dicom_node.jobs.queue import DELIVER, PREPARE, make_celery
+    from dicom_node.jobs.queue import make_celery, send_deliver, send_prepare
     from dicom_node.records.ledger import Ledger
 
     settings = _settings()
@@ -145,14 +145,14 @@ def retry(job_id: Annotated[str, typer.Argument(help="a failed (dead-lettered) j
     destinations = ledger.retry_failed(job_id)
     if not destinations:
         if ledger.retry_analysis(job_id):
-            make_celery(settings).send_task(PREPARE, args=[job_id])
+            send_prepare(make_celery(settings), job_id)
             console.print(f"job {job_id}: analysis re-queued")
             return
         console.print(f"job {job_id} is not a failed job")
         raise typer.Exit(1)
     celery = make_celery(settings)
     for destination in destinations:
-        celery.send_task(DELIVER, args=[job_id, destination])
+        send_deliver(celery, job_id, destination)
     console.print(f"job {job_id}: delivery re-queued to {', '.join(destinations)}")
 
 

@@ -17,7 +17,14 @@ import threading
 from collections.abc import Callable
 
 from dicom_node.jobs.model_store import BundleCache, ModelStore
-from dicom_node.jobs.queue import DELIVER, INFER_QUEUE, NODE_QUEUE, PREPARE, make_celery, queue_name
+from dicom_node.jobs.queue import (
+    INFER_QUEUE,
+    NODE_QUEUE,
+    make_celery,
+    queue_name,
+    send_deliver,
+    send_prepare,
+)
 from dicom_node.jobs.recovery import PeriodicSweep, sweep
 from dicom_node.jobs.tasks import register_tasks
 from dicom_node.logs import describe_failure, setup_logging
@@ -171,13 +178,13 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
 
     def enqueue_prepare(job_id: str) -> None:
         try:
-            app.send_task(PREPARE, args=[job_id])
+            send_prepare(app, job_id)
         except Exception:  # the broker is away: the next sweep re-enqueues everything
             recovery.request_full_sweep()
             raise
 
     def enqueue_deliver(job_id: str, destination: str) -> None:
-        app.send_task(DELIVER, args=[job_id, destination])
+        send_deliver(app, job_id, destination)
 
     recovery = Recovery(settings, ledger, enqueue_prepare, enqueue_deliver)
 

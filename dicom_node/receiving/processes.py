@@ -38,7 +38,7 @@ from pynetdicom import _config
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.jobs.queue import PREPARE, make_celery
+from dicom_node.jobs.queue import make_celery, send_prepare
 from dicom_node.logs import setup_logging
 from dicom_node.receiving.events import NodeStoreEvents, association_handlers
 from dicom_node.receiving.scp import (
@@ -140,7 +140,7 @@ def run_receiver(settings: Settings, name: str, stop: threading.Event | None = N
     app = make_celery(settings)
 
     def enqueue_prepare(job_id: str) -> None:
-        app.send_task(PREPARE, args=[job_id])
+        send_prepare(app, job_id)
 
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():

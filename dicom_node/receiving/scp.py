@@ -40,7 +40,6 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
     SecondaryCaptureImageStorage,
-    generate_uid,
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
@@ -236,23 +235,15 @@ class StoreHandler:
             )
             return dimse_status.OUT_OF_RESOURCES
 
-        analyse = check.verdict is Verdict.ANALYSE
-        now = time.time()
-        job = Job(
-            job_id=job_id,
+        job = Job.received(
+            job_id,
             sop_instance_uid=sop_uid,
             sop_class_uid=str(ds.SOPClassUID),
             study_instance_uid=str(ds.StudyInstanceUID),
             series_instance_uid=str(ds.SeriesInstanceUID),
             calling_ae=calling_ae,
             spool_path=str(spool_path),
-            state=JobState.RECEIVED if analyse else JobState.REJECTED,
-            reason=None if analyse else check.reason,
-            sr_series_uid=generate_uid(),
-            sr_sop_uid=generate_uid(),
-            probability=None,
-            received_at=now,
-            updated_at=now,
+            not_analysed_because=None if check.verdict is Verdict.ANALYSE else check.reason,
         )
         if not self.ledger.add(job):  # a concurrent association stored it first
             spool_path.unlink(missing_ok=True)
@@ -261,7 +252,7 @@ class StoreHandler:
             return dimse_status.SUCCESS
         self._tell(lambda: self.events.received(job, _address(event)))
 
-        if analyse:
+        if job.state is JobState.RECEIVED:
             try:
                 self.enqueue(job_id)
             except Exception as exc:  # the ledger keeps it; the sweep enqueues it later

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 
@@ -61,8 +61,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     spool_path TEXT,
     state TEXT NOT NULL,
     reason TEXT,
-    sr_series_uid TEXT NOT NULL,
-    sr_sop_uid TEXT NOT NULL,
     probability REAL,
     received_at REAL NOT NULL,
     updated_at REAL NOT NULL
@@ -102,11 +100,41 @@ class Job:
     spool_path: str | None
     state: JobState
     reason: str | None
-    sr_series_uid: str
-    sr_sop_uid: str
     probability: float | None
     received_at: float
     updated_at: float
+
+    @classmethod
+    def received(
+        cls,
+        job_id: str,
+        *,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        calling_ae: str,
+        spool_path: str | None,
+        not_analysed_because: str | None = None,
+        at: float | None = None,
+    ) -> Job:
+        """A newly received instance: to be analysed, or (given the reason) kept and not
+        analysed. The one way a job is made; the ledger fixes its output UIDs on `add`."""
+        now = time.time() if at is None else at
+        return cls(
+            job_id=job_id,
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            calling_ae=calling_ae,
+            spool_path=spool_path,
+            state=JobState.RECEIVED if not_analysed_because is None else JobState.REJECTED,
+            reason=not_analysed_because,
+            probability=None,
+            received_at=now,
+            updated_at=now,
+        )
 
 
 @dataclass(frozen=True)
@@ -127,6 +155,13 @@ class OutputUids:
 
     series_instance_uid: str
     sop_instance_uid: str
+
+    @classmethod
+    def generate(cls) -> OutputUids:
+        return cls(series_instance_uid=generate_uid(), sop_instance_uid=generate_uid())
+
+
+_JOB_COLUMNS = tuple(f.name for f in fields(Job))
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -170,14 +205,35 @@ def _add_claims(db: sqlite3.Connection) -> None:
     db.execute("COMMIT")
 
 
-def _new_outputs(job: Job) -> list[tuple[str, str, str, str]]:
-    rows = [(job.job_id, str(OutputKind.SR), job.sr_series_uid, job.sr_sop_uid)]
-    rows += [
-        (job.job_id, str(kind), generate_uid(), generate_uid())
-        for kind in OutputKind
-        if kind is not OutputKind.SR
-    ]
+def _new_outputs(job_id: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for kind in OutputKind:
+        uids = OutputUids.generate()
+        rows.append((job_id, str(kind), uids.series_instance_uid, uids.sop_instance_uid))
     return rows
+
+
+def _outputs_in_one_place(db: sqlite3.Connection) -> None:
+    """The output UIDs live in table `outputs` only. Ledgers from before kept the SR's in two
+    columns of `jobs` too, and jobs from before the table got the others on first use: move
+    the SR's into `outputs`, drop the columns, and give every job the UIDs of every kind, so
+    that reading them never writes (processes race: one transaction)."""
+    db.create_function("new_uid", 0, generate_uid)
+    db.execute("BEGIN IMMEDIATE")
+    columns = [r[1] for r in db.execute("PRAGMA table_info(jobs)")]
+    if "sr_series_uid" in columns:
+        db.execute(
+            "INSERT OR IGNORE INTO outputs SELECT job_id, 'sr', sr_series_uid, sr_sop_uid FROM jobs"
+        )
+        db.execute("ALTER TABLE jobs DROP COLUMN sr_series_uid")
+        db.execute("ALTER TABLE jobs DROP COLUMN sr_sop_uid")
+    for kind in OutputKind:
+        db.execute(
+            "INSERT INTO outputs SELECT job_id, ?, new_uid(), new_uid() FROM jobs "
+            "WHERE job_id NOT IN (SELECT job_id FROM outputs WHERE kind = ?)",
+            (str(kind), str(kind)),
+        )
+    db.execute("COMMIT")
 
 
 class Ledger:
@@ -189,6 +245,7 @@ class Ledger:
             db.executescript(_SCHEMA)
             _migrate_deliveries(db)
             _add_claims(db)
+            _outputs_in_one_place(db)
 
     def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
         return sqlite_connect(self.path)
@@ -199,32 +256,25 @@ class Ledger:
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             cur = db.execute(
-                "INSERT OR IGNORE INTO jobs VALUES "
-                "(:job_id, :sop_instance_uid, :sop_class_uid, :study_instance_uid, "
-                ":series_instance_uid, :calling_ae, :spool_path, :state, :reason, "
-                ":sr_series_uid, :sr_sop_uid, :probability, :received_at, :updated_at)",
+                f"INSERT OR IGNORE INTO jobs ({', '.join(_JOB_COLUMNS)}) "
+                f"VALUES ({', '.join(':' + c for c in _JOB_COLUMNS)})",
                 {**job.__dict__, "state": str(job.state)},
             )
             added = cur.rowcount == 1
             if added:
-                db.executemany("INSERT INTO outputs VALUES (?, ?, ?, ?)", _new_outputs(job))
+                db.executemany("INSERT INTO outputs VALUES (?, ?, ?, ?)", _new_outputs(job.job_id))
             db.execute("COMMIT")
             return added
 
     def output_uids(self, job_id: str) -> dict[OutputKind, OutputUids]:
-        """The UIDs of every object the job produces (the same on every call).
-
-        Jobs recorded before the outputs table existed get theirs on the first call; the
-        INSERT OR IGNORE makes concurrent first calls agree."""
-        job = self.get(job_id)
-        if job is None:
-            raise KeyError(f"no job {job_id}")
+        """The UIDs of every object the job produces (the same on every call)."""
         with self._connect() as db:
-            db.executemany("INSERT OR IGNORE INTO outputs VALUES (?, ?, ?, ?)", _new_outputs(job))
             rows = db.execute(
                 "SELECT kind, series_instance_uid, sop_instance_uid FROM outputs WHERE job_id = ?",
                 (job_id,),
             ).fetchall()
+        if not rows:
+            raise KeyError(f"no job {job_id}")
         return {OutputKind(r[0]): OutputUids(r[1], r[2]) for r in rows}
 
     def get(self, job_id: str) -> Job | None:

@@ -42,7 +42,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import highdicom as hd
 import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
@@ -76,6 +75,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from dicom_node.records.ledger import OutputUids
 from dicom_node.results.equipment import OWN_MANUFACTURER, evidence_header, model_equipment
 from dicom_node.results.sr.codes import (
     ABSENT,
@@ -121,19 +121,6 @@ _CONTAINS = RelationshipTypeValues.CONTAINS
 
 
 @dataclass(frozen=True)
-class ReportUids:
-    """UIDs of the SR, chosen by the caller and kept in the ledger so a redone job
-    produces the same SOP Instance UID (the PACS then replaces instead of duplicating)."""
-
-    series_instance_uid: str
-    sop_instance_uid: str
-
-    @classmethod
-    def generate(cls) -> ReportUids:
-        return cls(series_instance_uid=hd.UID(), sop_instance_uid=hd.UID())
-
-
-@dataclass(frozen=True)
 class ReportOptions:
     manufacturer: str = OWN_MANUFACTURER
     institution: str | None = None
@@ -156,7 +143,7 @@ def build_sr(
     result: InferResult,
     manifest: Manifest,
     similar: list[SimilarItem],
-    uids: ReportUids,
+    uids: OutputUids,
     options: ReportOptions,
     lung_outlines: Sequence[np.ndarray] = (),
 ) -> Dataset:
@@ -251,7 +238,7 @@ def _measurement_group(
     header: Dataset,
     result: InferResult,
     manifest: Manifest,
-    uids: ReportUids,
+    uids: OutputUids,
     options: ReportOptions,
     present: bool,
 ) -> MeasurementsAndQualitativeEvaluations:
@@ -404,7 +391,7 @@ def _distance(value: float) -> NumContentItem:
 
 
 def _lung_region(
-    header: Dataset, outline: np.ndarray, number: int, manifest: Manifest, uids: ReportUids
+    header: Dataset, outline: np.ndarray, number: int, manifest: Manifest, uids: OutputUids
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410 group holding one lung outline as a closed POLYLINE on the source image."""
     return PlanarROIMeasurementsAndQualitativeEvaluations(
