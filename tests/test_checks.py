@@ -84,3 +84,25 @@ def test_a_summary_image_of_a_node_is_not_analysed_again() -> None:
     assert check_instance(forwarded, sc, 10**8).verdict is Verdict.NOT_ANALYSABLE
     other = header(SOPClassUID=sc, Modality="OT", Manufacturer="Scanner Inc", BodyPartExamined="")
     assert check_instance(other, sc, 10**8).verdict is Verdict.ANALYSE
+
+
+def colour_header(photometric: str, length: int) -> Dataset:
+    ds = header(Modality="DX", SamplesPerPixel=3, BitsAllocated=8)
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = 4, 6
+    ds.PixelData = b"\0" * length
+    return ds
+
+
+def test_subsampled_colour_pixel_data_of_the_right_length_is_accepted() -> None:
+    # YBR_FULL_422 keeps 2 of every 3 samples: 4 x 6 pixels take 48 bytes, not 72
+    check = check_instance(colour_header("YBR_FULL_422", 48), CR, 10**7)
+    assert check.verdict is not Verdict.REFUSE, check.reason
+
+
+@pytest.mark.parametrize(("photometric", "length"), [("YBR_FULL_422", 47), ("RGB", 48)])
+def test_colour_pixel_data_shorter_than_declared_is_refused(photometric: str, length: int) -> None:
+    check = check_instance(colour_header(photometric, length), CR, 10**7)
+    assert check.verdict is Verdict.REFUSE
+    assert check.status == dimse_status.DATASET_MISMATCH
+    assert f"holds {length} bytes" in check.reason

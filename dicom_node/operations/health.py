@@ -11,17 +11,17 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dicom_node.jobs.queue import INFER_QUEUE, NODE_QUEUE, queue_name
+from kombu.exceptions import ChannelError
+
+from dicom_node.jobs.queue import INFER_QUEUE, NODE_QUEUE, make_celery, queue_name
 from dicom_node.records.durable import free_bytes
 from dicom_node.records.ledger import Ledger
 from dicom_node.settings import Settings
 
 Check = Callable[[], tuple[bool, str]]
 
-# kombu's Redis transport keeps a queue's messages of priority p > 0 in "<queue>\x06\x16<p>".
-_PRIORITY_SEP = "\x06\x16"
-_PRIORITY_STEPS = (3, 6, 9)
 _REDIS_TIMEOUT_S = 2.0
+_BROKER_TIMEOUT_S = 2.0
 
 
 def _redis(url: str):  # type: ignore[no-untyped-def]
@@ -74,20 +74,20 @@ def check_bundle(load: Callable[[], object]) -> tuple[bool, str]:
 
 
 def queue_depths(settings: Settings) -> dict[str, int]:
-    """Messages waiting per queue role (not counting those a worker holds)."""
+    """Messages waiting per queue role (not counting those a worker holds), as the broker's
+    transport counts them: a passive declare answers with the message count, on Redis (all
+    its priority lists) and on the embedded queue alike. A queue that does not exist yet
+    holds nothing."""
     names = {role: queue_name(settings, role) for role in (NODE_QUEUE, INFER_QUEUE)}
-    if settings.embedded:
-        folder = settings.queue_dir / "messages"
-        files = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-        return {
-            role: sum(1 for f in files if f.partition(".")[2] == f"{name}.msg")
-            for role, name in names.items()
-        }
-    client = _redis(settings.broker_url or "")
     depths = {}
-    for role, name in names.items():
-        keys = [name, *(f"{name}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS)]
-        depths[role] = sum(int(client.llen(key)) for key in keys)
+    with make_celery(settings).connection_for_read() as connection:
+        connection.ensure_connection(max_retries=1, timeout=_BROKER_TIMEOUT_S)
+        channel = connection.default_channel
+        for role, name in names.items():
+            try:
+                depths[role] = int(channel.queue_declare(queue=name, passive=True).message_count)
+            except ChannelError:  # never declared: nothing was ever queued there
+                depths[role] = 0
     return depths
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from pydicom import Dataset
+from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
 from dicom_node import dimse_status
@@ -73,7 +74,7 @@ def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> C
             f"image of {rows}x{cols} exceeds {max_pixels} pixels",
             dimse_status.DATASET_MISMATCH,
         )
-    short = _pixel_data_short(ds, rows, cols)
+    short = _pixel_data_short(ds)
     if short:
         return Check(Verdict.REFUSE, short, dimse_status.DATASET_MISMATCH)
 
@@ -93,7 +94,7 @@ def check_instance(ds: Dataset, negotiated_sop_class: str, max_pixels: int) -> C
     return Check(Verdict.ANALYSE)
 
 
-def _pixel_data_short(ds: Dataset, rows: int, cols: int) -> str:
+def _pixel_data_short(ds: Dataset) -> str:
     """Why the pixel data cannot hold the image its header declares ("" when it can).
 
     Native pixel data has a known size; an encapsulated stream must at least not be empty
@@ -116,7 +117,11 @@ def _pixel_data_short(ds: Dataset, rows: int, cols: int) -> str:
         return "Bits Allocated, Samples per Pixel or Number of Frames invalid"
     if bits <= 0 or samples <= 0 or frames <= 0:
         return f"invalid image attributes: {bits} bits, {samples} samples, {frames} frames"
-    expected = (rows * cols * samples * frames * bits + 7) // 8
+    if "PhotometricInterpretation" not in ds:
+        return ""  # the decoder will say what is missing
+    # pydicom's own rule: it knows the subsampled colour spaces (YBR_FULL_422 holds two
+    # thirds of what 3 full samples would) and the bit-packed 1-bit images
+    expected = get_expected_length(ds, unit="bytes")
     if length < expected:
         return f"pixel data holds {length} bytes, the header declares {expected}"
     return ""

@@ -123,9 +123,9 @@ class StoreHandler:
         except Exception as exc:  # the handler must answer, whatever happened
             # no traceback: its messages can quote attribute values (patient data)
             log.error(
-                "C-STORE failed unexpectedly (%s); answering 0x%04X",
+                "C-STORE failed unexpectedly (%s); answering %s",
                 describe_failure(exc),
-                dimse_status.CANNOT_UNDERSTAND,
+                dimse_status.describe(dimse_status.CANNOT_UNDERSTAND),
             )
             code = dimse_status.CANNOT_UNDERSTAND
         if code != dimse_status.SUCCESS:
@@ -163,9 +163,9 @@ class StoreHandler:
         size = self.received_bytes(event)
         if size > self.settings.max_instance_mb * 1024 * 1024:
             log.warning(
-                "C-STORE from %s refused with 0x%04X: %d bytes exceed %d MB",
+                "C-STORE from %s refused with %s: %d bytes exceed %d MB",
                 calling_ae,
-                dimse_status.OUT_OF_RESOURCES,
+                dimse_status.describe(dimse_status.OUT_OF_RESOURCES),
                 size,
                 self.settings.max_instance_mb,
             )
@@ -194,10 +194,10 @@ class StoreHandler:
             return dimse_status.CANNOT_UNDERSTAND
         if check.verdict is Verdict.REFUSE:
             log.warning(
-                "C-STORE sop=%s from %s refused with 0x%04X: %s",
+                "C-STORE sop=%s from %s refused with %s: %s",
                 _loggable(sop_uid),
                 calling_ae,
-                check.status,
+                dimse_status.describe(check.status),
                 check.reason,
             )
             return check.status
@@ -216,9 +216,9 @@ class StoreHandler:
         min_free = self.settings.min_free_disk_mb * 1024 * 1024
         if min_free and free_bytes(self.settings.spool_dir) < min_free:
             log.error(
-                "C-STORE sop=%s refused with 0x%04X: free disk below threshold",
+                "C-STORE sop=%s refused with %s: free disk below threshold",
                 sop_uid,
-                dimse_status.OUT_OF_RESOURCES,
+                dimse_status.describe(dimse_status.OUT_OF_RESOURCES),
             )
             return dimse_status.OUT_OF_RESOURCES
 
@@ -228,9 +228,9 @@ class StoreHandler:
             self.spool(event, spool_path)
         except OSError as exc:
             log.error(
-                "C-STORE sop=%s refused with 0x%04X: spool write failed (%s)",
+                "C-STORE sop=%s refused with %s: spool write failed (%s)",
                 sop_uid,
-                dimse_status.OUT_OF_RESOURCES,
+                dimse_status.describe(dimse_status.OUT_OF_RESOURCES),
                 exc.strerror,
             )
             return dimse_status.OUT_OF_RESOURCES

@@ -9,6 +9,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicom_node import dimse_status
 from dicom_node.records.durable import write_durably
 from dicom_node.settings import Destination
 
@@ -27,34 +28,16 @@ def backoff_seconds(attempt: int, first: float, cap: float = 600.0) -> float:
 
 
 def send_file(path: Path, destination: Destination, calling_ae: str, timeout: float = 30) -> None:
-    """C-STORE one file; raise DeliveryError unless the peer answers with a success status."""
-    ds = dcmread(path)
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        raise DeliveryError(f"association with {destination} was not established")
-    try:
-        response = assoc.send_c_store(ds)
-    finally:
-        assoc.release()
-    code = getattr(response, "Status", None)
-    if code is None:
-        raise DeliveryError(f"no C-STORE response from {destination} (timeout or abort)")
-    # 0x0000 success; 0xB000, 0xB007, 0xB006: warnings, the object was stored.
-    if code not in (0x0000, 0xB000, 0xB006, 0xB007):
-        raise DeliveryError(f"{destination} answered C-STORE with status 0x{code:04X}")
+    """C-STORE one file; raise DeliveryError unless the peer says it stored it."""
+    (error,) = send_files([path], destination, calling_ae, timeout)
+    if error is not None:
+        raise DeliveryError(error)
 
 
 def to_outbox(path: Path, outbox: Path) -> Path:
     target = outbox / path.name
     write_durably(target, path.read_bytes())
     return target
-
-
-# 0x0000 success; 0xB000, 0xB007, 0xB006: warnings, the object was stored.
-_STORED = (0x0000, 0xB000, 0xB006, 0xB007)
 
 
 def send_files(
@@ -89,8 +72,10 @@ def send_files(
             code = getattr(response, "Status", None)
             if code is None:
                 outcomes.append(f"no C-STORE response from {destination} (timeout or abort)")
-            elif code not in _STORED:
-                outcomes.append(f"{destination} answered C-STORE with status 0x{code:04X}")
+            elif not dimse_status.stored(code):
+                outcomes.append(
+                    f"{destination} answered C-STORE with {dimse_status.describe(code)}"
+                )
             else:
                 outcomes.append(None)
     finally:
