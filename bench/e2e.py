@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.uid import ComprehensiveSRStorage, generate_uid
 
 from bench.common import DEFAULT_BUNDLE, header, median, percentile, table
 from bench.ingest import free_port, wait_port
 
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+COMPREHENSIVE_SR = ComprehensiveSRStorage
 
 
 class Destination:

@@ -41,11 +41,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from bench.common import header, median, table
 
-STORESCU_FLAG = {"1.2.840.10008.1.2.4.90": "-xv"}  # JPEG 2000 lossless
+STORESCU_FLAG = {JPEG2000Lossless: "-xv"}  # JPEG 2000 lossless
 
 
 def free_port() -> int:

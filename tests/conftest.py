@@ -48,6 +48,15 @@ def require_tool(name: str) -> str:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def node_process_libraries() -> None:
+    """What every node process sets at its start, set for the in-process SCPs and steps of
+    the tests too."""
+    from dicom_node.process_start import configure_libraries
+
+    configure_libraries()
+
+
 @pytest.fixture(scope="session")
 def chest_cr() -> Path:
     """Real chest CR (NEMA WG04 RG1, Philips, MONOCHROME1, 15 bit), from PyPI pydicom-data."""

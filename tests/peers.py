@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import ComprehensiveSRStorage
 
 from dicom_node.receiving.scp import start_scp
 from dicom_node.records.ledger import Ledger
 from dicom_node.settings import Settings
 from tests.conftest import PLUMBING_BUNDLE, _port_open, free_port, require_tool, wait_for
 
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+COMPREHENSIVE_SR = ComprehensiveSRStorage
 
 
 # --- the node's SCP in the test's process -------------------------------------------------

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
-CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+CR_STORAGE = ComputedRadiographyImageStorage
 
 
 def chest_pixels(size: int = 256, bits: int = 12, seed: int = 0) -> np.ndarray:

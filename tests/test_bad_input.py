@@ -30,7 +30,7 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement
 from pydicom.encaps import encapsulate
-from pydicom.uid import generate_uid
+from pydicom.uid import BasicTextSRStorage, generate_uid
 from pynetdicom import AE, _config
 
 from dicom_node import dimse_status
@@ -132,7 +132,7 @@ def absurd_dimensions(folder: Path) -> Path:
 
 def structured_report(folder: Path) -> Path:
     ds = synthetic_cr(size=8)
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.SOPClassUID = BasicTextSRStorage  # Basic Text SR
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.Modality = "SR"
     for keyword in ("Rows", "Columns", "PixelData", "BitsAllocated", "BitsStored", "HighBit"):

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import pytest
 from pydicom import Dataset
+from pydicom.uid import ComputedRadiographyImageStorage, SecondaryCaptureImageStorage
 
 from dicom_node import dimse_status
 from dicom_node.receiving.checks import Verdict, check_instance
 
-CR = "1.2.840.10008.5.1.4.1.1.1"
+CR = ComputedRadiographyImageStorage
 
 
 def header(**extra: object) -> Dataset:
@@ -58,7 +59,7 @@ def test_absurd_dimensions_are_refused() -> None:
 
 
 def test_sop_class_must_match_the_negotiated_one() -> None:
-    check = check_instance(header(), "1.2.840.10008.5.1.4.1.1.7", 10**8)
+    check = check_instance(header(), SecondaryCaptureImageStorage, 10**8)
     assert check.verdict is Verdict.REFUSE and check.status == dimse_status.DATASET_MISMATCH
 
 
@@ -71,7 +72,7 @@ def test_missing_uid_is_refused() -> None:
 
 def test_a_summary_image_of_a_node_is_not_analysed_again() -> None:
     """A PACS routing the study back sends the node its own summary SC: no loop."""
-    sc = "1.2.840.10008.5.1.4.1.1.7"
+    sc = SecondaryCaptureImageStorage
     own = header(SOPClassUID=sc, Modality="OT", BodyPartExamined="CHEST", Manufacturer="cxr-node")
     check = check_instance(own, sc, 10**8)
     assert check.verdict is Verdict.NOT_ANALYSABLE and "CXR node" in check.reason

@@ -11,7 +11,19 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    JPEG2000,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from dicom_node.records.ledger import JobState, Ledger
 from dicom_node.results.sr.codes import COMPREHENSIVE_SR
@@ -30,13 +42,13 @@ PHI_SOLO_ID = "PHI4471983"
 
 # storescu proposes uncompressed transfer syntaxes unless told which compressed one to offer.
 STORESCU_TS_FLAG = {
-    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
-    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
-    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline
-    "1.2.840.10008.1.2.4.51": "-xx",  # JPEG extended
-    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG lossless SV1
-    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS lossless
-    "1.2.840.10008.1.2.5": "-xr",  # RLE
+    JPEG2000Lossless: "-xv",  # JPEG 2000 lossless
+    JPEG2000: "-xw",  # JPEG 2000
+    JPEGBaseline8Bit: "-xy",  # JPEG baseline
+    JPEGExtended12Bit: "-xx",  # JPEG extended
+    JPEGLosslessSV1: "-xs",  # JPEG lossless SV1
+    JPEGLSLossless: "-xt",  # JPEG-LS lossless
+    RLELossless: "-xr",  # RLE
 }
 
 
@@ -91,7 +103,7 @@ def pool_png_as_dicom(png: Path, target: Path) -> Path:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -107,7 +119,7 @@ def pool_png_as_dicom(png: Path, target: Path) -> Path:
     return target
 
 
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SECONDARY_CAPTURE = SecondaryCaptureImageStorage
 
 
 def of_class(paths: list[Path], sop_class_uid: str) -> list[Path]:

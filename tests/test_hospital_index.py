@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.uid import ComputedRadiographyImageStorage
 
 from dicom_node.results.hospital_index import HospitalEntry, HospitalIndex, HospitalStore
 
@@ -24,7 +25,7 @@ def entry(index: HospitalIndex, n: int, patient: str, study: int | None = None) 
     study_n = n if study is None else study
     return HospitalEntry(
         sop_instance_uid=f"1.2.3.{n}.1.1",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        sop_class_uid=ComputedRadiographyImageStorage,
         study_instance_uid=f"1.2.3.{study_n}",
         series_instance_uid=f"1.2.3.{study_n}.1",
         study_date="20240101",

@@ -5,6 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ComputedRadiographyImageStorage
 
 from dicom_node.jobs.recovery import sweep
 from dicom_node.records.ledger import DeliveryState, Job, JobState, Ledger, OutputKind, OutputUids
@@ -14,7 +15,7 @@ def make_job(job_id: str, sop: str, state: JobState = JobState.RECEIVED) -> Job:
     job = Job.received(
         job_id,
         sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        sop_class_uid=ComputedRadiographyImageStorage,
         study_instance_uid="1.2.3",
         series_instance_uid="1.2.3.4",
         calling_ae="MOD",

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 
 from dicom_node.results.sr.codes import COMPREHENSIVE_SR
 from tests.conftest import NodeProcess, require_tool, wait_for
@@ -17,9 +22,9 @@ from tests.sr_reading import sr_summary
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CR = "1.2.840.10008.5.1.4.1.1.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+CR = ComputedRadiographyImageStorage
+SECONDARY_CAPTURE = SecondaryCaptureImageStorage
+SEGMENTATION = SegmentationStorage
 
 
 def test_results_land_in_the_source_study_in_orthanc(

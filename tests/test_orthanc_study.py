@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.uid import ComputedRadiographyImageStorage, SecondaryCaptureImageStorage, generate_uid
 
 from dicom_node.records.ledger import JobState, Ledger
 from dicom_node.results.sr.codes import COMPREHENSIVE_SR
@@ -19,8 +19,8 @@ from tests.orthanc import Orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CR = "1.2.840.10008.5.1.4.1.1.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+CR = ComputedRadiographyImageStorage
+SECONDARY_CAPTURE = SecondaryCaptureImageStorage
 
 
 def test_study_sent_by_orthanc_gets_its_results_back(

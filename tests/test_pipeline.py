@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.uid import generate_uid
+from pydicom.uid import SecondaryCaptureImageStorage, SegmentationStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
@@ -24,8 +24,8 @@ from tests.sr_reading import sr_summary
 from worker.contracts import InferResult, encode_png
 from worker.inference import get_ensemble, run_infer
 
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+SECONDARY_CAPTURE = SecondaryCaptureImageStorage
+SEGMENTATION = SegmentationStorage
 
 
 def make_node(tmp_path: Path, **overrides: object) -> NodeRuntime:

@@ -14,7 +14,13 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
 
 from dicom_node.results.pixels import (
     DecodeFailure,
@@ -82,7 +88,7 @@ def test_describe_pixels_reports_image_attributes_only(chest_cr_j2k: Path) -> No
     assert summary["cols"] == 1841
     assert summary["bits_stored"] == 15
     assert summary["photometric"] == "MONOCHROME1"
-    assert summary["transfer_syntax"] == "1.2.840.10008.1.2.4.90"
+    assert summary["transfer_syntax"] == JPEG2000Lossless
     assert summary["transfer_syntax_name"] == "JPEG 2000 Image Compression (Lossless Only)"
     assert summary["voi"] == "window"
     assert "Test^Patient" not in repr(summary)
@@ -150,7 +156,7 @@ def make_dataset(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1")
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID

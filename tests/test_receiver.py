@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from dicom_node import dimse_status
+from dicom_node.process_start import configure_libraries
 from dicom_node.receiving.processes import incoming_dir, remove_abandoned, start_receiver
 from dicom_node.receiving.scp import STORAGE_CLASSES
 from dicom_node.records.ledger import JobState, Ledger
@@ -47,8 +48,8 @@ def test_ledger_takes_concurrent_writers_from_several_processes(tmp_path: Path) 
 def test_file_receiver_spools_what_was_sent_and_refuses_what_the_scp_refuses(
     tmp_path: Path, chest_cr: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # start_receiver switches pynetdicom to write-to-file receiving for its whole process (a
-    # receiver process does nothing else); here, in the test process, undo it afterwards
+    # a receiver process switches pynetdicom to write-to-file receiving for its whole
+    # process (it does nothing else); here, in the test process, undo it afterwards
     import tempfile
 
     from pynetdicom import _config
@@ -58,6 +59,7 @@ def test_file_receiver_spools_what_was_sent_and_refuses_what_the_scp_refuses(
     settings = Settings(
         data_dir=tmp_path / "node", port=free_port(), bind="127.0.0.1", min_free_disk_mb=0
     )
+    configure_libraries(receive_into=incoming_dir(settings))
     ledger = Ledger(settings.ledger_path)
     enqueued: list[str] = []
     server = start_receiver(settings, ledger, enqueued.append)
@@ -148,6 +150,7 @@ def test_file_receiver_refuses_an_oversized_instance(
         min_free_disk_mb=0,
         max_instance_mb=1,
     )
+    configure_libraries(receive_into=incoming_dir(settings))
     ledger = Ledger(settings.ledger_path)
     server = start_receiver(settings, ledger, lambda job_id: None)
     over = write(synthetic_cr(size=900), tmp_path / "over.dcm")  # 1.6 MB of pixel data

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
+from pydicom.uid import DigitalXRayImageStorageForPresentation
 
 from dicom_node.records.ledger import OutputUids
 from dicom_node.results.sr.builder import ReportOptions, build_sr
@@ -376,7 +377,7 @@ HOSPITAL_ITEM = SimilarItem(
     study_instance_uid=HOSPITAL_STUDY,
     series_instance_uid=HOSPITAL_SERIES,
     sop_instance_uid=HOSPITAL_SOP + ".2",
-    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+    sop_class_uid=DigitalXRayImageStorageForPresentation,
     study_date="20240412",
     probability=0.91,
 )
@@ -418,7 +419,7 @@ def test_hospital_study_carries_date_score_label_distance_and_uids(
         "Embedding distance": pytest.approx(0.113),
         "Study Instance UID": HOSPITAL_STUDY,
         "Series Instance UID": HOSPITAL_SERIES,
-        "Similar image": "1.2.840.10008.5.1.4.1.1.1.1",  # the item's own SOP class
+        "Similar image": DigitalXRayImageStorageForPresentation,  # the item's own SOP class
     }
     assert sr_summary(sr)["pertinent_study_uids"] == [HOSPITAL_STUDY]
     assert sr_summary(sr)["similar"] == [

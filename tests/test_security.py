@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import ComputedRadiographyImageStorage
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from dicom_node import dimse_status
 from dicom_node.jobs.steps import NodeRuntime, deliver
@@ -37,7 +39,7 @@ from dicom_node.settings import Settings
 from tests.conftest import PLUMBING_BUNDLE, Peer, free_port, node_env, require_tool, wait_for
 from tests.peers import Scp
 
-CR = "1.2.840.10008.5.1.4.1.1.1"
+CR = ComputedRadiographyImageStorage
 
 
 # --- pure functions -------------------------------------------------------------------------
@@ -46,7 +48,7 @@ CR = "1.2.840.10008.5.1.4.1.1.1"
 @pytest.mark.parametrize(
     ("uid", "valid"),
     [
-        ("1.2.840.10008.1.1", True),
+        (Verification, True),
         ("1.2.03.4", True),  # leading zero: not standard, common, harmless
         ("../../x", False),
         ("1.2.3/../../etc", False),

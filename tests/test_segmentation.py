@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
+from pydicom.uid import SegmentationStorage
 
 from dicom_node.results.seg.builder import SegOptions, build_seg
 from tests.test_lungs import two_lungs
@@ -47,7 +48,7 @@ def test_seg_round_trip(
     mask = two_lungs((source.Rows, source.Columns))
     path = build(source, manifest, tmp_path, mask)
     seg = hd.seg.segread(path)
-    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert seg.SOPClassUID == SegmentationStorage
     assert seg.Modality == "SEG"
     assert seg.StudyInstanceUID == source.StudyInstanceUID
     assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) == (SERIES, SOP)

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from dicom_node.results.lungs import lung_outlines
 from dicom_node.results.pixels import decode_display
@@ -30,7 +31,7 @@ from tests.test_lungs import two_lungs
 from tests.test_report import make_manifest
 from worker.bundle import Manifest
 
-SC_UID = "1.2.840.10008.5.1.4.1.1.7"
+SC_UID = SecondaryCaptureImageStorage
 SERIES = "1.2.826.0.1.3680043.8.498.9902"
 SOP = "1.2.826.0.1.3680043.8.498.9902.1"
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict
+from pydicom.misc import is_dicom
 
 from worker.classes import CxrClass
 
@@ -240,11 +241,7 @@ def subsample(records: Sequence[Record], limit: int, seed: int) -> list[Record]:
 
 
 def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in {".dcm", ".dicom"}:
-        return True
-    with path.open("rb") as fh:
-        head = fh.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"
+    return path.suffix.lower() in {".dcm", ".dicom"} or is_dicom(path)
 
 
 def read_display_image(path: str | Path) -> np.ndarray:

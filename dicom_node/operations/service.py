@@ -30,6 +30,7 @@ from dicom_node.jobs.tasks import register_tasks
 from dicom_node.logs import describe_failure, setup_logging
 from dicom_node.operations.observe import node_app
 from dicom_node.operations.web import start_http
+from dicom_node.process_start import configure_libraries
 from dicom_node.receiving.events import NodeStoreEvents, association_handlers
 from dicom_node.receiving.processes import Receivers
 from dicom_node.receiving.scp import start_scp
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 def run_worker(settings: Settings, roles: list[str], name: str) -> None:
     """Run a Celery worker for the queues of `roles` ("node", "infer") until stopped (blocks)."""
     queues = [queue_name(settings, role) for role in roles]
+    configure_libraries()
     setup_logging(settings.log_level, settings.log_dir / f"worker-{name}.log", settings.log_format)
     app = make_celery(settings)
     register_tasks(app, settings)
@@ -160,6 +162,7 @@ def _spawn_worker(settings: Settings, queues: list[str]) -> subprocess.Popen[byt
 def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     """Run the node host until SIGTERM/SIGINT (or `stop` is set)."""
     settings.make_dirs()
+    configure_libraries()
     setup_logging(settings.log_level, settings.log_dir / "node.log", settings.log_format)
     check_exposure(settings)  # before anything starts: no half-started node
     bundles = BundleCache(lambda: settings.bundle_in_use, ModelStore(settings.models_dir))

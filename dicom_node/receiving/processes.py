@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.jobs.queue import make_celery, send_prepare
 from dicom_node.logs import setup_logging
+from dicom_node.process_start import configure_libraries
 from dicom_node.receiving.events import NodeStoreEvents, association_handlers
 from dicom_node.receiving.scp import (
     Enqueue,
@@ -123,14 +123,15 @@ def start_receiver(
     incoming = incoming_dir(settings)
     incoming.mkdir(parents=True, exist_ok=True)
     remove_abandoned(incoming)
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    tempfile.tempdir = str(incoming)  # pynetdicom's NamedTemporaryFile goes here
+    if not _config.STORE_RECV_CHUNKED_DATASET:
+        raise RuntimeError("receiving to files: call configure_libraries(receive_into=...) first")
     handler = FileStoreHandler(settings, ledger, enqueue, events or StoreEvents())
     return serve_guarded(settings, handler, ReusePortServer, extra_handlers, "receiver")
 
 
 def run_receiver(settings: Settings, name: str, stop: threading.Event | None = None) -> None:
     """One receiver process: listen until SIGTERM/SIGINT (or `stop`)."""
+    configure_libraries(receive_into=incoming_dir(settings))
     setup_logging(
         settings.log_level, settings.log_dir / f"receiver-{name}.log", settings.log_format
     )

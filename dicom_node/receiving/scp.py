@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import socketserver
 import ssl
 import threading
 import time
@@ -41,8 +42,9 @@ from pydicom.uid import (
     RLELossless,
     SecondaryCaptureImageStorage,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import dimse_status
@@ -62,11 +64,8 @@ from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
 
-VERIFICATION = UID("1.2.840.10008.1.1")
+VERIFICATION = UID(Verification)
 
-# Identifiers (which can hold patient data) never go to pynetdicom's log.
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
 
 STORAGE_CLASSES: tuple[UID, ...] = (
     ComputedRadiographyImageStorage,
@@ -395,6 +394,13 @@ class GuardedServer(ThreadedAssociationServer):
         wrapped.settimeout(None)
         return wrapped, address
 
+    def shutdown(self) -> None:
+        """Stop serving and close the socket. (pynetdicom's own shutdown also takes the
+        server off its AE's list of the servers that `AE.start_server` started; this one
+        was made with `AE.make_server` and started here, so it is on no such list.)"""
+        socketserver.BaseServer.shutdown(self)  # stops serve_forever
+        self.server_close()
+
 
 def _close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
@@ -429,8 +435,6 @@ def serve_guarded(
     server.allowed = networks(settings)
     server.handshake_timeout_s = settings.acse_timeout_s
     server.audit = AuditLog(settings.audit_path)
-    # as AE.start_server(block=False) does: the AE lists its servers, and shutdown() unlists
-    ae._servers.append(server)
     threading.Thread(target=server.serve_forever, name=thread_name, daemon=True).start()
     return server
 

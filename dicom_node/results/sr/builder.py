@@ -37,7 +37,6 @@ unverified research result is not the definitive means of communicating the find
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -108,14 +107,6 @@ from dicom_node.results.sr.codes import (
 from dicom_node.settings import HOSPITAL_FIELDS
 from worker.bundle import Manifest
 from worker.contracts import InferResult, SimilarItem
-
-# highdicom warns about single-component person names and quotes the name in the warning:
-# a patient's or physician's name would reach the logs. Names are copied as the modality
-# sent them (tolerant reading), so the warning has nothing to tell us. Process-wide, since
-# `warnings.catch_warnings` is not thread-safe and finalize runs in threads.
-warnings.filterwarnings(
-    "ignore", message=r"The string .* is unlikely to represent the intended person name"
-)
 
 _CONTAINS = RelationshipTypeValues.CONTAINS
 

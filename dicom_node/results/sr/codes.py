@@ -20,10 +20,11 @@ except the local 99CXRN codes for concepts the standard has no code for):
 from __future__ import annotations
 
 from highdicom.sr import CodedConcept
+from pydicom.uid import ComprehensiveSRStorage
 
 from worker.classes import COVID19_SNOMED
 
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+COMPREHENSIVE_SR = ComprehensiveSRStorage
 
 # Local coding scheme for concepts DICOM has no code for; "99" marks a private scheme
 # (PS3.3 8.2) and the SR documents it in the Coding Scheme Identification Sequence.
