@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run a benchmark by name: `bench/run.py inference --repeats 5` = `python -m bench.inference`.
 
-Names: make_bundle, inference, pipeline, retrieval, ingest, e2e, memory, gpu.
+Names: make_bundle, inference, pipeline, retrieval, ingest, e2e, memory, gpu, rle_decoders.
 """
 
 from __future__ import annotations
@@ -10,7 +10,17 @@ import runpy
 import sys
 from pathlib import Path
 
-NAMES = ("make_bundle", "inference", "pipeline", "retrieval", "ingest", "e2e", "memory", "gpu")
+NAMES = (
+    "make_bundle",
+    "inference",
+    "pipeline",
+    "retrieval",
+    "ingest",
+    "e2e",
+    "memory",
+    "gpu",
+    "rle_decoders",
+)
 
 
 def main() -> None:

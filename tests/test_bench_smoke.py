@@ -68,6 +68,11 @@ def test_memory_bench_runs() -> None:
     assert "inference worker" in run_bench("memory", "--bundle", str(PLUMBING_BUNDLE))
 
 
+def test_rle_decoders_bench_runs() -> None:
+    out = run_bench("rle_decoders")
+    assert "| pylibjpeg |" in out and "| pydicom |" in out
+
+
 def test_gpu_bench_says_clearly_when_there_is_no_cuda() -> None:
     import onnxruntime as ort
 

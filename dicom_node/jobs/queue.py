@@ -10,16 +10,23 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES, filesystem
-from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 from pydantic import BaseModel
 
 from dicom_node.settings import Settings
 from worker.contracts import ANALYSIS_FAILED, FINALIZE, INFER
+
+#: kombu's JSON encoder (it knows the types a Celery message may hold), typed.
+_kombu_dumps: Callable[[Any], str] = dumps
+
+
+def _message_bytes(message: Any) -> bytes:
+    return _kombu_dumps(message).encode("utf-8")
 
 
 class _AtomicChannel(filesystem.Channel):
@@ -34,7 +41,7 @@ class _AtomicChannel(filesystem.Channel):
         name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         tmp = os.path.join(self.data_folder_out, f"partial-{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as fh:
-            fh.write(str_to_bytes(dumps(message)))
+            fh.write(_message_bytes(message))
         os.replace(tmp, os.path.join(self.data_folder_out, name))
 
 

@@ -154,7 +154,8 @@ def make_app(
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
             return [b"read-only\n"]
         if path == "/metrics" and metrics_app is not None:
-            return metrics_app(environ, start_response)
+            served: Iterable[bytes] = metrics_app(environ, start_response)
+            return served
         if path == "/health":
             healthy, report = health.run()
             body = json.dumps(report, indent=2).encode()

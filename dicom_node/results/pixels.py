@@ -99,7 +99,8 @@ class _Lut:
     def apply(self, values: np.ndarray) -> np.ndarray:
         index = np.rint(values - self.first_mapped)
         np.clip(index, 0, self.table.size - 1, out=index)
-        return self.table[index.astype(np.intp)]
+        mapped: np.ndarray = self.table[index.astype(np.intp)]
+        return mapped
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,8 @@ def _decode_display(ds: Dataset, max_pixels: int) -> np.ndarray:
         lut = _display_lut(frame, ds, photometric)
         if lut is not None:
             table, low = lut
-            return table[np.subtract(frame, low, dtype=np.int64)]
+            mapped: np.ndarray = table[np.subtract(frame, low, dtype=np.int64)]
+            return mapped
     return _to_display(frame, ds, photometric)
 
 
@@ -357,7 +359,8 @@ def _colour_to_unit_gray(frame: np.ndarray, ds: Dataset) -> np.ndarray:
             DecodeFailure.BAD_ATTRIBUTES, f"cannot make gray from {channels} samples per pixel"
         )
     bits = _int(ds, "BitsStored") or 8 * frame.dtype.itemsize
-    return np.clip(gray / (2**bits - 1), 0.0, 1.0)
+    unit: np.ndarray = np.clip(gray / (2**bits - 1), 0.0, 1.0)
+    return unit
 
 
 def _photometric(ds: Dataset) -> str:
