@@ -148,6 +148,34 @@ def test_estimates_pool_splits() -> None:
     assert est["roc_auc"].low < est["roc_auc"].value < est["roc_auc"].high
 
 
+@pytest.mark.train
+def test_spearman_of_days_ranks_ties_by_their_average(tmp_path: Path) -> None:
+    # Days are integers with many ties; scores tie too. Known case: rank correlation 0.0,
+    # and the same rows under other ids (another order) give the same value.
+    pytest.importorskip("torch")
+    from training.scored import ScoredSet
+    from training.sections import section_days
+
+    days = [1, 1, 2, 2, 3, 3, 4, 4]
+    score = [0.2, 0.8, 0.8, 0.2, 0.2, 0.8, 0.8, 0.2]
+    values = []
+    for order in ([0, 1, 2, 3, 4, 5, 6, 7], [7, 2, 5, 0, 3, 6, 1, 4], [1, 0, 3, 2, 5, 4, 7, 6]):
+        records = [
+            Record(
+                id=f"img-{order[i]}",
+                image=f"/x/{i}.png",
+                patient_group=f"p{i}",
+                label=CxrClass.COVID19,
+                label_text="covid",
+                days_offset=days[i],
+            )
+            for i in range(len(days))
+        ]
+        scored = ScoredSet(0, records, np.array(score), {}, np.zeros((len(days), 2)))
+        values.append(section_days([scored], tmp_path, with_plots=False)["spearman_covid"])
+    assert values == [pytest.approx(0.0, abs=1e-12)] * 3
+
+
 # --------------------------------------------------------------------------- analysis
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from training import plots
 from training.analysis import fit_logistic, knn_vote, predict_logistic, project_2d
@@ -289,13 +290,10 @@ def section_groups(
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 3:
+    """Rank correlation, ties given their average rank; NaN when undefined."""
+    if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
         return float("nan")
-    ra = np.argsort(np.argsort(a)).astype(np.float64)
-    rb = np.argsort(np.argsort(b)).astype(np.float64)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 DAY_BINS: tuple[tuple[float, float, str], ...] = (
