@@ -16,7 +16,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from training import plots
-from training.analysis import fit_logistic, knn_vote, predict_logistic, project_2d
+from training.analysis import fit_logistic, knn_vote, project_2d
 from training.data import Record, mixed_sources, stratum
 from training.metrics import (
     METRICS,
@@ -409,7 +409,7 @@ def probe_auc(
     if len(np.unique(train_target)) < 2 or len(np.unique(test_target)) < 2:
         return None
     model = fit_logistic(train_x, train_target)
-    return auc_estimate(test_target, predict_logistic(model, test_x), groups, samples, seed)
+    return auc_estimate(test_target, model.predict_proba(test_x)[:, 1], groups, samples, seed)
 
 
 def source_probes(
