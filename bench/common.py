@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 #: Git-ignored (var/): where the benchmarks keep their bundle and scratch files.
 SCRATCH = REPO / "var" / "bench"
@@ -24,13 +26,7 @@ def median(values: Sequence[float]) -> float:
 
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (q in 0..100) of a non-empty sequence."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return float(ordered[0])
-    pos = (len(ordered) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return float(ordered[low] + (ordered[high] - ordered[low]) * (pos - low))
+    return float(np.percentile(values, q))
 
 
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:

@@ -83,11 +83,11 @@ def _cache_and_plan(ctx: Any, data: Path | None) -> tuple[Any, Any]:
 
 def _lungs(ctx: Any, cache: Any, raw: bool = False) -> Any:
     from training.segment import read_lungmaps
-    from training.torchutil import file_sha256
+    from worker.bundle import sha256_file
 
     best = ctx.paths.segmentation / "best.pt"
     path = ctx.paths.lungmaps_raw if raw else ctx.paths.lungmaps
-    maps = read_lungmaps(path, cache.ids, file_sha256(best)) if best.is_file() else None
+    maps = read_lungmaps(path, cache.ids, sha256_file(best)) if best.is_file() else None
     if maps is None:
         raise typer.BadParameter(
             f"no current lung maps in {ctx.paths.root}: run `cxr-train segmentation` first"

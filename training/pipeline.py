@@ -25,7 +25,8 @@ from training.config import ExperimentConfig, expand
 from training.data import LabelMap, Record, read_dataset, subsample
 from training.layout import NO_PREP, NO_SEG, RunPaths
 from training.splits import SplitPlan, check_no_leakage, make_plan
-from training.torchutil import file_sha256, write_json
+from training.torchutil import write_json
+from worker.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def stage_segmentation(
 
     device = ctx.device()
     train_segmentation(ctx.cfg, cache, plan.splits[0], ctx.paths.segmentation, device, ctx.resume)
-    unet_sha = file_sha256(ctx.paths.segmentation / "best.pt")
+    unet_sha = sha256_file(ctx.paths.segmentation / "best.pt")
     size = ctx.cfg.segmentation.input_size
     maps: list[np.ndarray | None] = []
     for path, images in ((ctx.paths.lungmaps, cache.images), (ctx.paths.lungmaps_raw, cache.raw)):
