@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from worker.markdown import markdown_table
+
 REPO = Path(__file__).resolve().parent.parent
 #: Git-ignored (var/): where the benchmarks keep their bundle and scratch files.
 SCRATCH = REPO / "var" / "bench"
@@ -110,10 +112,7 @@ def _module_argv() -> list[str]:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    print("| " + " | ".join(headers) + " |")
-    print("|" + "|".join("---" for _ in headers) + "|")
-    for row in rows:
-        print("| " + " | ".join(_fmt(v) for v in row) + " |")
+    print("\n".join(markdown_table(headers, [[_fmt(v) for v in row] for row in rows])))
     print(flush=True)
 
 

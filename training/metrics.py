@@ -10,7 +10,7 @@ are not independent), pooled over K splits when several are given (the paper: 10
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,13 +213,3 @@ def estimate_one(
     values = np.array([fn(idx) for idx in bootstrap_indices(n, groups, samples, rng)])
     low, high = percentile_ci(values)
     return Estimate(float(value), low, high, 1, samples)
-
-
-def metrics_table(
-    rows: Mapping[str, Mapping[str, Estimate]], names: Sequence[str] = METRICS
-) -> list[str]:
-    """Markdown table: one row per key, one column per metric."""
-    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for key, est in rows.items():
-        lines.append(f"| {key} | " + " | ".join(est[n].text() for n in names) + " |")
-    return lines
