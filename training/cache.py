@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from training.data import DataError, Record, read_display_image, read_mask
+from worker.atomic import atomic_file
 from worker.preprocess import PreprocessParams, pad_square, preprocess, preprocess_mask
 
 CACHE_FORMAT = 1
@@ -223,9 +224,8 @@ def build_cache(
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, allow_pickle=False, **arrays)  # the payload is already compressed
-    partial.replace(path)
+    with atomic_file(path) as fh:
+        np.savez(fh, allow_pickle=False, **arrays)  # the payload is already compressed
 
 
 def read_cache_meta(path: Path) -> dict[str, object]:

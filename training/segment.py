@@ -36,6 +36,7 @@ from training.torchutil import (
     seed_everything,
     write_json,
 )
+from worker.atomic import atomic_file
 from worker.model_input import resize_batch
 from worker.preprocess import PreprocessParams, to_model_input
 
@@ -278,9 +279,8 @@ def train_segmentation(
 
 
 def write_lungmaps(path: Path, ids: list[str], maps: np.ndarray, unet_sha: str) -> None:
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez_compressed(partial, maps=maps, ids=np.array(ids), unet=np.array(unet_sha))
-    partial.replace(path)
+    with atomic_file(path) as fh:
+        np.savez_compressed(fh, maps=maps, ids=np.array(ids), unet=np.array(unet_sha))
 
 
 def read_lungmaps(path: Path, ids: list[str], unet_sha: str | None = None) -> np.ndarray | None:
