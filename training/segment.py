@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from training.augment import make_augmenter
 from training.cache import Cache
 from training.config import ExperimentConfig
 from training.datasets import IGNORE, LUNG, SegmentationDataset, loader
 from training.models import UNet, UNetExport, count_parameters
+from training.progress import progress
 from training.splits import Split, split_sha
 from training.torchutil import (
     derive_seed,
@@ -201,8 +201,8 @@ def train_segmentation(
         )
         unet.train()
         total, count = 0.0, 0
-        for x, target, valid in tqdm(
-            batches, desc=f"U-Net epoch {epoch + 1}/{seg.epochs}", leave=False, disable=None
+        for x, target, valid in progress(
+            batches, f"U-Net epoch {epoch + 1}/{seg.epochs}", transient=True
         ):
             x, target, valid = (t.to(device, non_blocking=True) for t in (x, target, valid))
             loss = segmentation_loss(unet(x), target, valid)
