@@ -6,13 +6,10 @@ their ONNX parity); this text follows it. Built from the evaluation report.
 
 from __future__ import annotations
 
-from typing import Any
-
 from training.config import ExperimentConfig
 from training.report import METRIC_LABELS, ci, member_input_text
+from training.results import Json
 from worker.markdown import markdown_table
-
-Json = dict[str, Any]
 
 #: The target no other can stand in for: the contrast where the source says nothing.
 SAME_SOURCE_TARGET = "same-source ROC AUC >= 0.90"

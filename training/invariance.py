@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
 from training.data import Record, read_display_image
 from training.metrics import roc_auc
+from training.results import Json
 from worker.bundle import load_bundle
 from worker.inference import Ensemble
 from worker.markdown import markdown_table
@@ -26,7 +26,6 @@ from worker.preprocess import preprocess
 
 log = logging.getLogger(__name__)
 
-Json = dict[str, Any]
 
 #: The score change the issue allows on average, and the per-image change counted as large.
 MEAN_CHANGE_LIMIT = 0.05

@@ -11,9 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from training.results import Json
 from worker.markdown import markdown_table
-
-Json = dict[str, Any]
 
 REPORT_MD = "report.md"
 EXPORT_JSON = "export.json"

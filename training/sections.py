@@ -28,10 +28,9 @@ from training.metrics import (
     estimates,
     roc_auc,
 )
+from training.results import Json, MaskScores, MemberResult, SegmentationResult
 from training.scored import ScoredSet
 from worker.classes import CLASS_MAP
-
-Json = dict[str, Any]
 
 
 def _est(e: dict[str, Estimate]) -> Json:
@@ -120,22 +119,23 @@ def section_same_source(
 
 
 def section_members(
-    tests: Sequence[ScoredSet], member_results: dict[str, Json], samples: int, seed: int
+    tests: Sequence[ScoredSet], member_results: dict[str, MemberResult], samples: int, seed: int
 ) -> Json:
     out: Json = {}
     for name in tests[0].members:
         parts = [t.split_scores(name) for t in tests]
-        res = member_results.get(name, {})
+        res = member_results.get(name)
+        run = res.run if res else None
         out[name] = {
             "test": _est(estimates(parts, samples, seed)),
-            "validation": res.get("validation", {}),
-            "selected_on": res.get("selected_on"),
-            "best_epoch": res.get("best_epoch"),
-            "architecture": res.get("run", {}).get("architecture"),
-            "input_size": res.get("run", {}).get("input_size"),
-            "lung_crop": res.get("run", {}).get("lung_crop"),
-            "lung_mask": res.get("run", {}).get("lung_mask"),
-            "parameters": res.get("parameters"),
+            "validation": res.validation if res else {},
+            "selected_on": res.selected_on if res else None,
+            "best_epoch": res.best_epoch if res else None,
+            "architecture": run.architecture if run else None,
+            "input_size": run.input_size if run else None,
+            "lung_crop": run.lung_crop if run else None,
+            "lung_mask": run.lung_mask if run else None,
+            "parameters": res.parameters if res else None,
         }
     return out
 
@@ -343,29 +343,31 @@ def section_days(tests: Sequence[ScoredSet], out_dir: Path, with_plots: bool) ->
     }
 
 
-def section_segmentation(result: Json | None, samples: int, seed: int) -> Json:
-    if result is None:
+def section_segmentation(
+    masks: MaskScores | None, unet: SegmentationResult | None, samples: int, seed: int
+) -> Json:
+    """Dice and IoU on held-out `masks`; `unet` (the training result) describes the model."""
+    if masks is None:
         return {"note": "no segmentation result"}
-    test = result["test"]
-    dice, iou = np.array(test["dice"]), np.array(test["iou"])
+    dice, iou = np.array(masks.dice), np.array(masks.iou)
     out: Json = {
-        "architecture": result.get("architecture"),
-        "parameters": result.get("parameters"),
-        "input_size": result.get("input_size"),
-        "train_masks": result.get("train_masks"),
-        "val_masks": result.get("val_masks"),
-        "val_dice": result.get("val_dice"),
+        "architecture": unet.architecture if unet else None,
+        "parameters": unet.parameters if unet else None,
+        "input_size": unet.input_size if unet else None,
+        "train_masks": unet.train_masks if unet else None,
+        "val_masks": unet.val_masks if unet else None,
+        "val_dice": unet.val_dice if unet else None,
         "test_masks": len(dice),
     }
     if len(dice):
-        groups = np.array(test["groups"])
+        groups = np.array(masks.groups)
         out["dice"] = estimate_one(
             lambda idx: float(dice[idx].mean()), len(dice), groups, samples, seed
         ).as_dict()
         out["iou"] = estimate_one(
             lambda idx: float(iou[idx].mean()), len(iou), groups, samples, seed
         ).as_dict()
-        sources = np.array(test["sources"])
+        sources = np.array(masks.sources)
         out["per_source"] = {
             s: {
                 "n": int((sources == s).sum()),
