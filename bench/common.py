@@ -12,6 +12,10 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
+from worker.markdown import markdown_table
+
 REPO = Path(__file__).resolve().parent.parent
 #: Git-ignored (var/): where the benchmarks keep their bundle and scratch files.
 SCRATCH = REPO / "var" / "bench"
@@ -24,13 +28,7 @@ def median(values: Sequence[float]) -> float:
 
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (q in 0..100) of a non-empty sequence."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return float(ordered[0])
-    pos = (len(ordered) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return float(ordered[low] + (ordered[high] - ordered[low]) * (pos - low))
+    return float(np.percentile(values, q))
 
 
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
@@ -114,10 +112,7 @@ def _module_argv() -> list[str]:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    print("| " + " | ".join(headers) + " |")
-    print("|" + "|".join("---" for _ in headers) + "|")
-    for row in rows:
-        print("| " + " | ".join(_fmt(v) for v in row) + " |")
+    print("\n".join(markdown_table(headers, [[_fmt(v) for v in row] for row in rows])))
     print(flush=True)
 
 

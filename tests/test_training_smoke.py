@@ -31,8 +31,8 @@ from training.layout import RunPaths  # noqa: E402
 from training.report import SECTIONS  # noqa: E402
 from training.segment import read_lungmaps  # noqa: E402
 from training.splits import SplitPlan, check_no_leakage  # noqa: E402
-from training.torchutil import file_sha256, read_json  # noqa: E402
-from worker.bundle import load_bundle  # noqa: E402
+from training.torchutil import read_json  # noqa: E402
+from worker.bundle import load_bundle, sha256_file  # noqa: E402
 from worker.inference import Ensemble  # noqa: E402
 
 pytestmark = [pytest.mark.train, pytest.mark.pool, pytest.mark.slow]
@@ -233,7 +233,7 @@ def test_interrupted_training_resumes_where_it_stopped(
     cfg.augment.enabled = True
     cache = load_cache(run.cache)
     split = SplitPlan.load(run.splits).splits[0]
-    lungs = read_lungmaps(run.lungmaps, cache.ids, file_sha256(run.segmentation / "best.pt"))
+    lungs = read_lungmaps(run.lungmaps, cache.ids, sha256_file(run.segmentation / "best.pt"))
     assert lungs is not None
     device = torch.device("cpu")
     spec = member_run(cfg, "shufflenet", 0)

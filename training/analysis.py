@@ -1,28 +1,20 @@
-"""Numpy analyses for the report: kNN retrieval, a logistic-regression probe, trivial image
+"""Analyses for the report: kNN retrieval, a logistic-regression probe, trivial image
 features, lung masking for the shortcut audit, and a 2-D projection of embeddings."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
-log = logging.getLogger(__name__)
-
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.manifold import TSNE
+from sklearn.metrics.pairwise import cosine_distances
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 # --------------------------------------------------------------------------- retrieval
-
-
-def cosine_distances(query: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """1 - cosine similarity, [Q,R] (the hnswlib "cosine" space of the bundle index)."""
-
-    def unit(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    return 1.0 - unit(query) @ unit(reference).T
 
 
 @dataclass(frozen=True)
@@ -44,7 +36,8 @@ def knn_vote(
 ) -> KnnResult:
     """k nearest reference images of each query (cosine), their label vote and distances."""
     k = min(k, len(reference))
-    d = cosine_distances(query, reference)
+    # 1 - cosine similarity: the hnswlib "cosine" space of the bundle index
+    d = cosine_distances(np.asarray(query, np.float64), np.asarray(reference, np.float64))
     order = np.argsort(d, axis=1, kind="stable")[:, :k]
     nd = np.take_along_axis(d, order, axis=1)
     labels = np.asarray(ref_labels)[order]
@@ -66,35 +59,13 @@ def knn_vote(
 # --------------------------------------------------------------------------- probes
 
 
-def fit_logistic(
-    x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """L2-regularised logistic regression by Newton's method on standardised features.
-
-    Returns (weights incl. bias, feature mean, feature std) for `predict_logistic`.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-8
-    z = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
-    w = np.zeros(z.shape[1])
-    reg = np.full(z.shape[1], l2)
-    reg[-1] = 0.0  # no penalty on the bias
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -30, 30)))
-        grad = z.T @ (p - y) + reg * w
-        hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(reg + 1e-9)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.max(np.abs(step)) < 1e-8:
-            break
-    return w, mean, std
-
-
-def predict_logistic(model: tuple[np.ndarray, np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray:
-    w, mean, std = model
-    z = np.hstack([(np.asarray(x, dtype=np.float64) - mean) / std, np.ones((len(x), 1))])
-    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z @ w, -30, 30))))
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> Pipeline:
+    """L2-regularised logistic regression on standardised features (bias not penalised):
+    minimises sum(log loss) + l2 / 2 * |w|^2. `predict_proba(x)[:, 1]` scores new rows."""
+    model = make_pipeline(
+        StandardScaler(), LogisticRegression(C=1.0 / l2, tol=1e-10, max_iter=1000)
+    )
+    return model.fit(np.asarray(x, dtype=np.float64), np.asarray(y))
 
 
 def trivial_features(images: np.ndarray, bins: int = 16) -> np.ndarray:
@@ -131,18 +102,14 @@ def replace_region(images: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 
 def project_2d(embeddings: np.ndarray, seed: int, use_tsne: bool = True) -> tuple[np.ndarray, str]:
-    """t-SNE (scikit-learn) of the embeddings, or PCA when t-SNE is unavailable or unsuitable."""
+    """t-SNE of the embeddings, or PCA when t-SNE is switched off or there are under 8."""
     x = np.asarray(embeddings, dtype=np.float64)
     if use_tsne and len(x) >= 8:
-        try:
-            from sklearn.manifold import TSNE
-        except ImportError:
-            log.warning("scikit-learn is not installed: PCA instead of t-SNE")
-        else:
-            perplexity = float(min(30.0, (len(x) - 1) / 3.0))
-            tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-            return np.asarray(tsne.fit_transform(x)), "t-SNE"
-    centred = x - x.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    comps = vt[:2] if len(vt) >= 2 else np.vstack([vt, np.zeros_like(vt)])
-    return centred @ comps.T, "PCA"
+        perplexity = float(min(30.0, (len(x) - 1) / 3.0))
+        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+        return np.asarray(tsne.fit_transform(x)), "t-SNE"
+    components = min(2, *x.shape)
+    points = PCA(n_components=components).fit_transform(x)
+    if components < 2:  # one image or one feature: the second axis is flat
+        points = np.hstack([points, np.zeros((len(x), 2 - components))])
+    return np.asarray(points), "PCA"

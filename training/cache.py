@@ -22,9 +22,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from training.data import DataError, Record, read_display_image, read_mask
+from training.progress import progress
+from worker.atomic import atomic_file
 from worker.preprocess import PreprocessParams, pad_square, preprocess, preprocess_mask
 
 CACHE_FORMAT = 1
@@ -174,11 +175,11 @@ def build_cache(
     jobs = [(r, params, encoding, quality, raw) for r in records]
     results: list[_Encoded | str]
     if workers == 1 or len(jobs) < 32:
-        results = [_prepare_star(job) for job in tqdm(jobs, desc="cache", unit="img", disable=None)]
+        results = [_prepare_star(job) for job in progress(jobs, "cache")]
     else:
         with ProcessPoolExecutor(workers) as pool:
             done = pool.map(_prepare_star, jobs, chunksize=8)
-            results = list(tqdm(done, total=len(jobs), desc="cache", unit="img", disable=None))
+            results = list(progress(done, "cache", total=len(jobs)))
     kept: list[Record] = []
     encoded: list[_Encoded] = []
     skipped: Counter[str] = Counter()
@@ -223,9 +224,8 @@ def build_cache(
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, allow_pickle=False, **arrays)  # the payload is already compressed
-    partial.replace(path)
+    with atomic_file(path) as fh:
+        np.savez(fh, allow_pickle=False, **arrays)  # the payload is already compressed
 
 
 def read_cache_meta(path: Path) -> dict[str, object]:

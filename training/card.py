@@ -6,32 +6,27 @@ their ONNX parity); this text follows it. Built from the evaluation report.
 
 from __future__ import annotations
 
-from typing import Any
-
 from training.config import ExperimentConfig
 from training.report import METRIC_LABELS, ci, member_input_text
-
-Json = dict[str, Any]
+from training.results import Json
+from worker.markdown import markdown_table
 
 #: The target no other can stand in for: the contrast where the source says nothing.
 SAME_SOURCE_TARGET = "same-source ROC AUC >= 0.90"
 
 
 def _table(rows: dict[str, Json], cols: tuple[str, ...] = ("n", "positives")) -> list[str]:
-    lines = [
-        "| | " + " | ".join(cols) + " | " + " | ".join(METRIC_LABELS.values()) + " |",
-        "|---" * (1 + len(cols) + len(METRIC_LABELS)) + "|",
-    ]
-    for key, row in rows.items():
-        est = row.get("estimates", {})
-        lines.append(
-            f"| {key} | "
-            + " | ".join(str(row.get(c, "")) for c in cols)
-            + " | "
-            + " | ".join(ci(est.get(m)) for m in METRIC_LABELS)
-            + " |"
-        )
-    return lines
+    return markdown_table(
+        ["", *cols, *METRIC_LABELS.values()],
+        [
+            [
+                key,
+                *(row.get(c, "") for c in cols),
+                *(ci(row.get("estimates", {}).get(m)) for m in METRIC_LABELS),
+            ]
+            for key, row in rows.items()
+        ],
+    )
 
 
 def summary_lines(report: Json) -> list[str]:
@@ -86,9 +81,7 @@ def card_notes(cfg: ExperimentConfig, report: Json) -> str:
         f" test), stratified by source and label; {len(data['splits'])} random split(s) for the"
         " confidence intervals; the bundle's models come from split 0.",
         "",
-        "| stratum | images |",
-        "|---|---|",
-        *(f"| {k} | {v} |" for k, v in data["strata"].items()),
+        *markdown_table(("stratum", "images"), list(data["strata"].items())),
         "",
         "Licences of the training images (as stated by the sources):",
         "",
@@ -106,9 +99,9 @@ def card_notes(cfg: ExperimentConfig, report: Json) -> str:
         f"Bootstrap over patient groups, {first['samples']} samples x {first['splits']}"
         f" split(s); threshold {report['threshold']['value']:.3f} chosen on validation.",
         "",
-        "| | " + " | ".join(METRIC_LABELS.values()) + " |",
-        "|---" * (1 + len(METRIC_LABELS)) + "|",
-        "| ensemble | " + " | ".join(ci(est.get(m)) for m in METRIC_LABELS) + " |",
+        *markdown_table(
+            ["", *METRIC_LABELS.values()], [["ensemble", *(ci(est.get(m)) for m in METRIC_LABELS)]]
+        ),
         "",
     ]
     ss = report["same_source"]
@@ -170,19 +163,21 @@ def _members_lines(report: Json) -> list[str]:
     members = report.get("members") or {}
     if not members:
         return []
-    lines = [
-        "Members (each alone, test set):",
-        "",
-        "| member | architecture | input | parameters | best epoch | ROC AUC |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, m in members.items():
-        lines.append(
-            f"| {name} | {m.get('architecture')} | {member_input_text(m)} |"
-            f" {m.get('parameters')} | {m.get('best_epoch')} |"
-            f" {ci((m.get('test') or {}).get('roc_auc'))} |"
-        )
-    return [*lines, ""]
+    table = markdown_table(
+        ("member", "architecture", "input", "parameters", "best epoch", "ROC AUC"),
+        [
+            (
+                name,
+                m.get("architecture"),
+                member_input_text(m),
+                m.get("parameters"),
+                m.get("best_epoch"),
+                ci((m.get("test") or {}).get("roc_auc")),
+            )
+            for name, m in members.items()
+        ],
+    )
+    return ["Members (each alone, test set):", "", *table, ""]
 
 
 def _retrieval_lines(report: Json) -> list[str]:
@@ -209,17 +204,19 @@ def _ablation_lines(report: Json) -> list[str]:
         f"Member `{ab['member']}` retrained without each choice, same split, same seed; test"
         " ROC AUC.",
         "",
-        "| variant | ROC AUC | difference vs baseline |",
-        "|---|---|---|",
-        f"| baseline (the recipe as configured) | {ci(ab['baseline'])} | |",
+        *markdown_table(
+            ("variant", "ROC AUC", "difference vs baseline"),
+            [
+                ("baseline (the recipe as configured)", ci(ab["baseline"]), ""),
+                *(
+                    (v["description"], ci(v["auc"]), ci(v["difference_vs_baseline"]))
+                    if "auc" in v
+                    else (v["description"], v.get("note", "n/a"), "")
+                    for v in ab["variants"].values()
+                ),
+            ],
+        ),
     ]
-    for v in ab["variants"].values():
-        if "auc" in v:
-            lines.append(
-                f"| {v['description']} | {ci(v['auc'])} | {ci(v['difference_vs_baseline'])} |"
-            )
-        else:
-            lines.append(f"| {v['description']} | {v.get('note', 'n/a')} | |")
     return [*lines, ""]
 
 
@@ -252,12 +249,11 @@ def _targets(report: Json) -> list[tuple[str, str, bool | None]]:
 
 def target_lines(report: Json) -> list[str]:
     """The release targets, measured: met or not met, never hidden."""
-    lines = ["## Targets", "", "| target | measured | |", "|---|---|---|"]
-    for text, value, ok in _targets(report):
-        lines.append(
-            f"| {text} | {value} | {'n/a' if ok is None else 'met' if ok else 'NOT met'} |"
-        )
-    lines.append("")
+    rows = [
+        (text, value, "n/a" if ok is None else "met" if ok else "NOT met")
+        for text, value, ok in _targets(report)
+    ]
+    lines = ["## Targets", "", *markdown_table(("target", "measured", ""), rows), ""]
     lines.append("Invariance targets: see the Invariance section at the end of the card.")
     return lines
 

@@ -83,11 +83,11 @@ def _cache_and_plan(ctx: Any, data: Path | None) -> tuple[Any, Any]:
 
 def _lungs(ctx: Any, cache: Any, raw: bool = False) -> Any:
     from training.segment import read_lungmaps
-    from training.torchutil import file_sha256
+    from worker.bundle import sha256_file
 
     best = ctx.paths.segmentation / "best.pt"
     path = ctx.paths.lungmaps_raw if raw else ctx.paths.lungmaps
-    maps = read_lungmaps(path, cache.ids, file_sha256(best)) if best.is_file() else None
+    maps = read_lungmaps(path, cache.ids, sha256_file(best)) if best.is_file() else None
     if maps is None:
         raise typer.BadParameter(
             f"no current lung maps in {ctx.paths.root}: run `cxr-train segmentation` first"
@@ -188,17 +188,17 @@ def segmentation_cmd(
 ) -> None:
     """Train the lung U-Net on split 0, report held-out Dice/IoU, compute the lung maps."""
     from training.pipeline import stage_segmentation
-    from training.torchutil import read_json
+    from training.results import SegmentationResult
 
     ctx = _context(config, workdir, cache, device, resume, overrides)
     cache_data, plan = _cache_and_plan(ctx, data)
     stage_segmentation(ctx, cache_data, plan)
-    result = read_json(ctx.paths.segmentation / "result.json")
-    dice = result["test"]["dice"]
+    result = SegmentationResult.read(ctx.paths.segmentation)
+    dice = result.test.dice
     mean = sum(dice) / len(dice) if dice else float("nan")
     console.print(
-        f"U-Net {result['architecture']}: best epoch {result['best_epoch'] + 1}, "
-        f"val Dice {result['val_dice']}, test Dice {mean:.3f} on {len(dice)} held-out masks"
+        f"U-Net {result.architecture}: best epoch {result.best_epoch + 1}, "
+        f"val Dice {result.val_dice}, test Dice {mean:.3f} on {len(dice)} held-out masks"
     )
 
 
@@ -231,10 +231,10 @@ def classifier_cmd(
         raise typer.BadParameter(f"split must be in 0..{len(plan.splits) - 1}")
     lungs = None if variant == NO_SEG else _lungs(ctx, cache_data, raw=variant == NO_PREP)
     result = stage_member(ctx, cache_data, plan, lungs, member, split, variant)
-    val = ", ".join(f"{k} {v:.3f}" for k, v in result["validation"].items() if v is not None)
+    val = ", ".join(f"{k} {v:.3f}" for k, v in result.validation_metrics().items())
     console.print(
-        f"{result['run']['name']} (split {split}): best epoch {result['best_epoch'] + 1},"
-        f" selected on {result['selected_on']}; {val}"
+        f"{result.run.name} (split {split}): best epoch {result.best_epoch + 1},"
+        f" selected on {result.selected_on}; {val}"
     )
 
 

@@ -24,6 +24,14 @@ from training.config import ExperimentConfig
 from training.data import mixed_sources
 from training.layout import NO_PREP, NO_SEG, RunPaths
 from training.report import write_report
+from training.results import (
+    RESULT_FILE,
+    Json,
+    MaskScores,
+    MemberResult,
+    SegmentationResult,
+    StageResult,
+)
 from training.scored import ScoredSet, run_sets
 from training.sections import (
     auc_estimate,
@@ -44,12 +52,11 @@ from training.sections import (
 )
 from training.segment import evaluate_masks, load_unet, predict_lungs
 from training.splits import SplitPlan, check_trained_on
-from training.torchutil import derive_seed, read_json, write_json
+from training.torchutil import derive_seed, write_json
 from worker.model_input import resize_batch
 
 log = logging.getLogger(__name__)
 
-Json = dict[str, Any]
 REPORT_JSON = "report.json"
 
 
@@ -57,12 +64,12 @@ REPORT_JSON = "report.json"
 LoadedMember = tuple[torch.nn.Module, int, float | None, float | None]
 
 
-def _member_results(paths: RunPaths, names: Sequence[str]) -> dict[str, Json]:
+def _member_results(paths: RunPaths, names: Sequence[str]) -> dict[str, MemberResult]:
     out = {}
     for n in names:
-        path = paths.member(0, n) / "result.json"
-        if path.is_file():
-            out[n] = read_json(path)
+        folder = paths.member(0, n)
+        if (folder / RESULT_FILE).is_file():
+            out[n] = MemberResult.read(folder)
     return out
 
 
@@ -98,13 +105,8 @@ def _load_models(
     out: dict[str, LoadedMember] = {}
     for m in cfg.members:
         folder = paths.member(0, m.name)
-        run = read_json(folder / "result.json")["run"]
-        out[m.name] = (
-            load_member(folder).to(device),
-            run["input_size"],
-            run.get("lung_crop"),
-            run.get("lung_mask"),
-        )
+        run = MemberResult.read(folder).run
+        out[m.name] = (load_member(folder).to(device), run.input_size, run.lung_crop, run.lung_mask)
     return out
 
 
@@ -178,7 +180,7 @@ def section_ablation(
         if not (folder / "result.json").is_file():
             out["variants"][variant] = {"description": text, "note": "not trained"}
             continue
-        check_trained_on(read_json(folder / "result.json"), plan.splits[0], f"{name}--{variant}")
+        check_trained_on(StageResult.read(folder), plan.splits[0], f"{name}--{variant}")
         score = read_predictions(folder, ids).probability
         out["variants"][variant] = {
             "description": text,
@@ -192,7 +194,7 @@ def _common_sections(
     cfg: ExperimentConfig,
     tests: list[ScoredSet],
     train0: ScoredSet,
-    member_results: dict[str, Json],
+    member_results: dict[str, MemberResult],
     out_dir: Path,
     with_plots: bool,
 ) -> Json:
@@ -270,11 +272,16 @@ def evaluate_run(
     report.update(
         _common_sections(cfg, sets.tests, sets.train0, member_results, out_dir, with_plots)
     )
-    seg_result_path = paths.segmentation / "result.json"
-    seg_result = read_json(seg_result_path) if seg_result_path.is_file() else None
+    seg_result = (
+        SegmentationResult.read(paths.segmentation)
+        if (paths.segmentation / RESULT_FILE).is_file()
+        else None
+    )
     if seg_result is not None:
         check_trained_on(seg_result, plan.splits[0], "the U-Net")
-    report["segmentation"] = section_segmentation(seg_result, b, seed)
+    report["segmentation"] = section_segmentation(
+        seg_result.test if seg_result else None, seg_result, b, seed
+    )
     report["ablation"] = (
         section_ablation(cfg, paths, cache, plan, b, seed)
         if cfg.ablation.enabled
@@ -369,18 +376,14 @@ def evaluate_external(
             device,
         )
         recs = [external.records[r] for r in rows]
-        report["segmentation"] = section_segmentation(
-            {
-                "test": {
-                    "dice": dice.tolist(),
-                    "iou": iou.tolist(),
-                    "groups": [r.patient_group for r in recs],
-                    "sources": [r.source for r in recs],
-                }
-            },
-            b,
-            seed,
+        masks = MaskScores(
+            ids=[r.id for r in recs],
+            groups=[r.patient_group for r in recs],
+            sources=[r.source for r in recs],
+            dice=dice.tolist(),
+            iou=iou.tolist(),
         )
+        report["segmentation"] = section_segmentation(masks, None, b, seed)
     else:
         report["segmentation"] = {"note": "the external CSV has no lung masks"}
     report["ablation"] = {"note": "ablation members are evaluated in the run's internal report"}

@@ -52,6 +52,7 @@ from worker.inference import (
     member_input,
     resize_batch,
 )
+from worker.markdown import markdown_table
 from worker.preprocess import PreprocessParams, to_model_input
 
 OPSET = 17
@@ -282,21 +283,35 @@ def _model_card(
         f"- preprocessing: {manifest.preprocessing.model_dump()}",
         f"- member input channels: {', '.join(MEMBER_CHANNELS)}",
         "",
-        "| model | architecture | input | parameters | ONNX parity | validation |",
-        "|---|---|---|---|---|---|",
     ]
-    for m in manifest.members:
-        metrics = ", ".join(f"{k} {v:.3f}" for k, v in m.validation_metrics.items()) or "none"
-        lines.append(
-            f"| {m.name} | {m.architecture} | {member_input_text(m.model_dump())} |"
-            f" {parameters[m.file]:,}"
-            f" | {parity[m.file]:.2e} | {metrics} |"
-        )
+
+    def validation(metrics: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or "none"
+
     seg = manifest.segmentation
-    metrics = ", ".join(f"{k} {v:.3f}" for k, v in seg.validation_metrics.items()) or "none"
-    lines.append(
-        f"| segmentation | {seg.architecture} | {seg.input_size} |"
-        f" {parameters[seg.file]:,} | {parity[seg.file]:.2e} | {metrics} |"
+    rows: list[tuple[object, ...]] = [
+        (
+            m.name,
+            m.architecture,
+            member_input_text(m.model_dump()),
+            f"{parameters[m.file]:,}",
+            f"{parity[m.file]:.2e}",
+            validation(m.validation_metrics),
+        )
+        for m in manifest.members
+    ]
+    rows.append(
+        (
+            "segmentation",
+            seg.architecture,
+            seg.input_size,
+            f"{parameters[seg.file]:,}",
+            f"{parity[seg.file]:.2e}",
+            validation(seg.validation_metrics),
+        )
+    )
+    lines += markdown_table(
+        ("model", "architecture", "input", "parameters", "ONNX parity", "validation"), rows
     )
     idx = manifest.index
     lines += [

@@ -12,20 +12,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
 from training.data import Record, read_display_image
 from training.metrics import roc_auc
+from training.results import Json
 from worker.bundle import load_bundle
 from worker.inference import Ensemble
+from worker.markdown import markdown_table
 from worker.preprocess import preprocess
 
 log = logging.getLogger(__name__)
 
-Json = dict[str, Any]
 
 #: The score change the issue allows on average, and the per-image change counted as large.
 MEAN_CHANGE_LIMIT = 0.05
@@ -150,18 +150,23 @@ def invariance_lines(result: Json) -> list[str]:
         " preprocessed and scored through the served path (`worker.inference.Ensemble`)."
         f" Target: mean |score change| < {result['limit_mean_abs_change']}.",
         "",
-        "| alteration | mean abs change | median | p95 | max | > 0.05 | > 0.2 | AUC after |"
-        " target |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, s in result["alterations"].items():
-        auc = "n/a" if s.get("auc_altered") is None else f"{s['auc_altered']:.3f}"
-        lines.append(
-            f"| {key}: {s['description']} | {s['mean_abs_change']:.4f} | {s['median']:.4f} |"
-            f" {s['p95']:.4f} | {s['max']:.4f} | {100 * s['fraction_over_0.05']:.1f}% |"
-            f" {100 * s['fraction_over_0.2']:.1f}% | {auc} |"
-            f" {'met' if s['meets_target'] else 'NOT met'} |"
+    rows = [
+        (
+            f"{key}: {s['description']}",
+            f"{s['mean_abs_change']:.4f}",
+            f"{s['median']:.4f}",
+            f"{s['p95']:.4f}",
+            f"{s['max']:.4f}",
+            f"{100 * s['fraction_over_0.05']:.1f}%",
+            f"{100 * s['fraction_over_0.2']:.1f}%",
+            "n/a" if s.get("auc_altered") is None else f"{s['auc_altered']:.3f}",
+            "met" if s["meets_target"] else "NOT met",
         )
+        for key, s in result["alterations"].items()
+    ]
+    header = ("alteration", "mean abs change", "median", "p95", "max", "> 0.05", "> 0.2")
+    lines += markdown_table((*header, "AUC after", "target"), rows)
     if result.get("auc_original") is not None:
         lines += ["", f"AUC of the unaltered images on this path: {result['auc_original']:.3f}."]
     return lines

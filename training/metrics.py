@@ -1,8 +1,8 @@
-"""Binary classification metrics and bootstrap confidence intervals (numpy only).
+"""Binary classification metrics (scikit-learn) and bootstrap confidence intervals.
 
-Positive class = COVID-19 (label 1), score = its probability. Definitions match scikit-learn
-(`roc_auc_score`, `average_precision_score`, `roc_curve`, `precision_recall_curve`); the tests
-compare them. Metrics that are undefined on the data (an AUC with one class present) are NaN.
+Positive class = COVID-19 (label 1), score = its probability. Metrics that are undefined on the
+data (an AUC with one class present) are NaN rather than an error or a warning, so a bootstrap
+resample that draws one class only drops out of the interval.
 
 Confidence intervals: percentile bootstrap, resampling patient groups (images of one patient
 are not independent), pooled over K splits when several are given (the paper: 10 x 100).
@@ -10,10 +10,11 @@ are not independent), pooled over K splits when several are given (the paper: 10
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
@@ -30,98 +31,31 @@ def _check(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def confusion(y: np.ndarray, predicted: np.ndarray) -> tuple[int, int, int, int]:
     """(tn, fp, fn, tp)."""
-    y = np.asarray(y).astype(bool)
-    p = np.asarray(predicted).astype(bool)
-    return (
-        int((~y & ~p).sum()),
-        int((~y & p).sum()),
-        int((y & ~p).sum()),
-        int((y & p).sum()),
+    cm = confusion_matrix(
+        np.asarray(y).astype(bool), np.asarray(predicted).astype(bool), labels=[False, True]
     )
+    tn, fp, fn, tp = (int(v) for v in cm.ravel())
+    return tn, fp, fn, tp
 
 
 def _ratio(a: int, b: int) -> float:
     return a / b if b else float("nan")
 
 
-def accuracy(y: np.ndarray, predicted: np.ndarray) -> float:
-    tn, fp, fn, tp = confusion(y, predicted)
-    return _ratio(tn + tp, tn + fp + fn + tp)
-
-
-def sensitivity(y: np.ndarray, predicted: np.ndarray) -> float:
-    _, _, fn, tp = confusion(y, predicted)
-    return _ratio(tp, tp + fn)
-
-
-def specificity(y: np.ndarray, predicted: np.ndarray) -> float:
-    tn, fp, _, _ = confusion(y, predicted)
-    return _ratio(tn, tn + fp)
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties given their average rank."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    boundaries = np.flatnonzero(np.diff(sorted_values)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(values)]])
-    average = (starts + ends + 1) / 2.0  # mean of 1-based ranks start+1..end
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.repeat(average, ends - starts)
-    return ranks
-
-
 def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg), ties count one half)."""
+    """Area under the ROC curve; NaN when one class is missing."""
     y, score = _check(y, score)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if y.min() == y.max():
         return float("nan")
-    rank_sum = _ranks(score)[y == 1].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def _distinct_thresholds(
-    y: np.ndarray, score: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cumulative (false positives, true positives) at each distinct score, descending."""
-    order = np.argsort(-score, kind="mergesort")
-    s, t = score[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tps = np.cumsum(t)[last]
-    fps = (last + 1) - tps
-    return fps.astype(np.float64), tps.astype(np.float64), s[last]
-
-
-def roc_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds), starting at (0, 0) with threshold +inf, one point per score."""
-    y, score = _check(y, score)
-    fps, tps, thresholds = _distinct_thresholds(y, score)
-    fpr = np.r_[0.0, fps / fps[-1] if fps[-1] else np.full_like(fps, np.nan)]
-    tpr = np.r_[0.0, tps / tps[-1] if tps[-1] else np.full_like(tps, np.nan)]
-    return fpr, tpr, np.r_[np.inf, thresholds]
-
-
-def precision_recall_curve(
-    y: np.ndarray, score: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(precision, recall, thresholds) in increasing threshold order, ending at (1, 0)."""
-    y, score = _check(y, score)
-    fps, tps, thresholds = _distinct_thresholds(y, score)
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1] if tps[-1] else np.full_like(tps, np.nan)
-    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thresholds[::-1]
+    return float(roc_auc_score(y, score))
 
 
 def average_precision(y: np.ndarray, score: np.ndarray) -> float:
-    """PR AUC as average precision: sum over thresholds of (R_n - R_n-1) P_n."""
+    """PR AUC as average precision; NaN without a positive."""
     y, score = _check(y, score)
-    if y.sum() == 0:
+    if not y.any():
         return float("nan")
-    precision, recall, _ = precision_recall_curve(y, score)
-    return float(-np.sum(np.diff(recall) * precision[:-1]))
+    return float(average_precision_score(y, score))
 
 
 def youden_threshold(y: np.ndarray, score: np.ndarray, fallback: float = 0.5) -> float:
@@ -130,9 +64,10 @@ def youden_threshold(y: np.ndarray, score: np.ndarray, fallback: float = 0.5) ->
     `fallback` when the scores do not separate the classes at all (J <= 0 everywhere, e.g.
     all scores tied) or one class is missing: no threshold is better than another then.
     """
-    fpr, tpr, thresholds = roc_curve(y, score)
-    if np.isnan(fpr).any() or np.isnan(tpr).any():
+    y, score = _check(y, score)
+    if y.min() == y.max():
         return fallback
+    fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
     j = tpr - fpr
     best = int(np.argmax(j))
     if j[best] <= 0:
@@ -140,11 +75,7 @@ def youden_threshold(y: np.ndarray, score: np.ndarray, fallback: float = 0.5) ->
     return float(min(thresholds[best], 1.0))
 
 
-THRESHOLD_METRICS: dict[str, MetricFn] = {
-    "accuracy": accuracy,
-    "sensitivity": sensitivity,
-    "specificity": specificity,
-}
+THRESHOLD_METRICS: tuple[str, ...] = ("accuracy", "sensitivity", "specificity")
 SCORE_METRICS: dict[str, MetricFn] = {"roc_auc": roc_auc, "pr_auc": average_precision}
 METRICS: tuple[str, ...] = (*THRESHOLD_METRICS, *SCORE_METRICS)
 
@@ -152,8 +83,12 @@ METRICS: tuple[str, ...] = (*THRESHOLD_METRICS, *SCORE_METRICS)
 def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
     """accuracy, sensitivity, specificity at `threshold` (score >= threshold is positive), AUCs."""
     y, score = _check(y, score)
-    predicted = score >= threshold
-    out = {name: fn(y, predicted) for name, fn in THRESHOLD_METRICS.items()}
+    tn, fp, fn, tp = confusion(y, score >= threshold)
+    out = {
+        "accuracy": _ratio(tn + tp, tn + fp + fn + tp),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+    }
     out.update({name: fn(y, score) for name, fn in SCORE_METRICS.items()})
     return out
 
@@ -278,13 +213,3 @@ def estimate_one(
     values = np.array([fn(idx) for idx in bootstrap_indices(n, groups, samples, rng)])
     low, high = percentile_ci(values)
     return Estimate(float(value), low, high, 1, samples)
-
-
-def metrics_table(
-    rows: Mapping[str, Mapping[str, Estimate]], names: Sequence[str] = METRICS
-) -> list[str]:
-    """Markdown table: one row per key, one column per metric."""
-    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for key, est in rows.items():
-        lines.append(f"| {key} | " + " | ".join(est[n].text() for n in names) + " |")
-    return lines

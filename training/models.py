@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 import torchvision
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from worker.classes import CxrClass
 
@@ -222,19 +223,11 @@ def calibrate_batchnorm(module: nn.Module, inputs: torch.Tensor, batch_size: int
     A randomly initialised network in eval mode (running mean 0, variance 1) maps all inputs
     to nearly the same output. With statistics from real-looking inputs, each layer is
     normalised again and outputs vary with the input, which the plumbing tests need.
+    `update_bn` (reset, cumulative average in train mode) over `inputs` in batches; the module
+    is left in eval mode, ready to export.
     """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over all batches
-    module.train()
-    with torch.no_grad():
-        for start in range(0, inputs.shape[0], batch_size):
-            module(inputs[start : start + batch_size])
+    update_bn(inputs.split(batch_size), module)
     module.eval()
-    for norm, momentum in zip(norms, momenta, strict=True):
-        norm.momentum = momentum
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -24,12 +24,12 @@ from training.cache import Cache, build_cache, cache_key, load_cache, read_cache
 from training.config import ExperimentConfig, expand
 from training.data import LabelMap, Record, read_dataset, subsample
 from training.layout import NO_PREP, NO_SEG, RunPaths
+from training.results import Json, MemberResult
 from training.splits import SplitPlan, check_no_leakage, make_plan
-from training.torchutil import file_sha256, write_json
+from training.torchutil import write_json
+from worker.bundle import sha256_file
 
 log = logging.getLogger(__name__)
-
-Json = dict[str, Any]
 
 
 @dataclass
@@ -200,7 +200,7 @@ def stage_segmentation(
 
     device = ctx.device()
     train_segmentation(ctx.cfg, cache, plan.splits[0], ctx.paths.segmentation, device, ctx.resume)
-    unet_sha = file_sha256(ctx.paths.segmentation / "best.pt")
+    unet_sha = sha256_file(ctx.paths.segmentation / "best.pt")
     size = ctx.cfg.segmentation.input_size
     maps: list[np.ndarray | None] = []
     for path, images in ((ctx.paths.lungmaps, cache.images), (ctx.paths.lungmaps_raw, cache.raw)):
@@ -225,11 +225,11 @@ def stage_member(
     name: str,
     split: int = 0,
     variant: str | None = None,
-) -> Json:
+) -> MemberResult:
     from training.classify import member_run, train_member
 
     run = member_run(ctx.cfg, name, split, variant, checkpoint_base=ctx.base)
-    return train_member(
+    result = train_member(
         run,
         ctx.cfg,
         cache,
@@ -239,6 +239,7 @@ def stage_member(
         ctx.device(),
         ctx.resume,
     )
+    return MemberResult.model_validate(result)
 
 
 def stage_members(

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from training.metrics import precision_recall_curve, roc_curve
+from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve
 
 
 def available() -> bool:
@@ -71,15 +70,12 @@ def pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
 
 def confusion(counts: tuple[int, int, int, int], labels: Sequence[str], path: Path) -> Path:
     tn, fp, fn, tp = counts
-    matrix = np.array([[tn, fp], [fn, tp]])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=14)
-    ax.set_xticks([0, 1], labels=[f"pred {label}" for label in labels])
-    ax.set_yticks([0, 1], labels=[f"true {label}" for label in labels])
-    ax.set_title("Confusion matrix (test, split 0)")
+    ConfusionMatrixDisplay(np.array([[tn, fp], [fn, tp]]), display_labels=list(labels)).plot(
+        ax=ax, cmap="Blues", colorbar=False, text_kw={"fontsize": 14}
+    )
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test, split 0)")
     return _save(fig, path)
 
 

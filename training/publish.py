@@ -20,7 +20,6 @@ import logging
 import shutil
 from math import nan
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -46,6 +45,7 @@ from training.layout import RunPaths
 from training.metrics import roc_auc
 from training.models import count_parameters
 from training.report import EXPORT_JSON, write_report
+from training.results import Json, MemberResult, SegmentationResult
 from training.segment import load_unet
 from training.splits import SplitPlan
 from training.torchutil import read_json, write_json
@@ -54,7 +54,6 @@ from worker.inference import Ensemble
 
 log = logging.getLogger(__name__)
 
-Json = dict[str, Any]
 #: Training images whose activations calibrate the int8 variant.
 INT8_CALIBRATION_IMAGES = 64
 #: hnswlib stores, per item, the vector, a label and about 2*M links of 4 bytes on level 0.
@@ -181,21 +180,20 @@ def export_run(
     report = read_json(report_path)
     split = plan.splits[0]
     unet = load_unet(paths.segmentation)
-    seg_result = read_json(paths.segmentation / "result.json")
+    seg_result = SegmentationResult.read(paths.segmentation)
     members: list[MemberExport] = []
     for m in cfg.members:
         folder = paths.member(0, m.name)
-        trained = read_json(folder / "result.json")
-        metrics = {k: float(v) for k, v in trained["validation"].items() if v is not None}
-        run = trained["run"]  # the input it was trained on
+        trained = MemberResult.read(folder)
+        run = trained.run  # the input it was trained on
         members.append(
             MemberExport(
                 m.name,
                 load_member(folder),
-                run["input_size"],
-                metrics,
-                lung_crop=run.get("lung_crop"),
-                lung_mask=run.get("lung_mask"),
+                run.input_size,
+                trained.validation_metrics(),
+                lung_crop=run.lung_crop,
+                lung_mask=run.lung_mask,
             )
         )
     params = cache.params
@@ -228,7 +226,9 @@ def export_run(
         for r in ref_rows
     ]
     seg_metrics = {
-        k: float(seg_result[k]) for k in ("val_dice", "val_iou") if seg_result.get(k) is not None
+        k: float(v)
+        for k, v in (("val_dice", seg_result.val_dice), ("val_iou", seg_result.val_iou))
+        if v is not None
     }
     if report.get("segmentation", {}).get("dice"):
         seg_metrics["test_dice"] = float(report["segmentation"]["dice"]["value"])

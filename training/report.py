@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-Json = dict[str, Any]
+from training.results import Json
+from worker.markdown import markdown_table
 
 REPORT_MD = "report.md"
 EXPORT_JSON = "export.json"
@@ -80,11 +81,15 @@ def _cases_lines(cases: Json) -> list[str]:
         " model. `tests/test_default_bundle.py` takes its clear cases from the first two"
         " lists.",
         "",
-        "| list | id | source | score |",
-        "|---|---|---|---|",
+        *markdown_table(
+            ("list", "id", "source", "score"),
+            [
+                (title, c["id"], c["source"], _num(c["score"]))
+                for key, title in titles.items()
+                for c in cases[key]
+            ],
+        ),
     ]
-    for key, title in titles.items():
-        out += [f"| {title} | {c['id']} | {c['source']} | {_num(c['score'])} |" for c in cases[key]]
     return [*out, ""]
 
 
@@ -102,14 +107,17 @@ def _sci(v: Any) -> str:
 
 def _metric_rows(rows: Mapping[str, Json], prefix_cols: tuple[str, ...] = ()) -> list[str]:
     header = ["", *prefix_cols, *METRIC_LABELS.values()]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, row in rows.items():
-        est = row.get("estimates", {})
-        extra = [str(row.get(c, "")) for c in prefix_cols]
-        lines.append(
-            "| " + " | ".join([key, *extra, *(ci(est.get(m)) for m in METRIC_LABELS)]) + " |"
-        )
-    return lines
+    return markdown_table(
+        header,
+        [
+            [
+                key,
+                *(row.get(c, "") for c in prefix_cols),
+                *(ci(row.get("estimates", {}).get(m)) for m in METRIC_LABELS),
+            ]
+            for key, row in rows.items()
+        ],
+    )
 
 
 def _figure(name: str | None, alt: str) -> list[str]:
@@ -141,19 +149,23 @@ def render(report: Json, export: Json | None) -> str:
             f"{d['images']} images, {d['patient_groups']} patient groups, from `{d.get('csv')}`"
             f" ({d.get('load_summary')}).",
             "",
-            "| stratum | images |",
-            "|---|---|",
-            *(f"| {k} | {v} |" for k, v in d["strata"].items()),
+            *markdown_table(("stratum", "images"), list(d["strata"].items())),
             "",
-            "| split | train | val | test | groups (train/val/test) |",
-            "|---|---|---|---|---|",
+            *markdown_table(
+                ("split", "train", "val", "test", "groups (train/val/test)"),
+                [
+                    [
+                        s["split"],
+                        *(
+                            ", ".join(f"{k} {v}" for k, v in s[w].items())
+                            for w in ("train", "val", "test")
+                        ),
+                        f"{s['train_groups']}/{s['val_groups']}/{s['test_groups']}",
+                    ]
+                    for s in d["splits"]
+                ],
+            ),
         ]
-        for s in d["splits"]:
-            cells = [
-                ", ".join(f"{k} {v}" for k, v in s[w].items()) for w in ("train", "val", "test")
-            ]
-            groups = f"{s['train_groups']}/{s['val_groups']}/{s['test_groups']}"
-            out.append(f"| {s['split']} | " + " | ".join(cells) + f" | {groups} |")
         out += ["", "Patient groups never cross sets (checked for every split)."]
         if r.get("splits_missing"):
             out.append(f"Splits without trained ensembles (left out of CIs): {r['splits_missing']}")
@@ -195,22 +207,40 @@ def render(report: Json, export: Json | None) -> str:
     else:
         out += [ss.get("note", "n/a"), ""]
     # -- members
+    members = []
+    for name, m in r["members"].items():
+        members.append(
+            (
+                name,
+                m.get("architecture"),
+                member_input_text(m),
+                f"{m['parameters']:,}" if m.get("parameters") else "n/a",
+                m.get("selected_on"),
+                m.get("best_epoch"),
+                ", ".join(f"{k} {_num(v)}" for k, v in m.get("validation", {}).items()),
+                ci(m["test"].get("roc_auc")),
+                ci(m["test"].get("pr_auc")),
+            )
+        )
     out += [
         "## Ensemble members",
         "",
-        "| member | architecture | input | parameters | selected on "
-        "| best epoch | validation | test ROC AUC | test PR AUC |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(
+            (
+                "member",
+                "architecture",
+                "input",
+                "parameters",
+                "selected on",
+                "best epoch",
+                "validation",
+                "test ROC AUC",
+                "test PR AUC",
+            ),
+            members,
+        ),
+        "",
     ]
-    for name, m in r["members"].items():
-        val = ", ".join(f"{k} {_num(v)}" for k, v in m.get("validation", {}).items())
-        params = f"{m['parameters']:,}" if m.get("parameters") else "n/a"
-        out.append(
-            f"| {name} | {m.get('architecture')} | {member_input_text(m)} | {params} | "
-            f"{m.get('selected_on')} | {m.get('best_epoch')} | {val} |"
-            f" {ci(m['test'].get('roc_auc'))} | {ci(m['test'].get('pr_auc'))} |"
-        )
-    out.append("")
     # -- curves
     c = r["curves"]
     cm = c["confusion"]
@@ -253,10 +283,10 @@ def render(report: Json, export: Json | None) -> str:
         f" test set ({k['queries']} images), {k['space']}. Vote = majority label of the k"
         " neighbours (ties: the nearest one).",
         "",
-        "| vote accuracy | vote sensitivity | vote specificity | vote-fraction AUC |",
-        "|---|---|---|---|",
-        f"| {ci(est['accuracy'])} | {ci(est['sensitivity'])} | {ci(est['specificity'])} |"
-        f" {ci(est['vote_auc'])} |",
+        *markdown_table(
+            ("vote accuracy", "vote sensitivity", "vote specificity", "vote-fraction AUC"),
+            [[ci(est[m]) for m in ("accuracy", "sensitivity", "specificity", "vote_auc")]],
+        ),
         "",
         f"Neighbours sharing the query's label: {k['neighbours_same_label']:.3f}. Mean distance"
         f" within class {_num(k['distance_within_class'])}, across classes"
@@ -286,11 +316,9 @@ def render(report: Json, export: Json | None) -> str:
             f" scores, averaged over the splits that held each image in test). Spearman"
             f" correlation of score and days among COVID-19 images: {_num(dy['spearman_covid'])}.",
             "",
-            "| days | images | covid | mean score |",
-            "|---|---|---|---|",
-            *(
-                f"| {b['days']} | {b['n']} | {b['covid']} | {_num(b['mean_score'])} |"
-                for b in dy["bins"]
+            *markdown_table(
+                ("days", "images", "covid", "mean score"),
+                [(b["days"], b["n"], b["covid"], _num(b["mean_score"])) for b in dy["bins"]],
             ),
             "",
             *_figure(dy.get("figures", {}).get("days"), "score vs days"),
@@ -313,11 +341,12 @@ def render(report: Json, export: Json | None) -> str:
             f"- Dice {ci(sg['dice'])}",
             f"- IoU {ci(sg['iou'])}",
             "",
-            "| source | masks | Dice | IoU |",
-            "|---|---|---|---|",
-            *(
-                f"| {s} | {v['n']} | {v['dice']:.3f} | {v['iou']:.3f} |"
-                for s, v in sg["per_source"].items()
+            *markdown_table(
+                ("source", "masks", "Dice", "IoU"),
+                [
+                    (s, v["n"], f"{v['dice']:.3f}", f"{v['iou']:.3f}")
+                    for s, v in sg["per_source"].items()
+                ],
             ),
             "",
         ]
@@ -331,17 +360,19 @@ def render(report: Json, export: Json | None) -> str:
             f"Member `{ab['member']}` retrained on split 0 under each condition; test ROC AUC,"
             " and the paired bootstrap difference from the baseline.",
             "",
-            "| condition | ROC AUC | difference vs baseline |",
-            "|---|---|---|",
-            f"| baseline (the recipe as configured) | {ci(ab['baseline'])} | |",
+            *markdown_table(
+                ("condition", "ROC AUC", "difference vs baseline"),
+                [
+                    ("baseline (the recipe as configured)", ci(ab["baseline"]), ""),
+                    *(
+                        (v["description"], ci(v["auc"]), ci(v["difference_vs_baseline"]))
+                        if "auc" in v
+                        else (v["description"], v.get("note"), "")
+                        for v in ab["variants"].values()
+                    ),
+                ],
+            ),
         ]
-        for v in ab["variants"].values():
-            if "auc" in v:
-                out.append(
-                    f"| {v['description']} | {ci(v['auc'])} | {ci(v['difference_vs_baseline'])} |"
-                )
-            else:
-                out.append(f"| {v['description']} | {v.get('note')} | |")
         out += ["", *_figure(ab.get("figure"), "ablation")]
     else:
         out += [ab.get("note", "n/a"), ""]
@@ -357,28 +388,39 @@ def render(report: Json, export: Json | None) -> str:
         f"Lung region: U-Net map >= 0.5, {lm['lung_fraction']:.1%} of the pixels; replaced by"
         " each image's mean gray.",
         "",
-        "| input | ensemble ROC AUC |",
-        "|---|---|",
-        f"| original | {ci(lm['original'])} |",
-        f"| lungs masked out | {ci(lm['lungs_masked_out'])} |",
-        f"| everything but the lungs masked out | {ci(lm['lungs_only'])} |",
+        *markdown_table(
+            ("input", "ensemble ROC AUC"),
+            [
+                ("original", ci(lm["original"])),
+                ("lungs masked out", ci(lm["lungs_masked_out"])),
+                ("everything but the lungs masked out", ci(lm["lungs_only"])),
+            ],
+        ),
         "",
     ]
     if "source_from_embeddings" in sa:
         out += [
             "Probes (logistic regression fitted on the split-0 training set, AUC on test):",
             "",
-            "| probe | target | ROC AUC |",
-            "|---|---|---|",
+            *markdown_table(
+                ("probe", "target", "ROC AUC"),
+                [
+                    *(
+                        ("embeddings -> source", f"{s} vs rest", ci(e2))
+                        for s, e2 in sa["source_from_embeddings"].items()
+                    ),
+                    *(
+                        ("trivial image features -> source", f"{s} vs rest", ci(e2))
+                        for s, e2 in sa["source_from_trivial_features"].items()
+                    ),
+                    (
+                        "trivial image features -> label",
+                        "covid vs negative",
+                        ci(sa["label_from_trivial_features"]),
+                    ),
+                ],
+            ),
         ]
-        for s, e2 in sa["source_from_embeddings"].items():
-            out.append(f"| embeddings -> source | {s} vs rest | {ci(e2)} |")
-        for s, e2 in sa["source_from_trivial_features"].items():
-            out.append(f"| trivial image features -> source | {s} vs rest | {ci(e2)} |")
-        out.append(
-            f"| trivial image features -> label | covid vs negative |"
-            f" {ci(sa['label_from_trivial_features'])} |"
-        )
         out += [
             "",
             "Trivial features: intensity histogram, brightness, contrast, dark borders,"
@@ -396,11 +438,12 @@ def render(report: Json, export: Json | None) -> str:
             f"Bundle `{export['bundle']}`: {export['total_mb']:.1f} MB (limit"
             f" {export['max_bundle_mb']:.0f} MB), device UID {export['device_uid']}.",
             "",
-            "| file | MB | ONNX parity (max abs diff, fp32) |",
-            "|---|---|---|",
-            *(
-                f"| {f} | {mb:.2f} | {_sci(export['parity'][f]) if f in export['parity'] else ''} |"
-                for f, mb in export["sizes_mb"].items()
+            *markdown_table(
+                ("file", "MB", "ONNX parity (max abs diff, fp32)"),
+                [
+                    (f, f"{mb:.2f}", _sci(export["parity"][f]) if f in export["parity"] else "")
+                    for f, mb in export["sizes_mb"].items()
+                ],
             ),
             "",
             f"Bundle served through the worker's ONNX path on the split-0 test set: ROC AUC"
@@ -408,19 +451,33 @@ def render(report: Json, export: Json | None) -> str:
             "",
         ]
         if export.get("variants"):
-            out += [
-                "| variant | MB | ROC AUC | change vs fp32 | same-source AUC | change |"
-                " max score change | calls changed | note |",
-                "|---|---|---|---|---|---|---|---|---|",
-            ]
-            for name, v in export["variants"].items():
-                out.append(
-                    f"| {name} | {_num(v.get('total_mb'), 1)} | {_num(v.get('auc'))} |"
-                    f" {_num(v.get('auc_change'), 4)} | {_num(v.get('same_source_auc'))} |"
-                    f" {_num(v.get('same_source_auc_change'), 4)} |"
-                    f" {_sci(v.get('max_score_change'))} | {v.get('calls_changed', 'n/a')} |"
-                    f" {v.get('note', '')} |"
-                )
+            out += markdown_table(
+                (
+                    "variant",
+                    "MB",
+                    "ROC AUC",
+                    "change vs fp32",
+                    "same-source AUC",
+                    "change",
+                    "max score change",
+                    "calls changed",
+                    "note",
+                ),
+                [
+                    (
+                        name,
+                        _num(v.get("total_mb"), 1),
+                        _num(v.get("auc")),
+                        _num(v.get("auc_change"), 4),
+                        _num(v.get("same_source_auc")),
+                        _num(v.get("same_source_auc_change"), 4),
+                        _sci(v.get("max_score_change")),
+                        v.get("calls_changed", "n/a"),
+                        v.get("note", ""),
+                    )
+                    for name, v in export["variants"].items()
+                ],
+            )
             out += [
                 "",
                 "An AUC change on a small test set follows the order of near-equal scores; the"

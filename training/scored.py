@@ -14,8 +14,8 @@ from training.config import ExperimentConfig
 from training.data import Record
 from training.layout import RunPaths
 from training.metrics import SplitScores, youden_threshold
+from training.results import StageResult
 from training.splits import SplitPlan, check_trained_on
-from training.torchutil import read_json
 
 
 @dataclass
@@ -121,7 +121,7 @@ def run_sets(cfg: ExperimentConfig, paths: RunPaths, cache: Cache, plan: SplitPl
             continue
         folders = {n: paths.member(k, n) for n in names}
         for n, folder in folders.items():
-            check_trained_on(read_json(folder / "result.json"), split, f"member {n} (split {k})")
+            check_trained_on(StageResult.read(folder), split, f"member {n} (split {k})")
         val = scored_from_predictions(folders, cache, split.val, k, cfg.embedding_member)
         test = scored_from_predictions(folders, cache, split.test, k, cfg.embedding_member)
         val.threshold = test.threshold = choose_threshold(cfg, val)

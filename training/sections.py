@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from training import plots
-from training.analysis import fit_logistic, knn_vote, predict_logistic, project_2d
+from training.analysis import fit_logistic, knn_vote, project_2d
 from training.data import Record, mixed_sources, stratum
 from training.metrics import (
     METRICS,
@@ -27,10 +28,9 @@ from training.metrics import (
     estimates,
     roc_auc,
 )
+from training.results import Json, MaskScores, MemberResult, SegmentationResult
 from training.scored import ScoredSet
 from worker.classes import CLASS_MAP
-
-Json = dict[str, Any]
 
 
 def _est(e: dict[str, Estimate]) -> Json:
@@ -119,22 +119,23 @@ def section_same_source(
 
 
 def section_members(
-    tests: Sequence[ScoredSet], member_results: dict[str, Json], samples: int, seed: int
+    tests: Sequence[ScoredSet], member_results: dict[str, MemberResult], samples: int, seed: int
 ) -> Json:
     out: Json = {}
     for name in tests[0].members:
         parts = [t.split_scores(name) for t in tests]
-        res = member_results.get(name, {})
+        res = member_results.get(name)
+        run = res.run if res else None
         out[name] = {
             "test": _est(estimates(parts, samples, seed)),
-            "validation": res.get("validation", {}),
-            "selected_on": res.get("selected_on"),
-            "best_epoch": res.get("best_epoch"),
-            "architecture": res.get("run", {}).get("architecture"),
-            "input_size": res.get("run", {}).get("input_size"),
-            "lung_crop": res.get("run", {}).get("lung_crop"),
-            "lung_mask": res.get("run", {}).get("lung_mask"),
-            "parameters": res.get("parameters"),
+            "validation": res.validation if res else {},
+            "selected_on": res.selected_on if res else None,
+            "best_epoch": res.best_epoch if res else None,
+            "architecture": run.architecture if run else None,
+            "input_size": run.input_size if run else None,
+            "lung_crop": run.lung_crop if run else None,
+            "lung_mask": run.lung_mask if run else None,
+            "parameters": res.parameters if res else None,
         }
     return out
 
@@ -289,13 +290,10 @@ def section_groups(
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 3:
+    """Rank correlation, ties given their average rank; NaN when undefined."""
+    if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
         return float("nan")
-    ra = np.argsort(np.argsort(a)).astype(np.float64)
-    rb = np.argsort(np.argsort(b)).astype(np.float64)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 DAY_BINS: tuple[tuple[float, float, str], ...] = (
@@ -345,29 +343,31 @@ def section_days(tests: Sequence[ScoredSet], out_dir: Path, with_plots: bool) ->
     }
 
 
-def section_segmentation(result: Json | None, samples: int, seed: int) -> Json:
-    if result is None:
+def section_segmentation(
+    masks: MaskScores | None, unet: SegmentationResult | None, samples: int, seed: int
+) -> Json:
+    """Dice and IoU on held-out `masks`; `unet` (the training result) describes the model."""
+    if masks is None:
         return {"note": "no segmentation result"}
-    test = result["test"]
-    dice, iou = np.array(test["dice"]), np.array(test["iou"])
+    dice, iou = np.array(masks.dice), np.array(masks.iou)
     out: Json = {
-        "architecture": result.get("architecture"),
-        "parameters": result.get("parameters"),
-        "input_size": result.get("input_size"),
-        "train_masks": result.get("train_masks"),
-        "val_masks": result.get("val_masks"),
-        "val_dice": result.get("val_dice"),
+        "architecture": unet.architecture if unet else None,
+        "parameters": unet.parameters if unet else None,
+        "input_size": unet.input_size if unet else None,
+        "train_masks": unet.train_masks if unet else None,
+        "val_masks": unet.val_masks if unet else None,
+        "val_dice": unet.val_dice if unet else None,
         "test_masks": len(dice),
     }
     if len(dice):
-        groups = np.array(test["groups"])
+        groups = np.array(masks.groups)
         out["dice"] = estimate_one(
             lambda idx: float(dice[idx].mean()), len(dice), groups, samples, seed
         ).as_dict()
         out["iou"] = estimate_one(
             lambda idx: float(iou[idx].mean()), len(iou), groups, samples, seed
         ).as_dict()
-        sources = np.array(test["sources"])
+        sources = np.array(masks.sources)
         out["per_source"] = {
             s: {
                 "n": int((sources == s).sum()),
@@ -411,7 +411,7 @@ def probe_auc(
     if len(np.unique(train_target)) < 2 or len(np.unique(test_target)) < 2:
         return None
     model = fit_logistic(train_x, train_target)
-    return auc_estimate(test_target, predict_logistic(model, test_x), groups, samples, seed)
+    return auc_estimate(test_target, model.predict_proba(test_x)[:, 1], groups, samples, seed)
 
 
 def source_probes(

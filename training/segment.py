@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from training.augment import make_augmenter
 from training.cache import Cache
 from training.config import ExperimentConfig
 from training.datasets import IGNORE, LUNG, SegmentationDataset, loader
 from training.models import UNet, UNetExport, count_parameters
+from training.progress import progress
 from training.splits import Split, split_sha
 from training.torchutil import (
     derive_seed,
@@ -36,6 +36,7 @@ from training.torchutil import (
     seed_everything,
     write_json,
 )
+from worker.atomic import atomic_file
 from worker.model_input import resize_batch
 from worker.preprocess import PreprocessParams, to_model_input
 
@@ -200,8 +201,8 @@ def train_segmentation(
         )
         unet.train()
         total, count = 0.0, 0
-        for x, target, valid in tqdm(
-            batches, desc=f"U-Net epoch {epoch + 1}/{seg.epochs}", leave=False, disable=None
+        for x, target, valid in progress(
+            batches, f"U-Net epoch {epoch + 1}/{seg.epochs}", transient=True
         ):
             x, target, valid = (t.to(device, non_blocking=True) for t in (x, target, valid))
             loss = segmentation_loss(unet(x), target, valid)
@@ -278,9 +279,8 @@ def train_segmentation(
 
 
 def write_lungmaps(path: Path, ids: list[str], maps: np.ndarray, unet_sha: str) -> None:
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez_compressed(partial, maps=maps, ids=np.array(ids), unet=np.array(unet_sha))
-    partial.replace(path)
+    with atomic_file(path) as fh:
+        np.savez_compressed(fh, maps=maps, ids=np.array(ids), unet=np.array(unet_sha))
 
 
 def read_lungmaps(path: Path, ids: list[str], unet_sha: str | None = None) -> np.ndarray | None:

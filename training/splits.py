@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from training.data import Record, stratum
+from training.results import StageResult
 
 SETS: tuple[str, str, str] = ("train", "val", "test")
 
@@ -67,10 +68,11 @@ def split_sha(split: Split) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def check_trained_on(result: dict[str, object], split: Split, what: str) -> None:
+def check_trained_on(result: StageResult | Mapping[str, object], split: Split, what: str) -> None:
     """Refuse to evaluate a model on a split it was not trained for (its test set may be
     another split's training set)."""
-    if result.get("split_sha") != split_sha(split):
+    trained = result.split_sha if isinstance(result, StageResult) else result.get("split_sha")
+    if trained != split_sha(split):
         raise LeakageError(
             f"{what} was trained on another split than the run's splits.json: retrain it"
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from worker.atomic import atomic_file, write_atomic
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -55,10 +56,8 @@ def needs_grad_scaler(device: torch.device, amp: bool) -> bool:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Atomic: written beside the target, then renamed, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    with atomic_file(path) as fh:
+        torch.save(payload, fh)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -67,10 +66,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
 
 
 def write_json(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_atomic(path, json.dumps(data, indent=1, default=_jsonable) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -93,14 +89,6 @@ def fingerprint(data: object) -> str:
 
 def array_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.atomic import write_atomic
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -95,9 +97,8 @@ class CrashGuard:
 def _write_marker(path: Path, marker: Marker) -> None:
     # Written before the step and read only after the process died: a process that dies
     # leaves the page cache to the kernel, so no fsync is needed for that.
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{marker.step}\n{marker.job_id}\n{marker.runs}\n{marker.pid}\n")
-    os.replace(tmp, path)
+    text = f"{marker.step}\n{marker.job_id}\n{marker.runs}\n{marker.pid}\n"
+    write_atomic(path, text, durable=False)
 
 
 def read_marker(path: Path) -> Marker | None:

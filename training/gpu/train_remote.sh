@@ -45,8 +45,8 @@ say() { # to stdout and to the log
     echo "[train_remote +$((SECONDS - START))s] $*" | tee -a "$FULL_LOG"
 }
 
-# Quiet, unbuffered, wide logs: tqdm bars are off (TQDM_DISABLE; the code's bars also turn
-# themselves off when stderr is not a terminal) and rich does not wrap at 80 columns.
+# Quiet, unbuffered, wide logs: progress bars are off (they turn themselves off when stderr is
+# not a terminal; TQDM_DISABLE for the one tqdm bar left) and rich does not wrap at 80 columns.
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 COLUMNS=160 PYTHONDONTWRITEBYTECODE=1
 
 # ---------------------------------------------------------------- dependencies

@@ -64,11 +64,8 @@ def find_parts(folder: Path) -> list[Path]:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def restore_fp32(path: Path, keys: list[str]) -> None:
