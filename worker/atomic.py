@@ -36,14 +36,19 @@ def atomic_file(path: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
         tmp.unlink(missing_ok=True)
         raise
     if durable:
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        fsync_folder(path.parent)
 
 
-def write_atomic(path: Path, data: bytes | str, *, durable: bool = True) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make the names in `folder` durable (a rename or a new link into it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | memoryview | str, *, durable: bool = True) -> None:
     """`path` holds `data` (str as UTF-8), all of it or, after a crash, its old content."""
     with atomic_file(path, durable=durable) as fh:
         fh.write(data.encode("utf-8") if isinstance(data, str) else data)

@@ -5,29 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import threading
 from pathlib import Path
+
+from worker.atomic import fsync_folder, write_atomic
 
 
 def write_durably(path: Path, data: bytes | memoryview) -> None:
     """Write to a temporary name, fsync, rename into place, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a name of its own per writer: two runs of a redone step may write the same file at once
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data, durable=True)
 
 
 def free_bytes(path: Path) -> int:
@@ -51,8 +36,4 @@ def move_durably(src: Path, dst: Path) -> None:
         write_durably(dst, src.read_bytes())
         src.unlink(missing_ok=True)
         return
-    dir_fd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_folder(dst.parent)

@@ -45,6 +45,7 @@ import hnswlib
 import numpy as np
 
 from dicom_node.records.sqlite import connect as sqlite_connect
+from worker.atomic import fsync_folder
 from worker.contracts import SimilarItem
 
 log = logging.getLogger(__name__)
@@ -391,7 +392,7 @@ class HospitalIndex:
             os.replace(tmp, self.snapshot_path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.snapshot_path.parent)
+        fsync_folder(self.snapshot_path.parent)
         self._snapshot_at = time.monotonic()
 
 
@@ -414,16 +415,8 @@ def _load_or_create_secret(path: Path) -> bytes:
             pass  # another process made it first: use theirs
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_folder(path.parent)
     key = path.read_bytes()
     if len(key) < 32:
         raise ValueError(f"{path} is damaged: the patient-hash key is too short")
     return key
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
