@@ -9,9 +9,10 @@
      (square-rooted) features; the threshold is the `ood_quantile` of out-of-fold scores
      (5 folds: each image scored by statistics fitted without it);
    - lung thresholds: the `lung_quantile` (or 1 - it, for upper bounds) of each lung signal;
-   - two linear probes on the same features: upright vs the film rotated (90/180/270,
-     upside down), whole vs heavily cropped; thresholds at `probe_quantile` of out-of-fold
-     probabilities (folds by film);
+   - three linear probes on the same features: upright vs the film rotated (90/180/270,
+     upside down), whole vs heavily cropped, frontal vs the pool's lateral views (half of
+     the patient groups; the other half is for the report); thresholds at
+     `probe_quantile` of out-of-fold probabilities (folds by film);
    - sanity thresholds: the defaults of worker.bundle.SanityThresholds (physical limits),
      checked to pass every training image.
 3. The gate files and manifest section are added to the bundle, the manifest's checksums
@@ -283,9 +284,16 @@ class ProbeData:
     rotated_film: np.ndarray
     cropped: np.ndarray
     cropped_film: np.ndarray
+    lateral: np.ndarray
+    lateral_film: np.ndarray
 
 
-def probe_data(scorer: Scorer, films: Iterable[tuple[str, np.ndarray]], seed: int = 0) -> ProbeData:
+def probe_data(
+    scorer: Scorer,
+    films: Iterable[tuple[str, np.ndarray]],
+    laterals: Iterable[tuple[str, np.ndarray]],
+    seed: int = 0,
+) -> ProbeData:
     rng = np.random.default_rng(seed)
     rows: dict[str, list[np.ndarray]] = {"upright": [], "rotated": [], "cropped": []}
     films_of: dict[str, list[int]] = {"upright": [], "rotated": [], "cropped": []}
@@ -300,13 +308,25 @@ def probe_data(scorer: Scorer, films: Iterable[tuple[str, np.ndarray]], seed: in
             for x in images:
                 rows[kind].append(scorer.feature(preprocess(x, params)))
                 films_of[kind].append(i)
+    rows["lateral"], films_of["lateral"] = [], []
+    for j, (_, image) in enumerate(laterals):
+        for x in (image, np.ascontiguousarray(image[:, ::-1])):
+            rows["lateral"].append(scorer.feature(preprocess(x, params)))
+            films_of["lateral"].append(LATERAL_FILM_BASE + j)  # never a frontal film's fold id
     return ProbeData(
         *(
             item
-            for kind in ("upright", "rotated", "cropped")
-            for item in (np.stack(rows[kind]), np.array(films_of[kind]))
+            for kind in ("upright", "rotated", "cropped", "lateral")
+            for item in (_stack(rows[kind]), np.array(films_of[kind], dtype=np.int64))
         )
     )
+
+
+LATERAL_FILM_BASE = 1_000_000
+
+
+def _stack(rows: list[np.ndarray]) -> np.ndarray:
+    return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
 
 
 def fit_probe(
@@ -351,7 +371,8 @@ class PoolSets:
     train: list[Record]
     val: list[Record]
     test: list[Record]
-    lateral: list[tuple[str, Path]]  # (image name, file): the pool labels them "unknown"
+    lateral_fit: list[tuple[str, Path]]  # (image name, file): the pool labels them "unknown"
+    lateral_report: list[tuple[str, Path]]  # other patients' laterals, never fitted on
 
 
 def pool_sets(manifest: Manifest, csv_path: Path | None = None) -> PoolSets:
@@ -380,27 +401,39 @@ def pool_sets(manifest: Manifest, csv_path: Path | None = None) -> PoolSets:
         train=[by_id[i] for i in split.train],
         val=[by_id[i] for i in split.val],
         test=[by_id[i] for i in split.test],
-        lateral=[],
+        lateral_fit=[],
+        lateral_report=[],
     )
     expected = manifest.training_data.get("train_images")
     if expected is not None and expected != len(sets.train):
         raise GateError(
             f"rebuilt training split has {len(sets.train)} images, the manifest says {expected}"
         )
-    sets.lateral = lateral_views(csv, cfg.data.lateral_views)
+    sets.lateral_fit, sets.lateral_report = lateral_views(csv, cfg.data.lateral_views)
     return sets
 
 
-def lateral_views(csv_path: Path, views: Sequence[str]) -> list[tuple[str, Path]]:
-    """The CSV's lateral images, whatever their label (read_dataset drops them)."""
+def lateral_views(
+    csv_path: Path, views: Sequence[str]
+) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """The CSV's lateral images, whatever their label (read_dataset drops them), in two halves
+    by patient group (alternating in sorted order): one to fit the frontal probe on, one for
+    the report."""
     wanted = {v.lower() for v in views}
     with csv_path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    return [
-        (Path(r["image"]).stem, csv_path.parent / r["image"])
-        for r in rows
-        if (r.get("view") or "").strip().lower() in wanted and r.get("image")
-    ]
+        rows = [
+            r
+            for r in csv.DictReader(fh)
+            if (r.get("view") or "").strip().lower() in wanted and r.get("image")
+        ]
+    groups = sorted({r.get("patient_group") or r.get("patient_id") or r["image"] for r in rows})
+    fit_groups = set(groups[::2])
+    halves: tuple[list[tuple[str, Path]], list[tuple[str, Path]]] = ([], [])
+    for r in rows:
+        group = r.get("patient_group") or r.get("patient_id") or r["image"]
+        item = (Path(r["image"]).stem, csv_path.parent / r["image"])
+        halves[0 if group in fit_groups else 1].append(item)
+    return halves
 
 
 def read_images(
@@ -459,25 +492,36 @@ def fit_gate(
     threshold = float(np.quantile(oof, ood_quantile))
     mean, precision = fit_stats(train.features)
     lungs = lung_thresholds(train.signals, lung_quantile)
-    probes = probe_data(scorer, read_images(sets.train))
+    probes = probe_data(scorer, read_images(sets.train), read_images(sets.lateral_fit))
     upright_w, upright_b, upright_oof = fit_probe(
         probes.upright, probes.upright_film, probes.rotated, probes.rotated_film
     )
     whole_w, whole_b, whole_oof = fit_probe(
         probes.upright, probes.upright_film, probes.cropped, probes.cropped_film
     )
+    frontal_w, frontal_b, frontal_oof = (
+        fit_probe(probes.upright, probes.upright_film, probes.lateral, probes.lateral_film)
+        if len(probes.lateral)
+        else (None, 0.0, None)
+    )
     originals = slice(0, None, 2)  # each film, then its mirror image
     min_upright = float(np.quantile(upright_oof[originals], probe_quantile))
     min_whole = float(np.quantile(whole_oof[originals], probe_quantile))
-    np.savez_compressed(
-        work / STATS_FILE,
-        mean=mean.astype(np.float32),
-        precision=precision.astype(np.float32),
-        upright_w=upright_w.astype(np.float32),
-        upright_b=np.float32(upright_b),
-        whole_w=whole_w.astype(np.float32),
-        whole_b=np.float32(whole_b),
+    min_frontal = (
+        None if frontal_oof is None else float(np.quantile(frontal_oof[originals], probe_quantile))
     )
+    arrays: dict[str, np.ndarray] = {
+        "mean": mean.astype(np.float32),
+        "precision": precision.astype(np.float32),
+        "upright_w": upright_w.astype(np.float32),
+        "upright_b": np.array(upright_b, np.float32),
+        "whole_w": whole_w.astype(np.float32),
+        "whole_b": np.array(whole_b, np.float32),
+    }
+    if frontal_w is not None:
+        arrays["frontal_w"] = frontal_w.astype(np.float32)
+        arrays["frontal_b"] = np.array(frontal_b, np.float32)
+    np.savez_compressed(work / STATS_FILE, **arrays)  # type: ignore[arg-type]
     sanity_refused = sum(
         1 for s in train.signals if not all(x.passed for x in s if x.group == "sanity")
     )
@@ -493,6 +537,7 @@ def fit_gate(
             threshold=threshold,
             min_upright=min_upright,
             min_whole=min_whole,
+            min_frontal=min_frontal,
         ),
         calibration={
             "images": len(train.names),
@@ -503,7 +548,8 @@ def fit_gate(
             "probe_quantile": probe_quantile,
             "probe_negatives": "each training film rotated 90/180/270 and upside down"
             " (upright probe); a quadrant, a half, the centre third, a 30-60 % window of it"
-            " (whole-film probe)",
+            " (whole-film probe); the pool's lateral views of every other patient group"
+            f" ({len(sets.lateral_fit)} images, and their mirror images; frontal probe)",
             "sanity_refused_training_images": sanity_refused,
             "feature_onnx_parity": parity,
         },

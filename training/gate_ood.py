@@ -52,8 +52,9 @@ def _gray(image: np.ndarray) -> np.ndarray:
 
 
 def photos() -> Iterator[tuple[str, np.ndarray]]:
-    """scikit-image's bundled sample images (BSD-3 package; the images are public domain or
-    CC0 / freely licensed per skimage/data/README), gray, each also as its mirror image."""
+    """scikit-image's bundled sample images (the package is BSD-3-Clause; each sample's source
+    is named in its `skimage.data` docstring), gray, each also as its mirror image. Used in
+    memory only, never stored."""
     from skimage import data
 
     names = [

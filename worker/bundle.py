@@ -138,6 +138,13 @@ class OodSpec(BaseModel):
         description="linear probe (stats whole_w, whole_b): the probability that the whole "
         "chest is in the image, not a heavy crop, at least; None: not checked",
     )
+    min_frontal: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="linear probe (stats frontal_w, frontal_b): the probability that the film "
+        "is a frontal view, not a lateral one, at least; None: not checked",
+    )
 
 
 class GateSpec(BaseModel):

@@ -254,7 +254,7 @@ def feature_input(preprocessed: np.ndarray, size: int) -> np.ndarray:
 def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
     """sqrt((f - mean)' P (f - mean) / D) per row of [N,D]: about 1 inside the distribution."""
     d = np.asarray(features, dtype=np.float64) - mean
-    sq = np.einsum("nd,de,ne->n", d, precision.astype(np.float64), d)
+    sq = ((d @ np.asarray(precision, dtype=np.float64)) * d).sum(axis=1)
     return np.sqrt(np.maximum(sq, 0.0) / features.shape[1])
 
 
@@ -271,7 +271,7 @@ def ood_signal(score: float, threshold: float) -> Signal:
 
 def probe(features: np.ndarray, weights: np.ndarray, bias: float) -> np.ndarray:
     """A linear probe's probability per row of [N,D] features."""
-    z = np.asarray(features, dtype=np.float64) @ weights.astype(np.float64) + float(bias)
+    z = np.asarray(features, dtype=np.float64) @ np.asarray(weights, dtype=np.float64) + float(bias)
     return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
 
 
@@ -279,6 +279,7 @@ def probe(features: np.ndarray, weights: np.ndarray, bias: float) -> np.ndarray:
 PROBES: dict[str, tuple[str, str]] = {
     "upright": ("upright", "film rotated or upside down"),
     "whole_film": ("whole", "not the whole chest (a crop)"),
+    "frontal": ("frontal", "a lateral view"),
 }
 
 
@@ -313,7 +314,11 @@ class Gate:
         self.mean = stats["mean"].astype(np.float64)
         self.precision = stats["precision"].astype(np.float64)
         self.stats = stats
-        self.probe_thresholds = {"upright": spec.ood.min_upright, "whole_film": spec.ood.min_whole}
+        self.probe_thresholds = {
+            "upright": spec.ood.min_upright,
+            "whole_film": spec.ood.min_whole,
+            "frontal": spec.ood.min_frontal,
+        }
         dim = spec.ood.dim
         if self.mean.shape != (dim,) or self.precision.shape != (dim, dim):
             raise BundleError(
