@@ -337,6 +337,18 @@ def test_a_gated_bundle_loads_and_checks(gated_bundle: Path) -> None:
     )
 
 
+def test_check_is_sanity_plus_model_signals(gated_bundle: Path) -> None:
+    from worker.preprocess import preprocess
+
+    bundle = load_bundle(gated_bundle)
+    gate = Gate.from_bundle(bundle)
+    assert gate is not None
+    image, lung = film(300, 360), lung_map(bundle.manifest.preprocessing.size)
+    pre = preprocess(image, bundle.manifest.preprocessing)
+    parts = GateVerdict.of(sanity_signals(image, gate.spec.sanity) + gate.model_signals(pre, lung))
+    assert gate.check(image, lung) == parts
+
+
 def test_a_gated_bundle_refuses_a_one_pixel_image(gated_bundle: Path) -> None:
     gate = Gate.from_bundle(load_bundle(gated_bundle))
     assert gate is not None

@@ -370,6 +370,17 @@ class Gate:
     def ood_scores(self, preprocessed: np.ndarray) -> np.ndarray:
         return mahalanobis(self.features(preprocessed), self.mean, self.precision)
 
+    def model_signals(self, preprocessed: np.ndarray, lung: np.ndarray) -> list[Signal]:
+        """The signals that need the models: the lung map's, the probes' and the OOD score,
+        from the preprocessed image (uint8 [S,S]) and the U-Net's map of it. What a worker,
+        which holds both and not the display image, can compute."""
+        signals = lung_signals(lung, self.spec.lungs)
+        features = self.features(preprocessed[None])
+        signals += view_signals(features[0], self.stats, self.probe_thresholds)
+        score = float(mahalanobis(features, self.mean, self.precision)[0])
+        signals.append(ood_signal(score, self.spec.ood.threshold))
+        return signals
+
     def check(
         self,
         image: np.ndarray,
@@ -378,13 +389,9 @@ class Gate:
     ) -> GateVerdict:
         """The verdict on a display image (uint8 2-D, as decoded) and the U-Net's lung map of
         its preprocessed image. `preprocessed` (preprocess(image, bundle params)) may be
-        passed when already at hand."""
-        signals = sanity_signals(image, self.spec.sanity)
-        signals += lung_signals(lung, self.spec.lungs)
+        passed when already at hand. The same as GateVerdict.of(sanity_signals(image, ...)
+        + model_signals(preprocessed, lung)), for a caller that has the parts in two places."""
         if preprocessed is None:
             preprocessed = preprocess(image, self.params)
-        features = self.features(preprocessed[None])
-        signals += view_signals(features[0], self.stats, self.probe_thresholds)
-        score = float(mahalanobis(features, self.mean, self.precision)[0])
-        signals.append(ood_signal(score, self.spec.ood.threshold))
-        return GateVerdict.of(signals)
+        signals = sanity_signals(image, self.spec.sanity)
+        return GateVerdict.of(signals + self.model_signals(preprocessed, lung))
