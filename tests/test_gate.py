@@ -412,6 +412,20 @@ def test_feature_model_export_matches_pytorch(tmp_path: Path) -> None:
     assert parity < 1e-3
 
 
+def test_cxr_train_gate_refuses_a_bundle_without_its_experiment(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(PLUMBING_BUNDLE, bundle)
+    before = (bundle / MANIFEST_NAME).read_bytes()
+    result = CliRunner().invoke(app, ["gate", "--bundle", str(bundle), "-w", str(tmp_path / "w")])
+    assert result.exit_code == 1
+    assert "experiment" in result.output or "CSV" in result.output
+    assert (bundle / MANIFEST_NAME).read_bytes() == before  # nothing half-written
+
+
 def test_fit_probe_separates_and_folds_by_film() -> None:
     pytest.importorskip("sklearn")
     from training.gate import fit_probe

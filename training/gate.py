@@ -480,9 +480,9 @@ def fit_gate(
     bundle = load_bundle(bundle_dir)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    sets = pool_sets(bundle.manifest, csv_path)  # first: fails fast on a bundle it cannot fit
     features_onnx = work / FEATURES_FILE
     parity = export_feature_model(features_onnx, feature_size)
-    sets = pool_sets(bundle.manifest, csv_path)
     scorer = Scorer(bundle, features_onnx, feature_size)
     sanity = SanityThresholds()
     train = scorer.measure(read_images(sets.train), sanity, _OPEN_LUNGS)
