@@ -412,6 +412,22 @@ def test_feature_model_export_matches_pytorch(tmp_path: Path) -> None:
     assert parity < 1e-3
 
 
+def test_lung_thresholds_from_quantiles_ask_for_two_fields() -> None:
+    from training.gate import MIN_FIELD_FLOOR, lung_thresholds
+
+    maps = [lung_map(right_scale=0.6 + 0.01 * i) for i in range(20)]
+    maps.append(lung_map(right=False))  # one film where the U-Net found one field
+    signals = [lung_signals(m, LUNGS) for m in maps]
+    t = lung_thresholds(signals, 0.0)
+    assert t.min_field == MIN_FIELD_FLOOR  # the quantile alone would give 0
+    assert t.min_symmetry == 0.0  # the one-field film scores 0 on the pair signals
+    strict = lung_thresholds(signals[:20], 0.0)
+    assert strict.min_symmetry == pytest.approx(
+        min(by_name(s)["lung_symmetry"].score for s in signals[:20])
+    )
+    assert strict.max_total == pytest.approx(max(by_name(s)["lung_area"].score for s in signals))
+
+
 def test_cxr_train_gate_refuses_a_bundle_without_its_experiment(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -235,15 +235,23 @@ LUNG_FIELDS: dict[str, tuple[str, bool]] = {
 }
 
 
+#: Two lung fields are required whatever the quantile says: a second field under 0.5 % of
+#: the image is not one. (On the shipped bundle the U-Net finds no second field on 0.3 % of
+#: the training films, so the quantile alone would set 0 and never ask for two.)
+MIN_FIELD_FLOOR = 0.005
+
+
 def lung_thresholds(signals: Sequence[list[Signal]], quantile: float) -> LungThresholds:
     """Each lung threshold at `quantile` of the training images' scores (upper bounds at
-    1 - quantile); an image without two fields contributes 0 to the pair signals."""
+    1 - quantile), the smaller field at least MIN_FIELD_FLOOR; an image without two fields
+    contributes 0 to the pair signals."""
     values: dict[str, float] = {}
     for name, (field, lower) in LUNG_FIELDS.items():
         scores = np.array([score_of(s, name) or 0.0 for s in signals], dtype=np.float64)
         if not len(scores):
             raise GateError("no training images to calibrate the lung thresholds on")
         values[field] = float(np.quantile(scores, quantile if lower else 1.0 - quantile))
+    values["min_field"] = max(values["min_field"], MIN_FIELD_FLOOR)
     return LungThresholds(**values)
 
 
