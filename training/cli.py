@@ -4,6 +4,7 @@
     cxr-train cache DATA.csv                                decode + preprocess once
     cxr-train split DATA.csv                                patient-level splits
     cxr-train segmentation / classifier / evaluate / export one stage of a run
+    cxr-train gate --bundle DIR                             fit the input gate into a bundle
 
 Every stage command works in a run folder (`--workdir`, default runs/<config name>) and reuses
 what earlier stages left there. Torch is imported only by the commands that need it.
@@ -348,6 +349,49 @@ def all_cmd(
     console.print(f"done in {time.perf_counter() - start:.0f} s ({stages})")
     console.print(f"report: {ctx.paths.report / 'report.md'}")
     typer.echo(result["bundle"] or ctx.paths.root)
+
+
+@app.command("gate")
+def gate_cmd(
+    bundle: Path = typer.Option(..., "--bundle", "-b", help="bundle folder to add the gate to"),
+    data: Path | None = typer.Option(
+        None, "--data", help="dataset CSV (default: the one recorded in the manifest)"
+    ),
+    workdir: Path | None = typer.Option(
+        None, "--workdir", "-w", help="scratch folder (default runs/gate-<bundle folder>)"
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="report folder (default <bundle>/report)"
+    ),
+    feature_size: int = typer.Option(224, help="input side of the feature model (pixels)"),
+    ood_quantile: float = typer.Option(0.999, help="OOD threshold: this quantile of training"),
+    lung_quantile: float = typer.Option(0.001, help="lung thresholds: this quantile"),
+    probe_quantile: float = typer.Option(0.002, help="upright/whole probes: this quantile"),
+) -> None:
+    """Fit the input gate for BUNDLE on its training split, add it to the bundle, report."""
+    from training.gate import GateError
+    from training.gate_report import gate_stage
+
+    if not (bundle / MANIFEST_NAME).is_file():
+        raise typer.BadParameter(f"{bundle} holds no {MANIFEST_NAME}")
+    try:
+        result = gate_stage(
+            bundle,
+            workdir or Path("runs") / f"gate-{bundle.resolve().name}",
+            out or bundle / "report",
+            data,
+            feature_size,
+            ood_quantile,
+            lung_quantile,
+            probe_quantile,
+        )
+    except GateError as exc:
+        raise _fail(exc) from exc
+    for row in result["rows"]:
+        j = row.as_json()
+        console.print(f"  {j['set']}: {j['refused']} of {j['images']} refused ({j['expected']})")
+    console.print(f"gate median {result['timing']['gate_median_ms']:.1f} ms per image")
+    typer.echo(str(result["report"]))
 
 
 @app.command("export-random")

@@ -71,6 +71,95 @@ class IndexSpec(BaseModel):
     ef_construction: int = 200
 
 
+class SanityThresholds(BaseModel):
+    """Basic image sanity, on the decoded display image (worker.gate.sanity_signals)."""
+
+    min_side: int = Field(default=128, ge=1, description="pixels: the shorter side at least")
+    max_aspect: float = Field(default=3.0, ge=1.0, description="longer / shorter side at most")
+    min_dynamic_range: float = Field(
+        default=40.0, ge=0.0, description="gray levels between the 0.5th and 99.5th percentile"
+    )
+    min_std: float = Field(default=10.0, ge=0.0, description="gray levels: not (near-)constant")
+    max_high_frequency: float = Field(
+        default=0.35,
+        ge=0.0,
+        le=1.0,
+        description="share of the variance above the finest scale of a 256 px copy: not noise",
+    )
+
+
+class LungThresholds(BaseModel):
+    """Lung-field plausibility of the U-Net's map (worker.gate.lung_signals)."""
+
+    min_field: float = Field(description="area fraction of the smaller of the two lung fields")
+    min_total: float = Field(description="area fraction of both fields together, at least")
+    max_total: float = Field(description="area fraction of both fields together, at most")
+    min_sides: float = Field(
+        description="each field's centroid this far (fraction of the width) on its own side "
+        "of the midline"
+    )
+    min_symmetry: float = Field(description="smaller / larger field area")
+    min_vertical_overlap: float = Field(
+        description="shared rows of the two fields / rows of the shorter one"
+    )
+    min_apex: float = Field(
+        description="the fields' width in their lowest quarter / in their highest quarter "
+        "(apices up: above 1)"
+    )
+
+
+class OodSpec(BaseModel):
+    """The one-class score of ImageNet-pretrained features against the training images."""
+
+    features: FileRef = Field(
+        description="ONNX: image [N,1,s,s] in [0,1] (the preprocessed image resized) -> "
+        "features [N,D] (global average pool)"
+    )
+    stats: FileRef = Field(
+        description=".npz: mean [D], precision [D,D] (float32); the probes' weights [D] and "
+        "biases [] when their thresholds are set"
+    )
+    architecture: str
+    input_size: int = Field(ge=32)
+    dim: int = Field(ge=1)
+    threshold: float = Field(gt=0.0, description="refused above this score")
+    method: str = "mahalanobis(ledoit-wolf)"
+    min_upright: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="linear probe on the same features (stats upright_w, upright_b): the "
+        "probability that the film is upright and not rotated, at least; None: not checked",
+    )
+    min_whole: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="linear probe (stats whole_w, whole_b): the probability that the whole "
+        "chest is in the image, not a heavy crop, at least; None: not checked",
+    )
+    min_frontal: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="linear probe (stats frontal_w, frontal_b): the probability that the film "
+        "is a frontal view, not a lateral one, at least; None: not checked",
+    )
+
+
+class GateSpec(BaseModel):
+    """The input gate (worker.gate): which images are analysed at all. Optional: a bundle
+    without it analyses every image the header checks let through."""
+
+    version: int = 1
+    sanity: SanityThresholds = Field(default_factory=SanityThresholds)
+    lungs: LungThresholds
+    ood: OodSpec
+    calibration: dict[str, object] = Field(
+        default_factory=dict, description="what the thresholds were calibrated on"
+    )
+
+
 class Manifest(BaseModel):
     schema_version: int
     name: str
@@ -87,6 +176,9 @@ class Manifest(BaseModel):
     segmentation: SegmentationSpec
     index: IndexSpec
     embedding_member: str
+    gate: GateSpec | None = Field(
+        default=None, description="the input gate; None: every image is analysed (as before)"
+    )
     training_data: dict[str, object] = Field(default_factory=dict)
     config: dict[str, object] = Field(default_factory=dict)
 
@@ -152,6 +244,8 @@ def load_bundle(root: Path, verify_checksums: bool = True) -> Bundle:
     if verify_checksums:
         refs: list[FileRef] = [*manifest.members, manifest.segmentation]
         refs += [manifest.index.index, manifest.index.items]
+        if manifest.gate is not None:
+            refs += [manifest.gate.ood.features, manifest.gate.ood.stats]
         for ref in refs:
             path = root / ref.file
             if not path.is_file():
