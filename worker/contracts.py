@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 INFER = "cxr.infer"  # node -> worker: an InferRequest
 FINALIZE = "cxr.finalize"  # worker -> node: an InferResult
 ANALYSIS_FAILED = "cxr.analysis_failed"  # worker -> node: the job could not be analysed
+NOT_ANALYSED = "cxr.not_analysed"  # worker -> node: the input gate refused the image
 
 
 def encode_png(image: np.ndarray) -> str:
@@ -80,6 +81,18 @@ class SimilarItem(BaseModel):
     probability: float | None = Field(
         default=None, description="hospital items: the AI probability when it was analysed"
     )
+
+
+class GateRefusal(BaseModel):
+    """Worker (or the node's own pixel checks) -> node (queue "node"): the input gate found
+    that the image is not one the model is meant for. No score exists for it."""
+
+    job_id: str
+    bundle_name: str
+    bundle_version: str
+    device_uid: str
+    reasons: list[str] = Field(min_length=1, description="one per failed signal, for the SR")
+    scores: dict[str, float] = Field(default_factory=dict, description="each signal's score")
 
 
 class InferResult(BaseModel):

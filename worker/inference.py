@@ -19,7 +19,8 @@ import numpy as np
 import onnxruntime as ort
 
 from worker.bundle import Bundle, BundleError, load_bundle
-from worker.contracts import InferRequest, InferResult, decode_png, encode_png
+from worker.contracts import GateRefusal, InferRequest, InferResult, decode_png, encode_png
+from worker.gate import Gate, GateVerdict
 from worker.model_input import MEMBER_CHANNELS, member_input, resize_batch
 from worker.preprocess import to_model_input
 
@@ -47,6 +48,15 @@ def default_providers() -> list[str]:
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """Preprocessed images as model input, with the U-Net's lung maps."""
+
+    x: np.ndarray  # float32 [N,C,S,S], to_model_input
+    lung: np.ndarray  # float32 [N,1,s,s] at the U-Net's size
+    lung_maps: np.ndarray  # float32 [N,1,S,S] at the preprocessing size
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,8 @@ class Ensemble:
                 member.input_size,
             )
         self.embedding_member = manifest.embedding_member
+        #: The bundle's input gate (None: the bundle has none, every image is scored).
+        self.gate = Gate.from_bundle(bundle, intra_op_threads)
 
     def predict(self, images: np.ndarray) -> list[Prediction]:
         """Preprocessed uint8 [N,S,S] (S = manifest preprocessing size) -> one Prediction each."""
@@ -145,14 +157,22 @@ class Ensemble:
             raise ValueError(f"expected uint8 [N,{size},{size}], got {images.dtype} {images.shape}")
         if images.shape[0] == 0:
             return []
-        manifest = self.bundle.manifest
+        return self.classify(self.segment(images))
+
+    def segment(self, images: np.ndarray) -> Segmented:
+        """The U-Net's lung maps of preprocessed uint8 [N,S,S] images (what the gate and the
+        members need)."""
         x = to_model_input(images, self.params)
-        seg_in = resize_batch(x, manifest.segmentation.input_size)
+        seg_in = resize_batch(x, self.bundle.manifest.segmentation.input_size)
         (lung,) = self.segmentation.run([SEGMENTATION_OUTPUT], {INPUT_NAME: seg_in})
         lung = np.asarray(lung, dtype=np.float32)
-
         # At the image's size: the SR's lung map, and what a lung crop cuts from.
-        lung_maps = resize_batch(lung, size)
+        return Segmented(x=x, lung=lung, lung_maps=resize_batch(lung, self.params.size))
+
+    def classify(self, segmented: Segmented) -> list[Prediction]:
+        """The members' scores of segmented images."""
+        manifest = self.bundle.manifest
+        x, lung, lung_maps = segmented.x, segmented.lung, segmented.lung_maps
         inputs: dict[tuple[int, float | None, float | None], np.ndarray] = {}  # often shared
         probabilities: dict[str, np.ndarray] = {}
         embeddings: np.ndarray | None = None
@@ -173,12 +193,15 @@ class Ensemble:
                 embedding=embeddings[i].copy(),
                 lung_probability=np.ascontiguousarray(lung_maps[i, 0]),
             )
-            for i in range(images.shape[0])
+            for i in range(x.shape[0])
         ]
 
 
-def run_infer(request: InferRequest, ensemble: Ensemble, bundle: Bundle) -> InferResult:
-    """The worker's task body: check the bundle, decode, predict, package the result."""
+def run_infer(
+    request: InferRequest, ensemble: Ensemble, bundle: Bundle
+) -> InferResult | GateRefusal:
+    """The worker's task body: check the bundle, decode, segment, let the bundle's gate look
+    at the lung map and the image's features, then score - or say why not."""
     if request.bundle_fingerprint != bundle.fingerprint:
         raise ValueError(
             f"job {request.job_id}: preprocessed for bundle {request.bundle_fingerprint[:12]}..., "
@@ -189,10 +212,22 @@ def run_infer(request: InferRequest, ensemble: Ensemble, bundle: Bundle) -> Infe
     if image.ndim != 2:
         raise ValueError(f"job {request.job_id}: expected a grayscale PNG, got shape {image.shape}")
     start = time.perf_counter()
-    (prediction,) = ensemble.predict(image[None])
+    manifest = bundle.manifest
+    segmented = ensemble.segment(image[None])
+    if ensemble.gate is not None:
+        verdict = GateVerdict.of(ensemble.gate.model_signals(image, segmented.lung_maps[0, 0]))
+        if not verdict.analyse:
+            return GateRefusal(
+                job_id=request.job_id,
+                bundle_name=manifest.name,
+                bundle_version=manifest.version,
+                device_uid=manifest.device_uid,
+                reasons=list(verdict.reasons),
+                scores=verdict.scores(),
+            )
+    (prediction,) = ensemble.classify(segmented)
     elapsed_ms = (time.perf_counter() - start) * 1000.0
     mask = np.clip(np.rint(prediction.lung_probability * 255.0), 0, 255).astype(np.uint8)
-    manifest = bundle.manifest
     return InferResult(
         job_id=request.job_id,
         bundle_name=manifest.name,

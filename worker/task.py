@@ -19,7 +19,9 @@ from worker.contracts import (
     ANALYSIS_FAILED,
     FINALIZE,
     INFER,
+    NOT_ANALYSED,
     AnalysisFailed,
+    GateRefusal,
     InferRequest,
     InferResult,
 )
@@ -55,13 +57,17 @@ def register_infer(
             log.exception("job %s: inference failed", request.job_id)
             _failed(request.job_id, f"{type(exc).__name__}: {exc}")
             return
+        if isinstance(result, GateRefusal):
+            log.info("job %s: not analysed: %s", request.job_id, "; ".join(result.reasons))
+            app.send_task(NOT_ANALYSED, args=[result.model_dump()])
+            return
         app.send_task(FINALIZE, args=[result.model_dump()])
 
     def _failed(job_id: str, error: str) -> None:
         payload = AnalysisFailed(job_id=job_id, error=error)
         app.send_task(ANALYSIS_FAILED, args=[payload.model_dump()])
 
-    def _infer(request: InferRequest) -> InferResult:
+    def _infer(request: InferRequest) -> InferResult | GateRefusal:
         from worker.inference import get_ensemble, run_infer  # loads onnxruntime on first use
 
         wanted = bundle_for(request.bundle_fingerprint)

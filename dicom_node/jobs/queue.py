@@ -19,7 +19,7 @@ from kombu.utils.json import dumps
 from pydantic import BaseModel
 
 from dicom_node.settings import Settings
-from worker.contracts import ANALYSIS_FAILED, FINALIZE, INFER
+from worker.contracts import ANALYSIS_FAILED, FINALIZE, INFER, NOT_ANALYSED
 
 #: kombu's JSON encoder (it knows the types a Celery message may hold), typed.
 _kombu_dumps: Callable[[Any], str] = dumps
@@ -66,6 +66,7 @@ TASK_ROLES = {
     FINALIZE: NODE_QUEUE,
     DELIVER: NODE_QUEUE,
     ANALYSIS_FAILED: NODE_QUEUE,
+    NOT_ANALYSED: NODE_QUEUE,
 }
 
 
@@ -77,6 +78,7 @@ TASK_PRIORITIES = {
     DELIVER: 0,
     FINALIZE: 3,
     ANALYSIS_FAILED: 3,
+    NOT_ANALYSED: 3,
     PREPARE: 6,
 }
 

@@ -51,9 +51,18 @@ from dicom_node.results.sc.builder import ScOptions, build_sc
 from dicom_node.results.sc.render import SummaryFacts, render_summary
 from dicom_node.results.seg.builder import SegOptions, build_seg
 from dicom_node.results.sr.builder import ReportOptions, build_sr, is_present
+from dicom_node.results.sr.not_analysed import build_not_analysed_sr
 from dicom_node.settings import Destination, Settings
 from worker.bundle import Bundle, Manifest
-from worker.contracts import InferRequest, InferResult, SimilarItem, decode_png, encode_png
+from worker.contracts import (
+    GateRefusal,
+    InferRequest,
+    InferResult,
+    SimilarItem,
+    decode_png,
+    encode_png,
+)
+from worker.gate import GateVerdict, sanity_signals
 from worker.preprocess import PreprocessParams, preprocess, preprocess_geometry
 
 log = logging.getLogger(__name__)
@@ -132,9 +141,10 @@ class NodeRuntime:
         return [str(d) for d in self.settings.destinations] or [OUTBOX]
 
 
-def prepare(node: NodeRuntime, job_id: str) -> InferRequest | None:
-    """Decode and preprocess a spooled instance for the bundle in use now; None when there is
-    nothing to infer."""
+def prepare(node: NodeRuntime, job_id: str) -> InferRequest | GateRefusal | None:
+    """Decode and preprocess a spooled instance for the bundle in use now; a GateRefusal when
+    the bundle's input gate refuses the decoded pixels already (too small, blank, noise: see
+    `not_analysed`); None when there is nothing to infer."""
     job = node.ledger.get(job_id)
     if job is None or job.state not in UNFINISHED or not job.spool_path:
         return None
@@ -147,11 +157,76 @@ def prepare(node: NodeRuntime, job_id: str) -> InferRequest | None:
             node.metrics.inc("rejected")
         log.warning("job %s: %s", job_id, reason)  # the ledger's reason, word for word
         return None
-    request = infer_request(job_id, display, node.bundles.current())
+    bundle = node.bundles.current()
+    refusal = pixel_check(job_id, display, bundle)
+    if refusal is not None:
+        return refusal
+    request = infer_request(job_id, display, bundle)
     node.display_cache.put(job_id, display)
     node.ledger.set_state(job_id, JobState.ANALYSING, only_from=UNFINISHED)
     node.metrics.observe("prepare", time.time() - job.received_at, once=job_id)
     return request
+
+
+def pixel_check(job_id: str, display: np.ndarray, bundle: Bundle) -> GateRefusal | None:
+    """The input gate's checks of the decoded image itself (size, contrast, noise), which
+    need no model; the worker checks the rest (lung fields, view, likeness to the training
+    images). None: go on; also when the bundle has no gate."""
+    spec = bundle.manifest.gate
+    if spec is None:
+        return None
+    verdict = GateVerdict.of(sanity_signals(display, spec.sanity))
+    if verdict.analyse:
+        return None
+    manifest = bundle.manifest
+    return GateRefusal(
+        job_id=job_id,
+        bundle_name=manifest.name,
+        bundle_version=manifest.version,
+        device_uid=manifest.device_uid,
+        reasons=list(verdict.reasons),
+        scores=verdict.scores(),
+    )
+
+
+def not_analysed(node: NodeRuntime, refusal: GateRefusal) -> list[str]:
+    """The input gate refused the image: no score anywhere. The job ends `rejected` with the
+    gate's reasons (ledger, status, metrics), and - unless `not_analysed_sr` is off - an SR
+    that says so goes into the study. Returns the destinations still to deliver to."""
+    job = node.ledger.get(refusal.job_id)
+    if job is None or job.state not in UNFINISHED or not job.spool_path:
+        return []
+    node.display_cache.take(job.job_id)  # no summary image is made of it
+    settings = node.settings
+    if settings.not_analysed_sr:
+        bundle = node.bundles.by_device_uid(refusal.device_uid)
+        uids = node.ledger.output_uids(job.job_id)[OutputKind.SR]
+        header = dcmread(job.spool_path, stop_before_pixels=True)
+        sr = build_not_analysed_sr(header, refusal.reasons, bundle.manifest, uids, ReportOptions())
+        buffer = io.BytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+        write_durably(node.result_path(job.job_id, OutputKind.SR), buffer.getvalue())
+        node.ledger.add_deliveries(job.job_id, node.destinations, [OutputKind.SR])
+    reason = "not analysed (input gate): " + "; ".join(refusal.reasons)
+    if node.ledger.set_state(job.job_id, JobState.REJECTED, reason, only_from=UNFINISHED):
+        node.metrics.inc("rejected")
+        node.metrics.inc("not_analysed")
+    log.warning("job %s: %s", job.job_id, reason)  # scores and thresholds only: no patient data
+    pending = [
+        d.destination
+        for d in node.ledger.deliveries(job.job_id)
+        if d.state is DeliveryState.PENDING
+    ]
+    return list(dict.fromkeys(pending))
+
+
+def not_analysed_or_fail(node: NodeRuntime, refusal: GateRefusal) -> list[str]:
+    """`not_analysed`, with an error building or storing the SR ending the job failed."""
+    try:
+        return not_analysed(node, refusal)
+    except Exception as exc:
+        analysis_failed(node, refusal.job_id, f"results not built: {describe_failure(exc)}")
+        return []
 
 
 def infer_request(job_id: str, display: np.ndarray, bundle: Bundle) -> InferRequest:
@@ -558,7 +633,7 @@ def _to_outbox(path: Path, outbox: Path) -> str | None:
     return None
 
 
-def prepare_or_fail(node: NodeRuntime, job_id: str) -> InferRequest | None:
+def prepare_or_fail(node: NodeRuntime, job_id: str) -> InferRequest | GateRefusal | None:
     """`prepare`, with an unexpected error ending the job in the visible failed state (an
     operator can retry it) rather than leaving it to be redone forever by the sweep."""
     try:

@@ -28,7 +28,9 @@ from worker.contracts import (
     ANALYSIS_FAILED,
     FINALIZE,
     INFER,
+    NOT_ANALYSED,
     AnalysisFailed,
+    GateRefusal,
     InferResult,
     from_message,
 )
@@ -51,7 +53,10 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         except StepKeptCrashing as exc:
             steps.analysis_failed(node, job_id, str(exc))
             return
-        if request is not None:
+        if isinstance(request, GateRefusal):  # the decoded pixels alone failed the gate
+            for destination in steps.not_analysed_or_fail(node, request):
+                send_deliver(app, job_id, destination)
+        elif request is not None:
             app.send_task(INFER, args=[request.model_dump()])
 
     register_infer(
@@ -62,6 +67,18 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     def analysis_failed(payload: dict[str, Any] | str, error: str | None = None) -> None:
         failure = from_message(AnalysisFailed, payload, *([] if error is None else [error]))
         steps.analysis_failed(node, failure.job_id, failure.error)
+
+    @app.task(name=NOT_ANALYSED)
+    def not_analysed(payload: dict[str, Any]) -> None:
+        refusal = GateRefusal.model_validate(payload)
+        try:
+            with guard.running("finalize", refusal.job_id):
+                destinations = steps.not_analysed_or_fail(node, refusal)
+        except StepKeptCrashing as exc:
+            steps.analysis_failed(node, refusal.job_id, str(exc))
+            return
+        for destination in destinations:
+            send_deliver(app, refusal.job_id, destination)
 
     @app.task(name=FINALIZE)
     def finalize(payload: dict[str, Any]) -> None:

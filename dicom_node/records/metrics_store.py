@@ -43,6 +43,11 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "refused": ("instances refused with an error status, by status", ("status",)),
     "rejected": ("accepted instances that are not analysed (lateral view, undecodable, ...)", ()),
+    "not_analysed": (
+        "instances the bundle's input gate refused: no score, a 'not analysed' SR (also counted "
+        "as rejected)",
+        (),
+    ),
     "analysed": ("instances analysed: result objects built", ()),
     "delivered": ("result objects delivered, by kind and destination", ("kind", "destination")),
     "failed": (
