@@ -478,3 +478,43 @@ def test_dciodvfy_with_outlines_and_hospital_items(
     output = run.stdout + run.stderr
     assert "ComprehensiveSR" in output
     assert [line for line in output.splitlines() if line.startswith("Error")] == [], output
+
+
+# ------------------------------------------------------------------- what a reader sees first
+
+
+def root_items(sr: Dataset) -> list[tuple[str, str]]:
+    """(concept meaning, text or '') of the root's CONTAINS items, in order."""
+    return [
+        (str(i.ConceptNameCodeSequence[0].CodeMeaning), str(i.get("TextValue", "")))
+        for i in sr.ContentSequence
+        if i.RelationshipType == "CONTAINS"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("probability", "text"),
+    [
+        (0.53, "COVID-19: present (probability 0.53, threshold 0.50)"),
+        (0.2, "COVID-19: absent (probability 0.20, threshold 0.50)"),
+    ],
+)
+def test_finding_first_then_disclaimer_then_details(
+    source: Dataset, manifest: Manifest, tmp_path: Path, probability: float, text: str
+) -> None:
+    sr = build(source, manifest, tmp_path, probability=probability)
+    items = root_items(sr)
+    assert items[0] == ("Summary", text)
+    assert items[1] == ("Comment", NOT_FOR_DIAGNOSTIC_USE)
+    assert [name for name, _ in items[2:]] == ["Imaging Measurements", "Most similar studies"]
+
+
+def test_plumbing_warning_comes_with_the_finding(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    sr = build(source, manifest.model_copy(update={"random_weights": True}), tmp_path)
+    items = root_items(sr)
+    assert items[0][0] == "Summary"
+    assert items[1] == ("Comment", PLUMBING_WARNING)
+    assert items[2] == ("Comment", NOT_FOR_DIAGNOSTIC_USE)
+    assert all_text(sr).count(PLUMBING_WARNING) == 1

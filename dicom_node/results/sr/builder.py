@@ -5,22 +5,24 @@ manifest + retrieval neighbours + caller-chosen UIDs -> a Comprehensive SR (TID 
 Measurement Report) in the same study, new series. It touches no network, disk or clock
 other than the content date/time highdicom stamps.
 
-Content tree (order as written; TID 1500 rows first, then this node's extensions)::
+Content tree (order as written: what a reader needs first, then the TID 1500 details)::
 
     CONTAINER Imaging Measurement Report (TID 1500)
       language, observer context (device: bundle name, version, device UID)
       procedure reported: SCT 399208008 "Plain chest X-ray"
+      TEXT Summary: "COVID-19: present (probability 0.53, threshold 0.46)"
+      [TEXT Comment: PLUMBING BUNDLE warning]
+      TEXT Comment: not for diagnostic use
       CONTAINER Imaging Measurements
         CONTAINER Measurement Group (TID 1501)
           tracking id/UID, finding COVID-19, algorithm id (name, version, threshold)
           IMAGE source of measurement = the received X-ray
           NUM Probability (ensemble mean), [NUM Probability per member]
           CODE COVID-19 = Present | Absent       (probability >= threshold -> Present)
-          TEXT Comment: decision threshold [, PLUMBING BUNDLE warning]
+          TEXT Comment: decision threshold
         CONTAINER Measurement Group (TID 1410), one per lung outline found:
           tracking id/UID "Lung outline N", finding Lung, algorithm id (segmentation)
           SCOORD POLYLINE (closed) in the received X-ray's pixel coordinates
-      TEXT Comment: not for diagnostic use
       CONTAINER Most similar studies (local code)            [include_similar]
         CONTAINER Similar hospital study:
                   identifier, [study date], [AI probability], [confirmed diagnosis],
@@ -86,6 +88,7 @@ from dicom_node.results.sr.codes import (
     EMBEDDING_DISTANCE,
     FINDING_COVID19,
     IDENTIFIER,
+    IMAGING_MEASUREMENTS,
     LOCAL_SCHEME,
     LUNG,
     NEIGHBOUR_DATASET,
@@ -103,6 +106,7 @@ from dicom_node.results.sr.codes import (
     SIMILAR_STUDIES,
     STUDY_DATE,
     STUDY_UID,
+    SUMMARY,
 )
 from dicom_node.settings import HOSPITAL_FIELDS
 from worker.bundle import Manifest
@@ -127,6 +131,25 @@ class ReportOptions:
 def is_present(probability: float, threshold: float) -> bool:
     """The decision rule written into the SR: present when probability >= threshold."""
     return probability >= threshold
+
+
+def finding_text(probability: float, threshold: float) -> str:
+    """The finding as the SR's summary says it: "COVID-19: present (probability 0.53,
+    threshold 0.46)"."""
+    verdict = "present" if is_present(probability, threshold) else "absent"
+    return f"COVID-19: {verdict} (probability {probability:.2f}, threshold {threshold:.2f})"
+
+
+def _position(items: Sequence[Dataset], concept: CodedConcept) -> int:
+    """Index of the first item named `concept` (the end when there is none)."""
+    for index, item in enumerate(items):
+        names = item.get("ConceptNameCodeSequence") or []
+        if names and (names[0].CodeValue, names[0].CodingSchemeDesignator) == (
+            concept.value,
+            concept.scheme_designator,
+        ):
+            return index
+    return len(items)
 
 
 def build_sr(
@@ -166,7 +189,15 @@ def build_sr(
         imaging_measurements=[group, *regions],
     )
     root = report[0]
-    root.ContentSequence.append(_text(COMMENT, NOT_FOR_DIAGNOSTIC_USE))
+    # What a reader needs first, before the measurement details: the finding in words, then
+    # what it is worth. Viewers render the tree in order (dsr2html does).
+    head = [_text(SUMMARY, finding_text(result.probability, manifest.threshold))]
+    if manifest.random_weights:
+        head.append(_text(COMMENT, PLUMBING_WARNING))
+    head.append(_text(COMMENT, NOT_FOR_DIAGNOSTIC_USE))
+    at = _position(root.ContentSequence, IMAGING_MEASUREMENTS)
+    for offset, item in enumerate(head):
+        root.ContentSequence.insert(at + offset, item)
 
     evidence: list[Dataset] = [header]
     if options.include_similar:
@@ -282,8 +313,6 @@ def _measurement_group(
             f"ensemble probability is at or above it (probability {result.probability:.4f}).",
         )
     )
-    if manifest.random_weights:
-        item.ContentSequence.append(_text(COMMENT, PLUMBING_WARNING))
     return group
 
 

@@ -9,6 +9,8 @@ except the local 99CXRN codes for concepts the standard has no code for):
 - Present / Absent: SCT 52101004 / SCT 272519000, the values of DICOM CID 241 "Present
   Absent Only" (the DICOM value set uses 272519000, not 2667000, for "Absent").
 - Probability: DCM 122157 "Probability", unit UCUM "1" (no units), value 0..1.
+- The finding in words, first: DCM 121111 "Summary" (TEXT), before the Imaging
+  Measurements container, so that a viewer rendering the tree in order shows it on top.
 - Contributing equipment purpose: DCM 109102 "Processing Equipment" (CID 7005). There is no
   "Processing Algorithm" code; 109103 is "Modifying Equipment" (changes an instance in place),
   which is not what an algorithm creating a new instance does.
@@ -37,6 +39,8 @@ PLAIN_CHEST_XRAY = CodedConcept("399208008", "SCT", "Plain chest X-ray")
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
 COMMENT = CodedConcept("121106", "DCM", "Comment")
+SUMMARY = CodedConcept("121111", "DCM", "Summary")
+IMAGING_MEASUREMENTS = CodedConcept("126010", "DCM", "Imaging Measurements")
 IDENTIFIER = CodedConcept("125010", "DCM", "Identifier")
 STUDY_UID = CodedConcept("110180", "DCM", "Study Instance UID")
 SERIES_UID = CodedConcept("112002", "DCM", "Series Instance UID")
