@@ -177,6 +177,24 @@ def test_probability_and_finding(
     assert summary["finding_present"] is present
 
 
+def test_probabilities_are_percent(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    sr = build(source, manifest, tmp_path, probability=0.5253)
+    nums = [
+        item
+        for group in sr.ContentSequence
+        for sub in group.get("ContentSequence", [])
+        for item in sub.get("ContentSequence", [])
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "122157"
+    ]
+    assert len(nums) == 3  # the ensemble and its two members
+    for num in nums:
+        measured = num.MeasuredValueSequence[0]
+        unit = measured.MeasurementUnitsCodeSequence[0]
+        assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("%", "UCUM")
+    assert float(nums[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(52.53)
+    assert sr_summary(sr)["probability"] == pytest.approx(0.5253)  # read back as 0..1
+
+
 def test_member_probabilities_optional(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
     with_members = sr_summary(build(source, manifest, tmp_path))
     assert with_members["member_probabilities"] == pytest.approx({"resnet34": 0.80, "vgg16": 0.86})
@@ -300,7 +318,7 @@ def test_dcmtk_reads_it(source: Dataset, manifest: Manifest, tmp_path: Path) -> 
     path = str(tmp_path / "sr.dcm")
     dump = subprocess.run(["dsrdump", path], capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
-    assert "COVID" in dump.stdout and "0.83" in dump.stdout
+    assert "COVID" in dump.stdout and '"Probability")="83.0" (%,UCUM,"Percent")' in dump.stdout
     assert "Present" in dump.stdout
     html = subprocess.run(["dsr2html", path], capture_output=True, text=True, timeout=60)
     assert html.returncode == 0, html.stderr
@@ -414,7 +432,7 @@ def test_hospital_study_carries_date_score_label_distance_and_uids(
     assert content == {
         "Identifier": "H000042",
         "Study Date": "20240412",
-        "AI probability at analysis": pytest.approx(0.91),
+        "AI probability at analysis": pytest.approx(91.0),  # UCUM "%"
         "Confirmed diagnosis": "COVID-19 (confirmed)",
         "Embedding distance": pytest.approx(0.113),
         "Study Instance UID": HOSPITAL_STUDY,

@@ -130,7 +130,7 @@ def test_sr_rendered_by_dsr2html_shows_the_result_in_chromium(tmp_path: Path) ->
     text = page_text(rendered_dom(html, tmp_path / "profile"))
     # the finding and the probability
     assert re.search(r"COVID-19: Present", text), text[:2000]
-    assert re.search(r"Probability: 0\.83\b", text)
+    assert re.search(r"Probability: 83.0 %", text), text[:2000]
     assert "Not for diagnostic use" in text
     # the similar studies: the earlier hospital study (openable by UID) and its label,
     # and the reference-set item by dataset id
@@ -138,7 +138,7 @@ def test_sr_rendered_by_dsr2html_shows_the_result_in_chromium(tmp_path: Path) ->
     assert "Similar hospital study" in text and HOSPITAL_STUDY in text
     assert "COVID-19 (confirmed)" in text
     assert "Study Date: 2024-04-12" in text
-    assert "AI probability at analysis: 0.91" in text
+    assert "AI probability at analysis: 91.0 %" in text
     assert "Similar reference-set image" in text and "covidx-00421" in text
     # the lung outlines are there for a viewer to draw
     assert text.count("Image Region") == 2

@@ -17,7 +17,7 @@ Content tree (order as written: what a reader needs first, then the TID 1500 det
         CONTAINER Measurement Group (TID 1501)
           tracking id/UID, finding COVID-19, algorithm id (name, version, threshold)
           IMAGE source of measurement = the received X-ray
-          NUM Probability (ensemble mean), [NUM Probability per member]
+          NUM Probability in UCUM "%" (ensemble mean), [NUM Probability per member]
           CODE COVID-19 = Present | Absent       (probability >= threshold -> Present)
           TEXT Comment: decision threshold
         CONTAINER Measurement Group (TID 1410), one per lung outline found:
@@ -95,6 +95,7 @@ from dicom_node.results.sr.codes import (
     NEIGHBOUR_LABEL,
     NO_UNITS,
     NOT_FOR_DIAGNOSTIC_USE,
+    PERCENT,
     PLAIN_CHEST_XRAY,
     PLUMBING_WARNING,
     PRESENT,
@@ -267,8 +268,8 @@ def _measurement_group(
     measurements = [
         Measurement(
             name=PROBABILITY,
-            value=_shown(result.probability),
-            unit=NO_UNITS,
+            value=_percent(result.probability),
+            unit=PERCENT,
             derivation=codes.SCT.Mean,  # the ensemble averages its members
         )
     ]
@@ -277,8 +278,8 @@ def _measurement_group(
             measurements.append(
                 Measurement(
                     name=PROBABILITY,
-                    value=_shown(probability),
-                    unit=NO_UNITS,
+                    value=_percent(probability),
+                    unit=PERCENT,
                     algorithm_id=AlgorithmIdentification(
                         name=member,
                         version=manifest.version,
@@ -349,8 +350,8 @@ def _hospital_item(
         content.append(
             NumContentItem(
                 name=AI_PROBABILITY_THEN,
-                value=_shown(item.probability),
-                unit=NO_UNITS,
+                value=_percent(item.probability),
+                unit=PERCENT,
                 relationship_type=_CONTAINS,
             )
         )
@@ -393,6 +394,11 @@ def _hospital_item(
 def _shown(value: float) -> float:
     """Four decimals: what a reader can use (0.8 - 0.03 is not 0.77000000000000001)."""
     return round(float(value), 4)
+
+
+def _percent(probability: float) -> float:
+    """A probability 0..1 as the SR's UCUM "%" value: 0..100, two decimals."""
+    return round(100.0 * float(probability), 2)
 
 
 def _is_date(value: str) -> bool:

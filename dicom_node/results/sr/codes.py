@@ -8,7 +8,11 @@ except the local 99CXRN codes for concepts the standard has no code for):
   frontal film is not). CID 100 is extensible, so an SCT procedure code is allowed.
 - Present / Absent: SCT 52101004 / SCT 272519000, the values of DICOM CID 241 "Present
   Absent Only" (the DICOM value set uses 272519000, not 2667000, for "Absent").
-- Probability: DCM 122157 "Probability", unit UCUM "1" (no units), value 0..1.
+- Probability: DCM 122157 "Probability", unit UCUM "%" (Percent), value 0..100 with two
+  decimals: viewers print a NUM as value and unit code, and "52.53 %" reads as a
+  probability where "0.5253 1" (UCUM "1", no units) did not. The summary text gives it as
+  0..1 with the threshold ("probability 0.53, threshold 0.46"). Embedding distances stay
+  UCUM "1": they are not probabilities.
 - The finding in words, first: DCM 121111 "Summary" (TEXT), before the Imaging
   Measurements container, so that a viewer rendering the tree in order shows it on top.
 - Contributing equipment purpose: DCM 109102 "Processing Equipment" (CID 7005). There is no
@@ -38,6 +42,7 @@ ABSENT = CodedConcept("272519000", "SCT", "Absent")
 PLAIN_CHEST_XRAY = CodedConcept("399208008", "SCT", "Plain chest X-ray")
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
+PERCENT = CodedConcept("%", "UCUM", "Percent")
 COMMENT = CodedConcept("121106", "DCM", "Comment")
 SUMMARY = CodedConcept("121111", "DCM", "Summary")
 IMAGING_MEASUREMENTS = CodedConcept("126010", "DCM", "Imaging Measurements")
