@@ -536,3 +536,39 @@ def test_plumbing_warning_comes_with_the_finding(
     assert items[1] == ("Comment", PLUMBING_WARNING)
     assert items[2] == ("Comment", NOT_FOR_DIAGNOSTIC_USE)
     assert all_text(sr).count(PLUMBING_WARNING) == 1
+
+
+def test_strong_disagreement_of_the_members_is_said(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    result = make_result(manifest, 0.53).model_copy(
+        update={"member_probabilities": {"resnet34": 0.39, "vgg16": 0.69, "densenet": 0.50}}
+    )
+    sr = write_and_read(
+        build_sr(source, result, manifest, SIMILAR, UIDS, ReportOptions()), tmp_path / "sr.dcm"
+    )
+    items = root_items(sr)
+    assert items[0][0] == "Summary"
+    assert items[1] == (
+        "Comment",
+        "Uncertain: the ensemble members disagree strongly (probabilities 0.39 / 0.69 / 0.50; "
+        "spread 0.30, flagged from 0.25).",
+    )
+    assert items[2] == ("Comment", NOT_FOR_DIAGNOSTIC_USE)
+
+
+@pytest.mark.parametrize(
+    ("members", "flagged"),
+    [({"a": 0.40, "b": 0.65}, True), ({"a": 0.40, "b": 0.64}, False), ({"a": 0.9}, False)],
+)
+def test_disagreement_threshold(members: dict[str, float], flagged: bool) -> None:
+    from dicom_node.results.sr.builder import disagreement_text
+
+    assert (disagreement_text(members) is not None) is flagged
+
+
+def test_agreeing_members_are_not_flagged(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    sr = build(source, manifest, tmp_path)  # members 0.80 / 0.86
+    assert not any("Uncertain" in text for text in all_text(sr))

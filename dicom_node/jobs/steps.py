@@ -50,7 +50,12 @@ from dicom_node.results.reference_index import ReferenceIndex
 from dicom_node.results.sc.builder import ScOptions, build_sc
 from dicom_node.results.sc.render import SummaryFacts, render_summary
 from dicom_node.results.seg.builder import SegOptions, build_seg
-from dicom_node.results.sr.builder import ReportOptions, build_sr, is_present
+from dicom_node.results.sr.builder import (
+    ReportOptions,
+    build_sr,
+    disagreement_text,
+    is_present,
+)
 from dicom_node.settings import Destination, Settings
 from worker.bundle import Bundle, Manifest
 from worker.contracts import InferRequest, InferResult, SimilarItem, decode_png, encode_png
@@ -288,6 +293,11 @@ def build_summary(
         analysed_at=datetime.now().astimezone(),
         image_date=str(header.get("ContentDate") or header.get("StudyDate") or "") or None,
         plumbing=manifest.random_weights,
+        disagreeing_members=(
+            tuple(result.member_probabilities.values())
+            if disagreement_text(result.member_probabilities)
+            else ()
+        ),
     )
     summary = render_summary(source.display, lungs.outlines, facts, width)
     return build_sc(

@@ -11,6 +11,7 @@ Content tree (order as written: what a reader needs first, then the TID 1500 det
       language, observer context (device: bundle name, version, device UID)
       procedure reported: SCT 399208008 "Plain chest X-ray"
       TEXT Summary: "COVID-19: present (probability 0.53, threshold 0.46)"
+      [TEXT Comment: "Uncertain: the ensemble members disagree strongly (...)"]
       [TEXT Comment: PLUMBING BUNDLE warning]
       TEXT Comment: not for diagnostic use
       CONTAINER Imaging Measurements
@@ -85,6 +86,7 @@ from dicom_node.results.sr.codes import (
     COMMENT,
     CONFIRMED_DIAGNOSIS,
     DIAGNOSIS_TEXT,
+    DISAGREEMENT_SPREAD,
     EMBEDDING_DISTANCE,
     FINDING_COVID19,
     IDENTIFIER,
@@ -141,6 +143,21 @@ def finding_text(probability: float, threshold: float) -> str:
     return f"COVID-19: {verdict} (probability {probability:.2f}, threshold {threshold:.2f})"
 
 
+def disagreement_text(members: dict[str, float]) -> str | None:
+    """What the SR says when the ensemble members disagree strongly (their probabilities span
+    DISAGREEMENT_SPREAD or more); None when they agree, or there are fewer than two."""
+    if len(members) < 2:
+        return None
+    low, high = min(members.values()), max(members.values())
+    if high - low < DISAGREEMENT_SPREAD - 1e-9:
+        return None
+    values = " / ".join(f"{p:.2f}" for p in members.values())
+    return (
+        f"Uncertain: the ensemble members disagree strongly (probabilities {values}; "
+        f"spread {high - low:.2f}, flagged from {DISAGREEMENT_SPREAD:.2f})."
+    )
+
+
 def _position(items: Sequence[Dataset], concept: CodedConcept) -> int:
     """Index of the first item named `concept` (the end when there is none)."""
     for index, item in enumerate(items):
@@ -193,6 +210,9 @@ def build_sr(
     # What a reader needs first, before the measurement details: the finding in words, then
     # what it is worth. Viewers render the tree in order (dsr2html does).
     head = [_text(SUMMARY, finding_text(result.probability, manifest.threshold))]
+    disagreement = disagreement_text(result.member_probabilities)
+    if disagreement:
+        head.append(_text(COMMENT, disagreement))
     if manifest.random_weights:
         head.append(_text(COMMENT, PLUMBING_WARNING))
     head.append(_text(COMMENT, NOT_FOR_DIAGNOSTIC_USE))

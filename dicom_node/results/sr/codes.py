@@ -65,5 +65,10 @@ ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical Structure")
 #: How a confirmed diagnosis recorded with `cxr-node label` reads in the SR.
 DIAGNOSIS_TEXT = {"covid": "COVID-19 (confirmed)", "negative": "COVID-19 negative (confirmed)"}
 
+#: Members whose probabilities span at least this much (highest minus lowest) disagree
+#: strongly: the SR says so next to the finding, since the call is then uncertain. 0.25 is a
+#: quarter of the scale: members at 0.39 and 0.69 are on both sides of any usual threshold.
+DISAGREEMENT_SPREAD = 0.25
+
 NOT_FOR_DIAGNOSTIC_USE = "Not for diagnostic use. Research software; result not verified."
 PLUMBING_WARNING = "PLUMBING BUNDLE: random weights, score meaningless"
