@@ -224,7 +224,7 @@ def test_similar_items(source: Dataset, manifest: Manifest, tmp_path: Path) -> N
     sop = other.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert sop.ReferencedSOPInstanceUID == HOSPITAL_SOP
     texts = all_text(sr)
-    assert "covid" in texts and "pcr-positive" in texts and "covidx" in texts
+    assert "COVID-19" in texts and "pcr-positive" in texts and "covidx" in texts
 
 
 def test_similar_labels_can_be_left_out(
@@ -572,3 +572,58 @@ def test_agreeing_members_are_not_flagged(
 ) -> None:
     sr = build(source, manifest, tmp_path)  # members 0.80 / 0.86
     assert not any("Uncertain" in text for text in all_text(sr))
+
+
+@pytest.mark.parametrize(
+    ("label", "shown"),
+    [
+        ("covid", "COVID-19"),
+        ("other_pneumonia", "no COVID-19: other pneumonia"),
+        ("no_finding", "no finding"),
+        ("negative", "no COVID-19 (no finding or other pneumonia)"),
+        ("something-else", "something-else"),
+    ],
+)
+def test_reference_labels_are_named_as_they_are(
+    source: Dataset, manifest: Manifest, tmp_path: Path, label: str, shown: str
+) -> None:
+    item = SimilarItem(kind="reference", item_id="r1", label=label, source="pool", distance=0.1)
+    sr = build(source, manifest, tmp_path, similar=[item])
+    assert shown in all_text(sr)
+    assert "negative" not in all_text(sr)  # never the bare class name
+
+
+@pytest.mark.parametrize(
+    ("label", "finding", "expected"),
+    [
+        ("negative", "other_pneumonia", "other_pneumonia"),
+        ("negative", "negative", "no_finding"),  # the pool's "negative": no pneumonia
+        ("covid", "covid", "covid"),
+        ("negative", None, "negative"),  # a bundle without findings: the class label
+        ("negative", "todo", "negative"),
+    ],
+)
+def test_reference_label_takes_the_finding_when_the_index_has_one(
+    label: str, finding: str | None, expected: str
+) -> None:
+    from dicom_node.results.labels import reference_label
+
+    assert reference_label(label, finding) == expected
+
+
+def test_similar_cases_line_counts_labels_as_shown() -> None:
+    from dicom_node.results.labels import similar_cases_line
+
+    items = [
+        SimilarItem(kind="reference", item_id="a", label="covid", distance=0.1),
+        SimilarItem(kind="reference", item_id="b", label="other_pneumonia", distance=0.2),
+        SimilarItem(kind="reference", item_id="c", label="covid", distance=0.3),
+        HOSPITAL_ITEM,  # confirmed covid
+    ]
+    assert similar_cases_line(items, show_reference=True, show_hospital=True) == (
+        "similar cases: 2 COVID-19, 1 no COVID-19: other pneumonia, 1 COVID-19 (confirmed)"
+    )
+    assert similar_cases_line(items, True, False) == (
+        "similar cases: 2 COVID-19, 1 no COVID-19: other pneumonia"
+    )
+    assert similar_cases_line(items, False, False) is None

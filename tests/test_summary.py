@@ -224,3 +224,14 @@ def test_disagreeing_members_are_said_under_the_finding(display: np.ndarray) -> 
     # one more line of text: the header band grows, the X-ray is not covered
     taller = render_summary(display, [], uncertain)
     assert taller.image_top > render_summary(display, [], facts(probability=0.53)).image_top
+
+
+def test_similar_cases_line_under_the_details(display: np.ndarray) -> None:
+    from dataclasses import replace
+
+    from dicom_node.results.sc.render import header_lines
+
+    line = "similar cases: 2 COVID-19, 1 no COVID-19: other pneumonia, 1 no finding"
+    lines = header_lines(replace(facts(), similar_cases=line))
+    assert lines[0].startswith("AI: COVID-19 PRESENT") and lines[2] == line
+    assert not any("similar" in text for text in header_lines(facts()))

@@ -44,6 +44,7 @@ from dicom_node.records.metrics_store import MetricsStore
 from dicom_node.results.delivery import OUTBOX, backoff_seconds, send_files, to_outbox
 from dicom_node.results.display_cache import DisplayCache
 from dicom_node.results.hospital_index import HospitalEntry, HospitalIndex
+from dicom_node.results.labels import similar_cases_line
 from dicom_node.results.lungs import lung_map_on_image, lung_mask, lung_outlines
 from dicom_node.results.pixels import PixelDecodeError, decode_display
 from dicom_node.results.reference_index import ReferenceIndex
@@ -280,6 +281,7 @@ def build_summary(
     uids: OutputUids,
     lungs: Lungs,
     width: int,
+    similar_cases: str | None = None,
 ) -> Dataset | None:
     if source.display is None:
         return None
@@ -298,6 +300,7 @@ def build_summary(
             if disagreement_text(result.member_probabilities)
             else ()
         ),
+        similar_cases=similar_cases,
     )
     summary = render_summary(source.display, lungs.outlines, facts, width)
     return build_sc(
@@ -386,7 +389,17 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
     }
     builders = {
         OutputKind.SC: lambda: build_summary(
-            source, result, manifest, uids[OutputKind.SC], lungs, settings.summary_width
+            source,
+            result,
+            manifest,
+            uids[OutputKind.SC],
+            lungs,
+            settings.summary_width,
+            similar_cases_line(
+                similar,
+                show_reference=settings.similar_labels,
+                show_hospital=settings.similar_labels and "label" in settings.hospital_fields,
+            ),
         ),
         OutputKind.SEG: lambda: build_lung_seg(source, manifest, uids[OutputKind.SEG], lungs),
     }

@@ -8,6 +8,7 @@ an RGB picture::
     | AI: COVID-19 PRESENT   probability 0.83 (threshold 0.50)     |  header: finding first,
     | [UNCERTAIN: the ensemble members disagree (0.39 / 0.69)]     |
     | model <name> <version> | analysed <date time> | image <date> |  then who and when,
+    | [similar cases: 2 COVID-19, 1 no COVID-19: other pneumonia]  |  what looked alike,
     | [PLUMBING BUNDLE warning]                                    |
     | ---- lung outline (AI segmentation)                          |  and the legend
     +--------------------------------------------------------------+
@@ -65,6 +66,8 @@ class SummaryFacts:
     #: The members' probabilities when they disagree strongly (`sr.builder.disagreement_text`);
     #: empty when they agree.
     disagreeing_members: tuple[float, ...] = ()
+    #: The labels of the similar cases (`dicom_node.results.labels.similar_cases_line`).
+    similar_cases: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ def _header_lines(facts: SummaryFacts) -> list[_Line]:
         d = facts.image_date
         details += f" | image {d[:4]}-{d[4:6]}-{d[6:]}"
     lines.append(_Line(details, _GRAY, 0.7))
+    if facts.similar_cases:
+        lines.append(_Line(facts.similar_cases, _GRAY, 0.7))
     if facts.plumbing:
         lines.append(_Line(PLUMBING_TEXT, _WARNING, 0.75))
     return lines

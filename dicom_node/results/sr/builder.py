@@ -79,6 +79,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.records.ledger import OutputUids
 from dicom_node.results.equipment import OWN_MANUFACTURER, evidence_header, model_equipment
+from dicom_node.results.labels import reference_label_text
 from dicom_node.results.sr.codes import (
     ABSENT,
     AI_PROBABILITY_THEN,
@@ -347,7 +348,7 @@ def _neighbour_item(
     if math.isfinite(item.distance):
         content.append(_distance(item.distance))
     if options.include_similar_labels and item.label:
-        content.append(_text(NEIGHBOUR_LABEL, item.label))
+        content.append(_text(NEIGHBOUR_LABEL, reference_label_text(item.label)))
     if item.source:
         content.append(_text(NEIGHBOUR_DATASET, item.source))
     container.ContentSequence = ContentSequence(content)
