@@ -150,3 +150,33 @@ def test_screenshot_of_the_rendered_sr(tmp_path: Path) -> None:
     image = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
     assert image is not None and image.shape == (2200, 1100)
     assert (image < 128).mean() > 0.005  # text was drawn, not a blank page
+
+
+#: What a reader of the dsr2html page meets first, in this order, after the document header
+#: and the observer context (golden: a change of order is a change of what the reader sees).
+GOLDEN_ORDER = (
+    "Summary: COVID-19: present (probability 0.83, threshold 0.50)",
+    "Comment: Not for diagnostic use. Research software; result not verified.",
+    "Imaging Measurements",
+    "Finding: COVID-19",
+    "Probability: 83.0 %",
+    "COVID-19: Present",
+    "Tracking Identifier = \"Lung outline 1\"",
+    "Image Region: Polyline",
+    "Most similar studies",
+    "Similar hospital study",
+    "Similar reference-set image",
+    "Label: COVID-19",
+)
+
+
+def test_golden_rendering_puts_the_finding_first(tmp_path: Path) -> None:
+    html = dsr2html(example_sr(tmp_path / "sr.dcm"), tmp_path / "sr.html")
+    text = page_text(html.read_text(encoding="utf-8", errors="replace"))
+    body = text[text.index("Imaging Measurement Report") :]
+    positions = [body.find(item) for item in GOLDEN_ORDER]
+    assert -1 not in positions, [i for i, p in zip(GOLDEN_ORDER, positions, strict=True) if p < 0]
+    assert positions == sorted(positions), body[:3000]
+    # nothing of substance before the finding: only the template's context rows
+    before = body[: positions[0]]
+    assert "Probability" not in before and "Not for diagnostic use" not in before
