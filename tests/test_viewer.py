@@ -161,7 +161,7 @@ GOLDEN_ORDER = (
     "Finding: COVID-19",
     "Probability: 83.0 %",
     "COVID-19: Present",
-    "Tracking Identifier = \"Lung outline 1\"",
+    'Tracking Identifier = "Lung outline 1"',
     "Image Region: Polyline",
     "Most similar studies",
     "Similar hospital study",
