@@ -41,7 +41,13 @@ from dicom_node.records.ledger import (
     OutputUids,
 )
 from dicom_node.records.metrics_store import MetricsStore
-from dicom_node.results.delivery import OUTBOX, backoff_seconds, send_files, to_outbox
+from dicom_node.results.delivery import (
+    OUTBOX,
+    backoff_seconds,
+    outbox_name,
+    send_files,
+    to_outbox,
+)
 from dicom_node.results.display_cache import DisplayCache
 from dicom_node.results.hospital_index import HospitalEntry, HospitalIndex
 from dicom_node.results.labels import similar_cases_line
@@ -502,7 +508,12 @@ def _deliver_claimed(node: NodeRuntime, job_id: str, destination: str) -> Delive
     paths = [node.result_path(job_id, d.kind) for d in pending]
     started = time.time()
     if destination == OUTBOX:
-        errors = [_to_outbox(path, node.settings.outbox_dir) for path in paths]
+        job = node.ledger.get(job_id)
+        source_uid = job.sop_instance_uid if job is not None else job_id
+        errors = [
+            _to_outbox(path, node.settings.outbox_dir, outbox_name(source_uid, str(d.kind)))
+            for path, d in zip(paths, pending, strict=True)
+        ]
     else:
         try:
             target = Destination.parse(destination)
@@ -573,9 +584,9 @@ def _audit_delivery(
     )
 
 
-def _to_outbox(path: Path, outbox: Path) -> str | None:
+def _to_outbox(path: Path, outbox: Path, name: str) -> str | None:
     try:
-        to_outbox(path, outbox)
+        to_outbox(path, outbox, name)
     except OSError as exc:
         return str(exc)
     return None

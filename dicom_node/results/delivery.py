@@ -34,8 +34,16 @@ def send_file(path: Path, destination: Destination, calling_ae: str, timeout: fl
         raise DeliveryError(error)
 
 
-def to_outbox(path: Path, outbox: Path) -> Path:
-    target = outbox / path.name
+def outbox_name(source_sop_instance_uid: str, kind: str) -> str:
+    """The outbox file of one result object, named after the image it is about:
+    "<SOP Instance UID of the received X-ray>-<sr|sc|seg>.dcm". (The UID was checked to be a
+    valid UID when the image was received, so it is a safe file name.)"""
+    return f"{source_sop_instance_uid}-{kind}.dcm"
+
+
+def to_outbox(path: Path, outbox: Path, name: str | None = None) -> Path:
+    """Copy a result file into the outbox durably, as `name` (default: its own name)."""
+    target = outbox / (name or path.name)
     write_durably(target, path.read_bytes())
     return target
 
