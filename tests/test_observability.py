@@ -201,7 +201,8 @@ def test_metrics_audit_and_json_logs_for_sent_studies(
     assert all(a["address"] == "127.0.0.1" and a["called_ae"] == "CXRNODE" for a in accepted)
     (rejected,) = [a for a in associations if a["outcome"] == "rejected"]
     assert rejected["calling_ae"] == "INTRUDER" and rejected["called_ae"] == "NOTTHENODE"
-    assert rejected["reason"] == "called AE title is not this node's"
+    assert rejected["reason"].startswith("called AE title is not this node's")
+    assert "rejected: called AE title is not this node's" in node.logs()  # and in the log
     received = {a["sop_instance_uid"]: a for a in lines if a["event"] == "received"}
     phi_uid = str(dcmread(phi, stop_before_pixels=True).SOPInstanceUID)
     assert received[phi_uid]["outcome"] == "analyse"
