@@ -64,16 +64,17 @@ def setup_logging(level: str, log_file: Path | None, log_format: str = "text") -
     # per step says what happened. Failures are still logged (ERROR).
     for name in ("celery.worker.strategy", "celery.app.trace"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
-    quiet = logging.getLogger("pydicom.pixels.decoders.base")
-    for old in [f for f in quiet.filters if isinstance(f, TracebackToDebug)]:
-        quiet.removeFilter(old)
-    quiet.addFilter(TracebackToDebug())
+    _set_filter(logging.getLogger("pydicom.pixels.decoders.base"), TracebackToDebug())
     # pynetdicom warns of a non-conformant UID in a message it decodes and again in the
     # response it encodes; the C-STORE handler refuses such an instance and says so once.
-    netdicom = logging.getLogger("pynetdicom.utils")
-    for old in [f for f in netdicom.filters if isinstance(f, DropNonConformantUid)]:
-        netdicom.removeFilter(old)
-    netdicom.addFilter(DropNonConformantUid())
+    _set_filter(logging.getLogger("pynetdicom.utils"), DropNonConformantUid())
+
+
+def _set_filter(logger: logging.Logger, new: logging.Filter) -> None:
+    """Add `new` to `logger` once (setup_logging may run again in one process)."""
+    for old in [f for f in logger.filters if type(f) is type(new)]:
+        logger.removeFilter(old)
+    logger.addFilter(new)
 
 
 class TracebackToDebug(logging.Filter):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -51,7 +52,7 @@ def to_outbox(path: Path, outbox: Path, name: str | None = None) -> Path:
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
-def requested_contexts(datasets: list[Dataset]) -> list[tuple[str, list[str]]]:
+def requested_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
     """The presentation contexts to propose for `datasets`: per SOP class, the uncompressed
     syntaxes for files that are not compressed (pynetdicom re-encodes them to whichever is
     accepted), and each compressed (or deflated) file's own transfer syntax in a context of
