@@ -36,3 +36,19 @@ def describe(code: int) -> str:
         code, (code_to_category(code), "")
     )
     return f"0x{code:04X} ({category}{': ' + meaning if meaning else ''})"
+
+
+#: An Error Comment (0000,0902) is LO: at most 64 characters.
+ERROR_COMMENT_MAX = 64
+
+
+def error_comment(reason: str) -> str:
+    """A refusal's reason as an Error Comment: one line of LO characters (no backslash, no
+    control characters), at most 64, cut at a word with "..." when longer."""
+    text = " ".join("".join(c if c.isprintable() and c != "\\" else " " for c in reason).split())
+    if len(text) <= ERROR_COMMENT_MAX:
+        return text
+    cut = text[: ERROR_COMMENT_MAX - 3]
+    if " " in cut[20:]:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(" ,;:(") + "..."

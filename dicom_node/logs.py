@@ -60,6 +60,40 @@ def setup_logging(level: str, log_file: Path | None, log_format: str = "text") -
         root.addHandler(handler)
     # pynetdicom at INFO narrates every association; its DEBUG level dumps data sets.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # Celery at INFO logs every task twice ("received", "succeeded in"): the node's own line
+    # per step says what happened. Failures are still logged (ERROR).
+    for name in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    _set_filter(logging.getLogger("pydicom.pixels.decoders.base"), TracebackToDebug())
+    # pynetdicom warns of a non-conformant UID in a message it decodes and again in the
+    # response it encodes; the C-STORE handler refuses such an instance and says so once.
+    _set_filter(logging.getLogger("pynetdicom.utils"), DropNonConformantUid())
+
+
+def _set_filter(logger: logging.Logger, new: logging.Filter) -> None:
+    """Add `new` to `logger` once (setup_logging may run again in one process)."""
+    for old in [f for f in logger.filters if type(f) is type(new)]:
+        logger.removeFilter(old)
+    logger.addFilter(new)
+
+
+class TracebackToDebug(logging.Filter):
+    """pydicom logs each decoder plugin's failure as an ERROR with its traceback, before it
+    raises; an undecodable image is an expected outcome (the job is rejected with one WARNING
+    line giving the reason), so these records go out at DEBUG, or not at all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.exc_info:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+class DropNonConformantUid(logging.Filter):
+    """pynetdicom's "Non-conformant 'Affected SOP Instance UID' value ..." warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Non-conformant")
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from pydicom import config as pydicom_config
 from pynetdicom import _config
 
 
@@ -28,6 +29,11 @@ def configure_libraries(receive_into: Path | None = None) -> None:
     warnings.filterwarnings(
         "ignore", message=r"The string .* is unlikely to represent the intended person name"
     )
+    # Tolerant reading: pydicom warns (a Python warning and a log line, each time a value is
+    # read) of every value that breaks its VR's rules; one bad UID gave ten lines per
+    # instance. The node checks what it relies on itself (receiving.checks: UIDs, rows,
+    # columns, pixel data) and logs one line with the reason; writing stays validated.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     if receive_into is not None:
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(receive_into)  # pynetdicom's NamedTemporaryFile goes here

@@ -46,7 +46,8 @@ class SrSummary(TypedDict):
 def sr_summary(ds: Dataset) -> SrSummary:
     """What a produced SR says, read with plain pydicom (tolerant of any writer).
 
-    - probability: the ensemble Probability (the NUM without its own Algorithm Name);
+    - probability: the ensemble Probability (the NUM without its own Algorithm Name), 0..1
+      whether written in UCUM "%" or "1";
     - finding_present: the COVID-19 CODE item, True / False, None when absent or unknown;
     - referenced_sop_instance_uids: CurrentRequestedProcedureEvidenceSequence instances;
     - similar: each similar item's kind, identifier, study UID and label;
@@ -160,15 +161,21 @@ def _concept(item: Dataset) -> tuple[str, str] | None:
 
 
 def _num_value(item: Dataset) -> float | None:
+    """A NUM's value; a probability in UCUM "%" (the node's unit) comes back as 0..1."""
     seq = item.get("MeasuredValueSequence")
     if not seq:
         return None
     measured = seq[0]
     if "FloatingPointValue" in measured:
-        return float(measured.FloatingPointValue)
-    if measured.get("NumericValue") is not None:
-        return float(measured.NumericValue)
-    return None
+        value = float(measured.FloatingPointValue)
+    elif measured.get("NumericValue") is not None:
+        value = float(measured.NumericValue)
+    else:
+        return None
+    units = measured.get("MeasurementUnitsCodeSequence") or [Dataset()]
+    if str(units[0].get("CodeValue", "")) == "%":
+        return value / 100.0
+    return value
 
 
 def _evidence_uids(ds: Dataset, keyword: str) -> list[str]:

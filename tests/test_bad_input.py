@@ -268,6 +268,10 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 
 
 _STATUS_RE = re.compile(r"DIMSE Status\s*:\s*0x([0-9A-Fa-f]{4})")
+_COMMENT_RE = re.compile(r"\(0000,0902\) LO \[(.*?)\]")
+
+#: The Error Comment of the last C-STORE response, as the sender saw it (None: there was none).
+last_comment: list[str | None] = [None]
 
 
 def send_storescu(node: NodeProcess, path: Path) -> int | NoContext:
@@ -285,6 +289,8 @@ def send_storescu(node: NodeProcess, path: Path) -> int | NoContext:
         return NoContext()
     found = _STATUS_RE.findall(out)
     assert found, f"no C-STORE status from storescu:\n{out[-3000:]}"
+    comments = _COMMENT_RE.findall(out)
+    last_comment[0] = comments[-1] if comments else None
     return int(found[-1], 16)
 
 
@@ -301,6 +307,7 @@ def send_pynetdicom(node: NodeProcess, path: Path) -> int | NoContext:
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = chunked
         assoc.release()
+    last_comment[0] = str(response.ErrorComment) if "ErrorComment" in response else None
     return int(response.Status)
 
 
@@ -336,6 +343,9 @@ def test_bad_input_gets_a_clear_answer(
     expected = case.expected
     if isinstance(expected, Status):
         assert answer == expected.code, f"0x{answer:04X}" if isinstance(answer, int) else answer
+        # every failure status says why (Error Comment, LO: at most 64 characters)
+        comment = last_comment[0]
+        assert comment and len(comment) <= 64, comment
         assert sum(ledger.counts().values()) == rows_before  # nothing recorded
     elif isinstance(expected, NoContext):
         assert isinstance(answer, NoContext)

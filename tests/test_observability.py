@@ -201,7 +201,8 @@ def test_metrics_audit_and_json_logs_for_sent_studies(
     assert all(a["address"] == "127.0.0.1" and a["called_ae"] == "CXRNODE" for a in accepted)
     (rejected,) = [a for a in associations if a["outcome"] == "rejected"]
     assert rejected["calling_ae"] == "INTRUDER" and rejected["called_ae"] == "NOTTHENODE"
-    assert rejected["reason"] == "called AE title is not this node's"
+    assert rejected["reason"].startswith("called AE title is not this node's")
+    assert "rejected: called AE title is not this node's" in node.logs()  # and in the log
     received = {a["sop_instance_uid"]: a for a in lines if a["event"] == "received"}
     phi_uid = str(dcmread(phi, stop_before_pixels=True).SOPInstanceUID)
     assert received[phi_uid]["outcome"] == "analyse"
@@ -331,12 +332,21 @@ def test_queue_depth_worker_metrics_and_health_while_redis_is_down(
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_status_page_in_chromium_shows_jobs_dead_letter_and_bundle(
+def test_status_page_in_chromium_shows_jobs_dead_letter_refusal_and_bundle(
     start_node: Callable[..., NodeProcess],
     storescp: Peer,
     chest_cr: Path,
     tmp_path: Path,
 ) -> None:
+    """Also a screenshot of the page (headless Chromium); with CXR_EXAMPLE_STATUS_PNG set to a
+    path it is copied there (how docs/example-status.png is made)."""
+    import os
+    import shutil
+
+    import cv2
+
+    from tests.peers import storescu_statuses
+    from tests.synthetic import synthetic_cr, write
     from tests.test_viewer import chromium, page_text
 
     port = free_port()
@@ -349,6 +359,11 @@ def test_status_page_in_chromium_shows_jobs_dead_letter_and_bundle(
     wait_for(lambda: ledger.counts()["failed"] == 1, 240, "the dead letter")
     (job,) = ledger.recent(10)
     wait_for(lambda: len(of_class(storescp.received(), COMPREHENSIVE_SR)) == 1, 60, "the SR")
+    # a modality sends an instance without its Study Instance UID: refused, and shown
+    broken = synthetic_cr(size=64)
+    del broken.StudyInstanceUID
+    refused = write(broken, tmp_path / "no-study.dcm")
+    assert storescu_statuses(node.port, [refused], calling="CR_ROOM1") == [0x0120]
 
     run = chromium("--dump-dom", f"http://127.0.0.1:{port}/", profile=tmp_path / "profile")
     assert run.returncode == 0 and "<html" in run.stdout.lower(), run.stderr[-2000:]
@@ -360,6 +375,27 @@ def test_status_page_in_chromium_shows_jobs_dead_letter_and_bundle(
     assert f"to {dead} failed" in text  # its reason names the destination
     assert "0.0.0-random" in text and plumbing_device_uid() in text  # the bundle in use
     assert "RANDOM WEIGHTS" in text
+    refusals = text[text.index("Refused instances") : text.index("Recent jobs")]
+    assert "CR_ROOM1" in refusals and "127.0.0.1" in refusals
+    assert "0x0120 (Failure: Missing Attribute)" in refusals
+    assert "missing StudyInstanceUID" in refusals
+    assert PHI_NAME not in text and "Test^" not in text  # no patient data
+
+    png = tmp_path / "status.png"
+    shot = chromium(
+        f"--screenshot={png}",
+        "--window-size=1200,1500",
+        f"http://127.0.0.1:{port}/",
+        profile=tmp_path / "profile-shot",
+    )
+    assert shot.returncode == 0 and png.is_file(), shot.stderr[-2000:]
+    image = cv2.imread(str(png))
+    assert image is not None and image.shape[:2] == (1500, 1200)
+    # red text drawn (#b00): the failed state and the refusal's status
+    red = (image[:, :, 2] > 150) & (image[:, :, 1] < 60) & (image[:, :, 0] < 60)
+    assert red.sum() > 50
+    if os.environ.get("CXR_EXAMPLE_STATUS_PNG"):
+        shutil.copyfile(png, os.environ["CXR_EXAMPLE_STATUS_PNG"])
 
     samples = scrape(port)
     assert value(samples, "cxr_failed_total", stage="delivery") == 2  # the SR and SC to DEAD

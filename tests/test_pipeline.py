@@ -105,7 +105,10 @@ def test_finalize_builds_sr_and_summary_and_delivers_both_to_the_outbox(
     outcome = steps.deliver(node, job_id, "outbox")
     assert outcome.delivered and outcome.retry_in is None
     names = sorted(p.name for p in node.settings.outbox_dir.iterdir())
-    assert names == [f"{job_id}-sc.dcm", f"{job_id}-sr.dcm"]
+    # named after the X-ray they are about
+    source_uid = node.ledger.get(job_id).sop_instance_uid  # type: ignore[union-attr]
+    assert names == [f"{source_uid}-sc.dcm", f"{source_uid}-sr.dcm"]
+    assert dcmread(node.settings.outbox_dir / names[1]).SOPInstanceUID == sr.SOPInstanceUID
     assert node.ledger.get(job_id).state is JobState.DELIVERED  # type: ignore[union-attr]
 
 

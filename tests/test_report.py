@@ -177,6 +177,24 @@ def test_probability_and_finding(
     assert summary["finding_present"] is present
 
 
+def test_probabilities_are_percent(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
+    sr = build(source, manifest, tmp_path, probability=0.5253)
+    nums = [
+        item
+        for group in sr.ContentSequence
+        for sub in group.get("ContentSequence", [])
+        for item in sub.get("ContentSequence", [])
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "122157"
+    ]
+    assert len(nums) == 3  # the ensemble and its two members
+    for num in nums:
+        measured = num.MeasuredValueSequence[0]
+        unit = measured.MeasurementUnitsCodeSequence[0]
+        assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("%", "UCUM")
+    assert float(nums[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(52.53)
+    assert sr_summary(sr)["probability"] == pytest.approx(0.5253)  # read back as 0..1
+
+
 def test_member_probabilities_optional(source: Dataset, manifest: Manifest, tmp_path: Path) -> None:
     with_members = sr_summary(build(source, manifest, tmp_path))
     assert with_members["member_probabilities"] == pytest.approx({"resnet34": 0.80, "vgg16": 0.86})
@@ -206,7 +224,7 @@ def test_similar_items(source: Dataset, manifest: Manifest, tmp_path: Path) -> N
     sop = other.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert sop.ReferencedSOPInstanceUID == HOSPITAL_SOP
     texts = all_text(sr)
-    assert "covid" in texts and "pcr-positive" in texts and "covidx" in texts
+    assert "COVID-19" in texts and "pcr-positive" in texts and "covidx" in texts
 
 
 def test_similar_labels_can_be_left_out(
@@ -300,7 +318,7 @@ def test_dcmtk_reads_it(source: Dataset, manifest: Manifest, tmp_path: Path) -> 
     path = str(tmp_path / "sr.dcm")
     dump = subprocess.run(["dsrdump", path], capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
-    assert "COVID" in dump.stdout and "0.83" in dump.stdout
+    assert "COVID" in dump.stdout and '"Probability")="83.0" (%,UCUM,"Percent")' in dump.stdout
     assert "Present" in dump.stdout
     html = subprocess.run(["dsr2html", path], capture_output=True, text=True, timeout=60)
     assert html.returncode == 0, html.stderr
@@ -414,7 +432,7 @@ def test_hospital_study_carries_date_score_label_distance_and_uids(
     assert content == {
         "Identifier": "H000042",
         "Study Date": "20240412",
-        "AI probability at analysis": pytest.approx(0.91),
+        "AI probability at analysis": pytest.approx(91.0),  # UCUM "%"
         "Confirmed diagnosis": "COVID-19 (confirmed)",
         "Embedding distance": pytest.approx(0.113),
         "Study Instance UID": HOSPITAL_STUDY,
@@ -478,3 +496,134 @@ def test_dciodvfy_with_outlines_and_hospital_items(
     output = run.stdout + run.stderr
     assert "ComprehensiveSR" in output
     assert [line for line in output.splitlines() if line.startswith("Error")] == [], output
+
+
+# ------------------------------------------------------------------- what a reader sees first
+
+
+def root_items(sr: Dataset) -> list[tuple[str, str]]:
+    """(concept meaning, text or '') of the root's CONTAINS items, in order."""
+    return [
+        (str(i.ConceptNameCodeSequence[0].CodeMeaning), str(i.get("TextValue", "")))
+        for i in sr.ContentSequence
+        if i.RelationshipType == "CONTAINS"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("probability", "text"),
+    [
+        (0.53, "COVID-19: present (probability 0.53, threshold 0.50)"),
+        (0.2, "COVID-19: absent (probability 0.20, threshold 0.50)"),
+    ],
+)
+def test_finding_first_then_disclaimer_then_details(
+    source: Dataset, manifest: Manifest, tmp_path: Path, probability: float, text: str
+) -> None:
+    sr = build(source, manifest, tmp_path, probability=probability)
+    items = root_items(sr)
+    assert items[0] == ("Summary", text)
+    assert items[1] == ("Comment", NOT_FOR_DIAGNOSTIC_USE)
+    assert [name for name, _ in items[2:]] == ["Imaging Measurements", "Most similar studies"]
+
+
+def test_plumbing_warning_comes_with_the_finding(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    sr = build(source, manifest.model_copy(update={"random_weights": True}), tmp_path)
+    items = root_items(sr)
+    assert items[0][0] == "Summary"
+    assert items[1] == ("Comment", PLUMBING_WARNING)
+    assert items[2] == ("Comment", NOT_FOR_DIAGNOSTIC_USE)
+    assert all_text(sr).count(PLUMBING_WARNING) == 1
+
+
+def test_strong_disagreement_of_the_members_is_said(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    result = make_result(manifest, 0.53).model_copy(
+        update={"member_probabilities": {"resnet34": 0.39, "vgg16": 0.69, "densenet": 0.50}}
+    )
+    sr = write_and_read(
+        build_sr(source, result, manifest, SIMILAR, UIDS, ReportOptions()), tmp_path / "sr.dcm"
+    )
+    items = root_items(sr)
+    assert items[0][0] == "Summary"
+    assert items[1] == (
+        "Comment",
+        "Uncertain: the ensemble members disagree strongly (probabilities 0.39 / 0.69 / 0.50; "
+        "spread 0.30, flagged from 0.25).",
+    )
+    assert items[2] == ("Comment", NOT_FOR_DIAGNOSTIC_USE)
+
+
+@pytest.mark.parametrize(
+    ("members", "flagged"),
+    [({"a": 0.40, "b": 0.65}, True), ({"a": 0.40, "b": 0.64}, False), ({"a": 0.9}, False)],
+)
+def test_disagreement_threshold(members: dict[str, float], flagged: bool) -> None:
+    from dicom_node.results.sr.builder import disagreement_text
+
+    assert (disagreement_text(members) is not None) is flagged
+
+
+def test_agreeing_members_are_not_flagged(
+    source: Dataset, manifest: Manifest, tmp_path: Path
+) -> None:
+    sr = build(source, manifest, tmp_path)  # members 0.80 / 0.86
+    assert not any("Uncertain" in text for text in all_text(sr))
+
+
+@pytest.mark.parametrize(
+    ("label", "shown"),
+    [
+        ("covid", "COVID-19"),
+        ("other_pneumonia", "no COVID-19: other pneumonia"),
+        ("no_finding", "no finding"),
+        ("negative", "no COVID-19 (no finding or other pneumonia)"),
+        ("something-else", "something-else"),
+    ],
+)
+def test_reference_labels_are_named_as_they_are(
+    source: Dataset, manifest: Manifest, tmp_path: Path, label: str, shown: str
+) -> None:
+    item = SimilarItem(kind="reference", item_id="r1", label=label, source="pool", distance=0.1)
+    sr = build(source, manifest, tmp_path, similar=[item])
+    assert shown in all_text(sr)
+    assert "negative" not in all_text(sr)  # never the bare class name
+
+
+@pytest.mark.parametrize(
+    ("label", "finding", "expected"),
+    [
+        ("negative", "other_pneumonia", "other_pneumonia"),
+        ("negative", "negative", "no_finding"),  # the pool's "negative": no pneumonia
+        ("covid", "covid", "covid"),
+        ("negative", None, "negative"),  # a bundle without findings: the class label
+        ("negative", "todo", "negative"),
+    ],
+)
+def test_reference_label_takes_the_finding_when_the_index_has_one(
+    label: str, finding: str | None, expected: str
+) -> None:
+    from dicom_node.results.labels import reference_label
+
+    assert reference_label(label, finding) == expected
+
+
+def test_similar_cases_line_counts_labels_as_shown() -> None:
+    from dicom_node.results.labels import similar_cases_line
+
+    items = [
+        SimilarItem(kind="reference", item_id="a", label="covid", distance=0.1),
+        SimilarItem(kind="reference", item_id="b", label="other_pneumonia", distance=0.2),
+        SimilarItem(kind="reference", item_id="c", label="covid", distance=0.3),
+        HOSPITAL_ITEM,  # confirmed covid
+    ]
+    assert similar_cases_line(items, show_reference=True, show_hospital=True) == (
+        "similar cases: 2 COVID-19, 1 no COVID-19: other pneumonia, 1 COVID-19 (confirmed)"
+    )
+    assert similar_cases_line(items, True, False) == (
+        "similar cases: 2 COVID-19, 1 no COVID-19: other pneumonia"
+    )
+    assert similar_cases_line(items, False, False) is None

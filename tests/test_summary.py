@@ -208,3 +208,30 @@ def test_sc_pixel_data_as_png_shows_overlay_and_text(
     assert (footer.min(axis=2) > 180).mean() > 0.02  # with white text
     # the overlay: the lung outline drawn in yellow over the X-ray
     assert colour_mask(xray, _OUTLINE).sum() > 2000
+
+
+def test_disagreeing_members_are_said_under_the_finding(display: np.ndarray) -> None:
+    from dataclasses import replace
+
+    from dicom_node.results.sc.render import header_lines
+
+    agreeing = header_lines(facts())
+    assert not any("UNCERTAIN" in line for line in agreeing)
+    uncertain = replace(facts(probability=0.53), disagreeing_members=(0.39, 0.69, 0.50))
+    lines = header_lines(uncertain)
+    assert lines[0].startswith("AI: COVID-19 PRESENT")
+    assert lines[1] == "UNCERTAIN: the ensemble members disagree (0.39 / 0.69 / 0.50)"
+    # one more line of text: the header band grows, the X-ray is not covered
+    taller = render_summary(display, [], uncertain)
+    assert taller.image_top > render_summary(display, [], facts(probability=0.53)).image_top
+
+
+def test_similar_cases_line_under_the_details(display: np.ndarray) -> None:
+    from dataclasses import replace
+
+    from dicom_node.results.sc.render import header_lines
+
+    line = "similar cases: 2 COVID-19, 1 no COVID-19: other pneumonia, 1 no finding"
+    lines = header_lines(replace(facts(), similar_cases=line))
+    assert lines[0].startswith("AI: COVID-19 PRESENT") and lines[2] == line
+    assert not any("similar" in text for text in header_lines(facts()))

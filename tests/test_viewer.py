@@ -130,7 +130,7 @@ def test_sr_rendered_by_dsr2html_shows_the_result_in_chromium(tmp_path: Path) ->
     text = page_text(rendered_dom(html, tmp_path / "profile"))
     # the finding and the probability
     assert re.search(r"COVID-19: Present", text), text[:2000]
-    assert re.search(r"Probability: 0\.83\b", text)
+    assert re.search(r"Probability: 83.0 %", text), text[:2000]
     assert "Not for diagnostic use" in text
     # the similar studies: the earlier hospital study (openable by UID) and its label,
     # and the reference-set item by dataset id
@@ -138,7 +138,7 @@ def test_sr_rendered_by_dsr2html_shows_the_result_in_chromium(tmp_path: Path) ->
     assert "Similar hospital study" in text and HOSPITAL_STUDY in text
     assert "COVID-19 (confirmed)" in text
     assert "Study Date: 2024-04-12" in text
-    assert "AI probability at analysis: 0.91" in text
+    assert "AI probability at analysis: 91.0 %" in text
     assert "Similar reference-set image" in text and "covidx-00421" in text
     # the lung outlines are there for a viewer to draw
     assert text.count("Image Region") == 2
@@ -150,3 +150,33 @@ def test_screenshot_of_the_rendered_sr(tmp_path: Path) -> None:
     image = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
     assert image is not None and image.shape == (2200, 1100)
     assert (image < 128).mean() > 0.005  # text was drawn, not a blank page
+
+
+#: What a reader of the dsr2html page meets first, in this order, after the document header
+#: and the observer context (golden: a change of order is a change of what the reader sees).
+GOLDEN_ORDER = (
+    "Summary: COVID-19: present (probability 0.83, threshold 0.50)",
+    "Comment: Not for diagnostic use. Research software; result not verified.",
+    "Imaging Measurements",
+    "Finding: COVID-19",
+    "Probability: 83.0 %",
+    "COVID-19: Present",
+    'Tracking Identifier = "Lung outline 1"',
+    "Image Region: Polyline",
+    "Most similar studies",
+    "Similar hospital study",
+    "Similar reference-set image",
+    "Label: COVID-19",
+)
+
+
+def test_golden_rendering_puts_the_finding_first(tmp_path: Path) -> None:
+    html = dsr2html(example_sr(tmp_path / "sr.dcm"), tmp_path / "sr.html")
+    text = page_text(html.read_text(encoding="utf-8", errors="replace"))
+    body = text[text.index("Imaging Measurement Report") :]
+    positions = [body.find(item) for item in GOLDEN_ORDER]
+    assert -1 not in positions, [i for i, p in zip(GOLDEN_ORDER, positions, strict=True) if p < 0]
+    assert positions == sorted(positions), body[:3000]
+    # nothing of substance before the finding: only the template's context rows
+    before = body[: positions[0]]
+    assert "Probability" not in before and "Not for diagnostic use" not in before

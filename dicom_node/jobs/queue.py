@@ -139,7 +139,7 @@ def make_celery(settings: Settings) -> Celery:
     if settings.embedded:
         folder = settings.queue_dir / "messages"
         folder.mkdir(parents=True, exist_ok=True)
-        conf["broker_url"] = "cxrfs://"
+        conf["broker_url"] = "cxrfs://localhost//"  # a host: kombu warns of a URL without
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),

@@ -41,16 +41,28 @@ from dicom_node.records.ledger import (
     OutputUids,
 )
 from dicom_node.records.metrics_store import MetricsStore
-from dicom_node.results.delivery import OUTBOX, backoff_seconds, send_files, to_outbox
+from dicom_node.results.delivery import (
+    OUTBOX,
+    backoff_seconds,
+    outbox_name,
+    send_files,
+    to_outbox,
+)
 from dicom_node.results.display_cache import DisplayCache
 from dicom_node.results.hospital_index import HospitalEntry, HospitalIndex
+from dicom_node.results.labels import similar_cases_line
 from dicom_node.results.lungs import lung_map_on_image, lung_mask, lung_outlines
 from dicom_node.results.pixels import PixelDecodeError, decode_display
 from dicom_node.results.reference_index import ReferenceIndex
 from dicom_node.results.sc.builder import ScOptions, build_sc
 from dicom_node.results.sc.render import SummaryFacts, render_summary
 from dicom_node.results.seg.builder import SegOptions, build_seg
-from dicom_node.results.sr.builder import ReportOptions, build_sr, is_present
+from dicom_node.results.sr.builder import (
+    ReportOptions,
+    build_sr,
+    disagreement_text,
+    is_present,
+)
 from dicom_node.results.sr.not_analysed import build_not_analysed_sr
 from dicom_node.settings import Destination, Settings
 from worker.bundle import Bundle, Manifest
@@ -350,6 +362,7 @@ def build_summary(
     uids: OutputUids,
     lungs: Lungs,
     width: int,
+    similar_cases: str | None = None,
 ) -> Dataset | None:
     if source.display is None:
         return None
@@ -363,6 +376,12 @@ def build_summary(
         analysed_at=datetime.now().astimezone(),
         image_date=str(header.get("ContentDate") or header.get("StudyDate") or "") or None,
         plumbing=manifest.random_weights,
+        disagreeing_members=(
+            tuple(result.member_probabilities.values())
+            if disagreement_text(result.member_probabilities)
+            else ()
+        ),
+        similar_cases=similar_cases,
     )
     summary = render_summary(source.display, lungs.outlines, facts, width)
     return build_sc(
@@ -451,7 +470,17 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
     }
     builders = {
         OutputKind.SC: lambda: build_summary(
-            source, result, manifest, uids[OutputKind.SC], lungs, settings.summary_width
+            source,
+            result,
+            manifest,
+            uids[OutputKind.SC],
+            lungs,
+            settings.summary_width,
+            similar_cases_line(
+                similar,
+                show_reference=settings.similar_labels,
+                show_hospital=settings.similar_labels and "label" in settings.hospital_fields,
+            ),
         ),
         OutputKind.SEG: lambda: build_lung_seg(source, manifest, uids[OutputKind.SEG], lungs),
     }
@@ -554,7 +583,12 @@ def _deliver_claimed(node: NodeRuntime, job_id: str, destination: str) -> Delive
     paths = [node.result_path(job_id, d.kind) for d in pending]
     started = time.time()
     if destination == OUTBOX:
-        errors = [_to_outbox(path, node.settings.outbox_dir) for path in paths]
+        job = node.ledger.get(job_id)
+        source_uid = job.sop_instance_uid if job is not None else job_id
+        errors = [
+            _to_outbox(path, node.settings.outbox_dir, outbox_name(source_uid, str(d.kind)))
+            for path, d in zip(paths, pending, strict=True)
+        ]
     else:
         try:
             target = Destination.parse(destination)
@@ -625,9 +659,9 @@ def _audit_delivery(
     )
 
 
-def _to_outbox(path: Path, outbox: Path) -> str | None:
+def _to_outbox(path: Path, outbox: Path, name: str) -> str | None:
     try:
-        to_outbox(path, outbox)
+        to_outbox(path, outbox, name)
     except OSError as exc:
         return str(exc)
     return None

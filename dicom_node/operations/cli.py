@@ -107,9 +107,12 @@ def send(
 
 @app.command()
 def status(
-    errors: Annotated[int, typer.Option(help="how many recent errors to show")] = 10,
+    errors: Annotated[int, typer.Option(help="how many recent errors and refusals to show")] = 10,
 ) -> None:
-    """Jobs by state, and the most recent failures and rejections."""
+    """Jobs by state, the most recent failures and rejections, and the refused instances."""
+    from datetime import datetime
+
+    from dicom_node import dimse_status
     from dicom_node.records.ledger import Ledger
 
     settings = _settings()
@@ -131,6 +134,17 @@ def status(
         for job in recent:
             failures.add_row(job.job_id, str(job.state), job.sop_instance_uid, job.reason or "")
         console.print(failures)
+    refusals = ledger.recent_refusals(errors)
+    if refusals:
+        refused = Table(title="recently refused instances (nothing stored)")
+        for column in ("when", "calling AE", "address", "status", "reason"):
+            refused.add_column(column)
+        for r in refusals:
+            when = datetime.fromtimestamp(r.at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+            refused.add_row(
+                when, r.calling_ae, r.address, dimse_status.describe(r.status), r.reason
+            )
+        console.print(refused)
 
 
 @app.command()

@@ -151,6 +151,7 @@ def node_app(
         failures=lambda: [j for j in ledger.last_errors(50) if j.state is JobState.FAILED],
         bundle=bundle_facts,
         installed=installed,
+        refusals=lambda: ledger.recent_refusals(20),
     )
     return make_app(registry, health, view)
 

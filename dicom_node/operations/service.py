@@ -60,6 +60,7 @@ def run_worker(settings: Settings, roles: list[str], name: str) -> None:
             settings.http_bind, settings.worker_http_port, worker_app(settings, bundles, metrics)
         )
     argv = [
+        "--quiet",  # no start-up banner: the node logs what it runs, one line each
         "worker",
         f"--queues={','.join(queues)}",
         "--pool=threads",

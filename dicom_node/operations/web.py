@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -23,8 +23,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from dicom_node import dimse_status
 from dicom_node.operations.health import Health
-from dicom_node.records.ledger import Job, JobState
+from dicom_node.records.ledger import Job, JobState, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class StatusView:
     failures: Callable[[], list[Job]]
     bundle: Callable[[], dict[str, str]]
     installed: Callable[[], list[dict[str, str]]]
+    #: Instances refused with a failure status, newest first.
+    refusals: Callable[[], list[Refusal]] = field(default=lambda: [])
 
 
 def _when(ts: float) -> str:
@@ -98,6 +101,16 @@ def render_status(view: StatusView) -> str:
         ]
         for j in view.failures()
     ]
+    refusals = [
+        [
+            _when(r.at),
+            e(r.calling_ae),
+            e(r.address),
+            f"<span class='status'>{e(dimse_status.describe(r.status))}</span>",
+            e(r.reason),
+        ]
+        for r in view.refusals()
+    ]
     installed = [
         [e(b["version"]), e(b["device_uid"]), e(b["folder"]), e(b["role"])]
         for b in view.installed()
@@ -119,6 +132,7 @@ code, .when {{ white-space: nowrap; }}
 .count {{ display: inline-block; margin-right: 1.5em; }}
 .state.failed {{ color: #b00; font-weight: bold; }}
 .state.delivered {{ color: #070; }}
+.status {{ color: #b00; white-space: nowrap; }}
 .none {{ color: #777; }}
 </style></head>
 <body>
@@ -134,6 +148,10 @@ Refreshes every 30 s. Metrics: <a href="/metrics">/metrics</a>, health:
 <p>Retry one from the node host with the command shown (the destination is tried again
 with the same result objects; a PACS replaces rather than duplicates them).</p>
 {_table(["job", "since", "reason", "retry with"], failures, "failures")}
+<h2>Refused instances</h2>
+<p>C-STOREs the node answered with a failure status, newest first, with the reason it gave
+the sender (Error Comment). Nothing of them was stored.</p>
+{_table(["when", "calling AE", "address", "status", "reason"], refusals, "refusals")}
 <h2>Recent jobs</h2>
 {_table(["job", "state", "received", "latency", "from", "SOP Instance UID", "note"], jobs, "jobs")}
 <h2>Installed bundles</h2>

@@ -63,10 +63,23 @@ class NodeStoreEvents(StoreEvents):
         )
 
 
+def rejection_reason(calling: str, called: str | None, settings: Settings) -> str:
+    """Why the SCP rejected an association, in the words of the log and the audit log."""
+    if called is not None and called != settings.ae_title:
+        return f"called AE title is not this node's ({settings.ae_title}): unknown called AE"
+    if settings.allowed_calling_aes and calling not in settings.allowed_calling_aes:
+        return "calling AE title not allowed (CXR_ALLOWED_CALLING_AES)"
+    return (
+        f"association limit reached ({settings.max_associations} at once, "
+        "CXR_MAX_ASSOCIATIONS) or negotiation failed"
+    )
+
+
 def association_handlers(
     audit: AuditLog, settings: Settings
 ) -> list[tuple[Any, Callable[[Event], None]]]:
-    """EVT_ACCEPTED / EVT_REJECTED to the audit log: who called, from where, and the outcome."""
+    """EVT_ACCEPTED / EVT_REJECTED to the audit log: who called, from where, and the outcome;
+    a rejection also to the node's log, with the reason (the sender only sees a reject code)."""
 
     def record(event: Event, outcome: str) -> None:
         requestor = event.assoc.requestor
@@ -75,12 +88,14 @@ def association_handlers(
         called = str(getattr(primitive, "called_ae_title", "") or "").strip() or None
         reason = None
         if outcome == "rejected":
-            if called is not None and called != settings.ae_title:
-                reason = "called AE title is not this node's"
-            elif settings.allowed_calling_aes and calling not in settings.allowed_calling_aes:
-                reason = "calling AE title not allowed"
-            else:
-                reason = "association limit or negotiation"
+            reason = rejection_reason(calling, called, settings)
+            log.warning(
+                "association from %s (calling AE %r, called AE %r) rejected: %s",
+                requestor.address,
+                calling,
+                called or "",
+                reason,
+            )
         try:
             audit.record(
                 "association",

@@ -59,7 +59,7 @@ from dicom_node.receiving.security import (
 )
 from dicom_node.records.audit import AuditLog
 from dicom_node.records.durable import free_bytes, write_durably
-from dicom_node.records.ledger import Job, JobState, Ledger
+from dicom_node.records.ledger import Job, JobState, Ledger, Refusal
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,12 @@ class StoreEvents:
         """An instance was refused with an error status."""
 
 
+#: What the handler decided: a status, and for a refusal the short reason it gives the sender
+#: (the Error Comment) and keeps in the ledger.
+Outcome = tuple[int, str]
+STORED: Outcome = (dimse_status.SUCCESS, "")
+
+
 @dataclass
 class StoreHandler:
     settings: Settings
@@ -115,10 +121,10 @@ class StoreHandler:
     enqueue: Enqueue
     events: StoreEvents = field(default_factory=StoreEvents)
 
-    def __call__(self, event: Event) -> int:
+    def __call__(self, event: Event) -> Dataset:
         started = time.perf_counter()
         try:
-            code = self._store(event, started)
+            code, reason = self._store(event, started)
         except Exception as exc:  # the handler must answer, whatever happened
             # no traceback: its messages can quote attribute values (patient data)
             log.error(
@@ -126,14 +132,20 @@ class StoreHandler:
                 describe_failure(exc),
                 dimse_status.describe(dimse_status.CANNOT_UNDERSTAND),
             )
-            code = dimse_status.CANNOT_UNDERSTAND
+            code, reason = dimse_status.CANNOT_UNDERSTAND, "unexpected error in the node"
+        response = Dataset()
+        response.Status = code
         if code != dimse_status.SUCCESS:
+            comment = dimse_status.error_comment(reason or dimse_status.describe(code))
+            response.ErrorComment = comment  # the sender sees why
+            calling_ae, address = event.assoc.requestor.ae_title.strip(), _address(event)
             self._tell(
-                lambda: self.events.refused(
-                    code, _sop_uid(event), event.assoc.requestor.ae_title.strip(), _address(event)
+                lambda: self.ledger.add_refusal(
+                    Refusal(time.time(), code, calling_ae, address, comment)
                 )
             )
-        return code
+            self._tell(lambda: self.events.refused(code, _sop_uid(event), calling_ae, address))
+        return response
 
     @staticmethod
     def _tell(call: Callable[[], None]) -> None:
@@ -157,7 +169,7 @@ class StoreHandler:
         encoded = getattr(event.request, "DataSet", None)
         return encoded.getbuffer().nbytes if encoded is not None else 0
 
-    def _store(self, event: Event, started: float) -> int:
+    def _store(self, event: Event, started: float) -> Outcome:
         calling_ae = event.assoc.requestor.ae_title.strip()
         size = self.received_bytes(event)
         if size > self.settings.max_instance_mb * 1024 * 1024:
@@ -168,7 +180,10 @@ class StoreHandler:
                 size,
                 self.settings.max_instance_mb,
             )
-            return dimse_status.OUT_OF_RESOURCES
+            return (
+                dimse_status.OUT_OF_RESOURCES,
+                f"instance larger than the node's {self.settings.max_instance_mb} MB limit",
+            )
 
         try:
             ds = self.read(event)
@@ -179,7 +194,7 @@ class StoreHandler:
                 calling_ae,
                 type(exc).__name__,
             )
-            return dimse_status.CANNOT_UNDERSTAND
+            return dimse_status.CANNOT_UNDERSTAND, "data set cannot be parsed"
 
         try:  # values are decoded on access: a malformed one raises here
             check = check_instance(ds, str(event.context.abstract_syntax), self.settings.max_pixels)
@@ -190,7 +205,7 @@ class StoreHandler:
                 calling_ae,
                 describe_failure(exc),
             )
-            return dimse_status.CANNOT_UNDERSTAND
+            return dimse_status.CANNOT_UNDERSTAND, "data set cannot be read"
         if check.verdict is Verdict.REFUSE:
             log.warning(
                 "C-STORE sop=%s from %s refused with %s: %s",
@@ -199,7 +214,7 @@ class StoreHandler:
                 dimse_status.describe(check.status),
                 check.reason,
             )
-            return check.status
+            return check.status, check.reason
 
         existing = self.ledger.by_sop_instance(sop_uid)
         if existing is not None:
@@ -210,7 +225,7 @@ class StoreHandler:
                 existing.job_id,
                 existing.state,
             )
-            return dimse_status.SUCCESS
+            return STORED
 
         min_free = self.settings.min_free_disk_mb * 1024 * 1024
         if min_free and free_bytes(self.settings.spool_dir) < min_free:
@@ -219,7 +234,7 @@ class StoreHandler:
                 sop_uid,
                 dimse_status.describe(dimse_status.OUT_OF_RESOURCES),
             )
-            return dimse_status.OUT_OF_RESOURCES
+            return dimse_status.OUT_OF_RESOURCES, "node disk nearly full"
 
         job_id = uuid.uuid4().hex[:16]
         spool_path = self.settings.spool_dir / f"{job_id}.dcm"
@@ -232,7 +247,7 @@ class StoreHandler:
                 dimse_status.describe(dimse_status.OUT_OF_RESOURCES),
                 exc.strerror,
             )
-            return dimse_status.OUT_OF_RESOURCES
+            return dimse_status.OUT_OF_RESOURCES, "node could not store the instance"
 
         job = Job.received(
             job_id,
@@ -248,7 +263,7 @@ class StoreHandler:
             spool_path.unlink(missing_ok=True)
             log.info("C-STORE sop=%s duplicate (concurrent): not analysed again", sop_uid)
             self._tell(lambda: self.events.duplicate(sop_uid, calling_ae, _address(event)))
-            return dimse_status.SUCCESS
+            return STORED
         self._tell(lambda: self.events.received(job, _address(event)))
 
         if job.state is JobState.RECEIVED:
@@ -275,7 +290,7 @@ class StoreHandler:
                 calling_ae,
                 check.reason,
             )
-        return dimse_status.SUCCESS
+        return STORED
 
 
 def _address(event: Event) -> str:

@@ -75,6 +75,20 @@ CREATE TABLE IF NOT EXISTS outputs (
 );
 """
 
+_REFUSALS = """
+CREATE TABLE IF NOT EXISTS refusals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    status INTEGER NOT NULL,
+    calling_ae TEXT NOT NULL,
+    address TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+
+#: The refusals table keeps this many, the newest (a sender refused in a loop cannot grow it).
+REFUSALS_KEPT = 1000
+
 _DELIVERIES = """
 CREATE TABLE IF NOT EXISTS deliveries (
     job_id TEXT NOT NULL REFERENCES jobs(job_id),
@@ -135,6 +149,18 @@ class Job:
             received_at=now,
             updated_at=now,
         )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An instance the SCP refused with a failure status: when, who, which status, why. No
+    patient data: the reason is the node's own words (the Error Comment it answered)."""
+
+    at: float
+    status: int
+    calling_ae: str
+    address: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -243,6 +269,7 @@ class Ledger:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            db.executescript(_REFUSALS)
             _migrate_deliveries(db)
             _add_claims(db)
             _outputs_in_one_place(db)
@@ -478,6 +505,30 @@ class Ledger:
             )
             db.execute("COMMIT")
             return cur.rowcount == 1
+
+    # --- refusals -----------------------------------------------------------------------------
+
+    def add_refusal(self, refusal: Refusal, keep: int = REFUSALS_KEPT) -> None:
+        """Record a refused instance; only the newest `keep` are kept."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            cur = db.execute(
+                "INSERT INTO refusals (at, status, calling_ae, address, reason) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (refusal.at, refusal.status, refusal.calling_ae, refusal.address, refusal.reason),
+            )
+            db.execute("DELETE FROM refusals WHERE id <= ?", (int(cur.lastrowid or 0) - keep,))
+            db.execute("COMMIT")
+
+    def recent_refusals(self, limit: int = 20) -> list[Refusal]:
+        """The most recent refusals, newest first."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT at, status, calling_ae, address, reason FROM refusals "
+                "ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [Refusal(*tuple(r)) for r in rows]
 
     # --- reporting --------------------------------------------------------------------------
 

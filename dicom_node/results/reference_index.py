@@ -7,6 +7,7 @@ import json
 import hnswlib
 import numpy as np
 
+from dicom_node.results.labels import reference_label
 from worker.bundle import Bundle
 from worker.contracts import SimilarItem
 
@@ -36,7 +37,7 @@ class ReferenceIndex:
             SimilarItem(
                 kind="reference",
                 item_id=str(self.items[i]["id"]),
-                label=self.items[i].get("label"),
+                label=reference_label(self.items[i].get("label"), self.items[i].get("finding")),
                 source=self.items[i].get("source"),
                 distance=float(d),
             )

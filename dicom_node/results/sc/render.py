@@ -6,7 +6,9 @@ an RGB picture::
 
     +--------------------------------------------------------------+
     | AI: COVID-19 PRESENT   probability 0.83 (threshold 0.50)     |  header: finding first,
+    | [UNCERTAIN: the ensemble members disagree (0.39 / 0.69)]     |
     | model <name> <version> | analysed <date time> | image <date> |  then who and when,
+    | [similar cases: 2 COVID-19, 1 no COVID-19: other pneumonia]  |  what looked alike,
     | [PLUMBING BUNDLE warning]                                    |
     | ---- lung outline (AI segmentation)                          |  and the legend
     +--------------------------------------------------------------+
@@ -61,6 +63,11 @@ class SummaryFacts:
     analysed_at: datetime
     image_date: str | None = None  # DICOM DA of the source (content or study date)
     plumbing: bool = False
+    #: The members' probabilities when they disagree strongly (`sr.builder.disagreement_text`);
+    #: empty when they agree.
+    disagreeing_members: tuple[float, ...] = ()
+    #: The labels of the similar cases (`dicom_node.results.labels.similar_cases_line`).
+    similar_cases: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,16 +124,32 @@ def render_summary(
     )
 
 
-def _header(facts: SummaryFacts, has_outline: bool, width: int, unit: float) -> np.ndarray:
+def header_lines(facts: SummaryFacts) -> list[str]:
+    """The text of the header band, top to bottom (without the outline legend)."""
+    return [line.text for line in _header_lines(facts)]
+
+
+def _header_lines(facts: SummaryFacts) -> list[_Line]:
     colour = _PRESENT if facts.finding_present else _ABSENT
+    lines = [_Line(headline(facts), colour, 1.0)]
+    if facts.disagreeing_members:
+        values = " / ".join(f"{p:.2f}" for p in facts.disagreeing_members)
+        lines.append(_Line(f"UNCERTAIN: the ensemble members disagree ({values})", _PRESENT, 0.75))
     when = facts.analysed_at.strftime("%Y-%m-%d %H:%M %Z").strip()
     details = f"model {facts.model_name} {facts.model_version} | analysed {when}"
     if facts.image_date and len(facts.image_date) == 8 and facts.image_date.isdigit():
         d = facts.image_date
         details += f" | image {d[:4]}-{d[4:6]}-{d[6:]}"
-    lines = [_Line(headline(facts), colour, 1.0), _Line(details, _GRAY, 0.7)]
+    lines.append(_Line(details, _GRAY, 0.7))
+    if facts.similar_cases:
+        lines.append(_Line(facts.similar_cases, _GRAY, 0.7))
     if facts.plumbing:
         lines.append(_Line(PLUMBING_TEXT, _WARNING, 0.75))
+    return lines
+
+
+def _header(facts: SummaryFacts, has_outline: bool, width: int, unit: float) -> np.ndarray:
+    lines = _header_lines(facts)
     sample = round(44 * unit)  # a stroke of the outline colour in front of the legend
     if has_outline:
         lines.append(_Line("lung outline (AI segmentation)", _GRAY, 0.7, indent=sample + 12))

@@ -5,22 +5,25 @@ manifest + retrieval neighbours + caller-chosen UIDs -> a Comprehensive SR (TID 
 Measurement Report) in the same study, new series. It touches no network, disk or clock
 other than the content date/time highdicom stamps.
 
-Content tree (order as written; TID 1500 rows first, then this node's extensions)::
+Content tree (order as written: what a reader needs first, then the TID 1500 details)::
 
     CONTAINER Imaging Measurement Report (TID 1500)
       language, observer context (device: bundle name, version, device UID)
       procedure reported: SCT 399208008 "Plain chest X-ray"
+      TEXT Summary: "COVID-19: present (probability 0.53, threshold 0.46)"
+      [TEXT Comment: "Uncertain: the ensemble members disagree strongly (...)"]
+      [TEXT Comment: PLUMBING BUNDLE warning]
+      TEXT Comment: not for diagnostic use
       CONTAINER Imaging Measurements
         CONTAINER Measurement Group (TID 1501)
           tracking id/UID, finding COVID-19, algorithm id (name, version, threshold)
           IMAGE source of measurement = the received X-ray
-          NUM Probability (ensemble mean), [NUM Probability per member]
+          NUM Probability in UCUM "%" (ensemble mean), [NUM Probability per member]
           CODE COVID-19 = Present | Absent       (probability >= threshold -> Present)
-          TEXT Comment: decision threshold [, PLUMBING BUNDLE warning]
+          TEXT Comment: decision threshold
         CONTAINER Measurement Group (TID 1410), one per lung outline found:
           tracking id/UID "Lung outline N", finding Lung, algorithm id (segmentation)
           SCOORD POLYLINE (closed) in the received X-ray's pixel coordinates
-      TEXT Comment: not for diagnostic use
       CONTAINER Most similar studies (local code)            [include_similar]
         CONTAINER Similar hospital study:
                   identifier, [study date], [AI probability], [confirmed diagnosis],
@@ -76,6 +79,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.records.ledger import OutputUids
 from dicom_node.results.equipment import OWN_MANUFACTURER, evidence_header, model_equipment
+from dicom_node.results.labels import reference_label_text
 from dicom_node.results.sr.codes import (
     ABSENT,
     AI_PROBABILITY_THEN,
@@ -83,15 +87,18 @@ from dicom_node.results.sr.codes import (
     COMMENT,
     CONFIRMED_DIAGNOSIS,
     DIAGNOSIS_TEXT,
+    DISAGREEMENT_SPREAD,
     EMBEDDING_DISTANCE,
     FINDING_COVID19,
     IDENTIFIER,
+    IMAGING_MEASUREMENTS,
     LOCAL_SCHEME,
     LUNG,
     NEIGHBOUR_DATASET,
     NEIGHBOUR_LABEL,
     NO_UNITS,
     NOT_FOR_DIAGNOSTIC_USE,
+    PERCENT,
     PLAIN_CHEST_XRAY,
     PLUMBING_WARNING,
     PRESENT,
@@ -103,6 +110,7 @@ from dicom_node.results.sr.codes import (
     SIMILAR_STUDIES,
     STUDY_DATE,
     STUDY_UID,
+    SUMMARY,
 )
 from dicom_node.settings import HOSPITAL_FIELDS
 from worker.bundle import Manifest
@@ -127,6 +135,40 @@ class ReportOptions:
 def is_present(probability: float, threshold: float) -> bool:
     """The decision rule written into the SR: present when probability >= threshold."""
     return probability >= threshold
+
+
+def finding_text(probability: float, threshold: float) -> str:
+    """The finding as the SR's summary says it: "COVID-19: present (probability 0.53,
+    threshold 0.46)"."""
+    verdict = "present" if is_present(probability, threshold) else "absent"
+    return f"COVID-19: {verdict} (probability {probability:.2f}, threshold {threshold:.2f})"
+
+
+def disagreement_text(members: dict[str, float]) -> str | None:
+    """What the SR says when the ensemble members disagree strongly (their probabilities span
+    DISAGREEMENT_SPREAD or more); None when they agree, or there are fewer than two."""
+    if len(members) < 2:
+        return None
+    low, high = min(members.values()), max(members.values())
+    if high - low < DISAGREEMENT_SPREAD - 1e-9:
+        return None
+    values = " / ".join(f"{p:.2f}" for p in members.values())
+    return (
+        f"Uncertain: the ensemble members disagree strongly (probabilities {values}; "
+        f"spread {high - low:.2f}, flagged from {DISAGREEMENT_SPREAD:.2f})."
+    )
+
+
+def _position(items: Sequence[Dataset], concept: CodedConcept) -> int:
+    """Index of the first item named `concept` (the end when there is none)."""
+    for index, item in enumerate(items):
+        names = item.get("ConceptNameCodeSequence") or []
+        if names and (names[0].CodeValue, names[0].CodingSchemeDesignator) == (
+            concept.value,
+            concept.scheme_designator,
+        ):
+            return index
+    return len(items)
 
 
 def build_sr(
@@ -166,7 +208,18 @@ def build_sr(
         imaging_measurements=[group, *regions],
     )
     root = report[0]
-    root.ContentSequence.append(_text(COMMENT, NOT_FOR_DIAGNOSTIC_USE))
+    # What a reader needs first, before the measurement details: the finding in words, then
+    # what it is worth. Viewers render the tree in order (dsr2html does).
+    head = [_text(SUMMARY, finding_text(result.probability, manifest.threshold))]
+    disagreement = disagreement_text(result.member_probabilities)
+    if disagreement:
+        head.append(_text(COMMENT, disagreement))
+    if manifest.random_weights:
+        head.append(_text(COMMENT, PLUMBING_WARNING))
+    head.append(_text(COMMENT, NOT_FOR_DIAGNOSTIC_USE))
+    at = _position(root.ContentSequence, IMAGING_MEASUREMENTS)
+    for offset, item in enumerate(head):
+        root.ContentSequence.insert(at + offset, item)
 
     evidence: list[Dataset] = [header]
     if options.include_similar:
@@ -236,8 +289,8 @@ def _measurement_group(
     measurements = [
         Measurement(
             name=PROBABILITY,
-            value=_shown(result.probability),
-            unit=NO_UNITS,
+            value=_percent(result.probability),
+            unit=PERCENT,
             derivation=codes.SCT.Mean,  # the ensemble averages its members
         )
     ]
@@ -246,8 +299,8 @@ def _measurement_group(
             measurements.append(
                 Measurement(
                     name=PROBABILITY,
-                    value=_shown(probability),
-                    unit=NO_UNITS,
+                    value=_percent(probability),
+                    unit=PERCENT,
                     algorithm_id=AlgorithmIdentification(
                         name=member,
                         version=manifest.version,
@@ -282,8 +335,6 @@ def _measurement_group(
             f"ensemble probability is at or above it (probability {result.probability:.4f}).",
         )
     )
-    if manifest.random_weights:
-        item.ContentSequence.append(_text(COMMENT, PLUMBING_WARNING))
     return group
 
 
@@ -297,7 +348,7 @@ def _neighbour_item(
     if math.isfinite(item.distance):
         content.append(_distance(item.distance))
     if options.include_similar_labels and item.label:
-        content.append(_text(NEIGHBOUR_LABEL, item.label))
+        content.append(_text(NEIGHBOUR_LABEL, reference_label_text(item.label)))
     if item.source:
         content.append(_text(NEIGHBOUR_DATASET, item.source))
     container.ContentSequence = ContentSequence(content)
@@ -320,8 +371,8 @@ def _hospital_item(
         content.append(
             NumContentItem(
                 name=AI_PROBABILITY_THEN,
-                value=_shown(item.probability),
-                unit=NO_UNITS,
+                value=_percent(item.probability),
+                unit=PERCENT,
                 relationship_type=_CONTAINS,
             )
         )
@@ -364,6 +415,11 @@ def _hospital_item(
 def _shown(value: float) -> float:
     """Four decimals: what a reader can use (0.8 - 0.03 is not 0.77000000000000001)."""
     return round(float(value), 4)
+
+
+def _percent(probability: float) -> float:
+    """A probability 0..1 as the SR's UCUM "%" value: 0..100, two decimals."""
+    return round(100.0 * float(probability), 2)
 
 
 def _is_date(value: str) -> bool:
