@@ -181,3 +181,19 @@ def test_ledger_from_before_per_object_deliveries_is_migrated(tmp_path: Path) ->
     assert [d.kind for d in ledger.deliveries("a")] == [OutputKind.SR, OutputKind.SC]
     Ledger(path)  # opening again migrates nothing twice
     assert len(ledger.deliveries("a")) == 2
+
+
+def test_a_rejected_job_keeps_its_reason_when_its_not_analysed_sr_is_delivered(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.add(make_job("a", "1.1"))
+    reason = "not analysed (input gate): two lung fields not found"
+    assert ledger.set_state("a", JobState.REJECTED, reason)
+    ledger.add_deliveries("a", ["P@h:1"], [OutputKind.SR])
+    # a crash before sending: the recovery sweep finds the SR still to deliver
+    assert [(d.job_id, d.destination) for d in ledger.pending_deliveries()] == [("a", "P@h:1")]
+    ledger.record_attempt("a", "P@h:1", DeliveryState.DELIVERED, kind=OutputKind.SR)
+    job = ledger.get("a")
+    assert job is not None and job.state is JobState.REJECTED and job.reason == reason
+    assert ledger.pending_deliveries() == []

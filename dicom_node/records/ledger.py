@@ -377,13 +377,18 @@ class Ledger:
             )
 
     def pending_deliveries(self, older_than: float | None = None) -> list[Delivery]:
-        """Pending deliveries of analysed jobs, one row per (job, destination): a delivery
-        step sends every pending object of the job to that destination."""
+        """Pending deliveries of analysed jobs (and of rejected ones: the input gate's "not
+        analysed" SR), one row per (job, destination): a delivery step sends every pending
+        object of the job to that destination."""
         sql = (
             "SELECT d.* FROM deliveries d JOIN jobs j USING (job_id) "
-            "WHERE d.state = ? AND j.state = ?"
+            "WHERE d.state = ? AND j.state IN (?, ?)"
         )
-        args: list[object] = [str(DeliveryState.PENDING), str(JobState.ANALYSED)]
+        args: list[object] = [
+            str(DeliveryState.PENDING),
+            str(JobState.ANALYSED),
+            str(JobState.REJECTED),
+        ]
         if older_than is not None:
             sql += " AND d.updated_at <= ?"
             args.append(older_than)
@@ -414,9 +419,12 @@ class Ledger:
                 r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id = ?", (job_id,))
             }
             if states == {str(DeliveryState.DELIVERED)}:
+                # a rejected job (the input gate's "not analysed" SR) keeps its state and
+                # its reason: what was delivered says it was not analysed
                 db.execute(
-                    "UPDATE jobs SET state = ?, reason = NULL, updated_at = ? WHERE job_id = ?",
-                    (str(JobState.DELIVERED), now, job_id),
+                    "UPDATE jobs SET state = ?, reason = NULL, updated_at = ? "
+                    "WHERE job_id = ? AND state != ?",
+                    (str(JobState.DELIVERED), now, job_id, str(JobState.REJECTED)),
                 )
             elif str(DeliveryState.FAILED) in states and state is DeliveryState.FAILED:
                 # the reason names the object that was dead-lettered now; a later success

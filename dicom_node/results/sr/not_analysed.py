@@ -51,11 +51,11 @@ from dicom_node.results.sr.codes import (
     LOCAL_SCHEME,
     NOT_FOR_DIAGNOSTIC_USE,
     PLAIN_CHEST_XRAY,
+    SUMMARY,
 )
 from worker.bundle import Manifest
 
 NOT_ANALYSED = "COVID-19: not analysed"
-SUMMARY = CodedConcept.from_code(codes.DCM.Summary)
 #: No standard code says "the algorithm declined to assess": a local one (scheme 99CXRN).
 NOT_ANALYSED_CODE = CodedConcept("CXRN010", LOCAL_SCHEME, "Not analysed")
 
