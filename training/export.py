@@ -30,6 +30,7 @@ from pydicom.uid import generate_uid
 from torch import nn
 
 from training.models import Classifier, ClassifierExport, UNet, UNetExport, count_parameters
+from training.pretrained import describe as describe_weights
 from training.report import member_input_text
 from worker.bundle import (
     MANIFEST_NAME,
@@ -241,6 +242,7 @@ class MemberExport:
     validation_metrics: dict[str, float] = field(default_factory=dict)
     lung_crop: float | None = None
     lung_mask: float | None = None
+    pretrained: dict[str, str] | None = None  # training.pretrained.PretrainedWeights.provenance
 
 
 @dataclass
@@ -294,6 +296,9 @@ def _model_card(
         )
     seg = manifest.segmentation
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in seg.validation_metrics.items()) or "none"
+    weights = [f"- {m.name}: {describe_weights(m.pretrained)}" for m in manifest.members]
+    if any(m.pretrained for m in manifest.members):
+        lines[-2:-2] = ["Initial weights:", *weights, ""]
     lines.append(
         f"| segmentation | {seg.architecture} | {seg.input_size} |"
         f" {parameters[seg.file]:,} | {parity[seg.file]:.2e} | {metrics} |"
@@ -391,6 +396,7 @@ def write_bundle(
                     lung_mask=m.lung_mask,
                     embedding_dim=m.model.embedding_dim,
                     validation_metrics=m.validation_metrics,
+                    pretrained=m.pretrained,
                 )
             )
         index_spec = build_index(reference_embeddings, reference_items, work)
