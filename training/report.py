@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from training.separation import separation_lines
+
 Json = dict[str, Any]
 
 REPORT_MD = "report.md"
@@ -263,6 +265,8 @@ def render(report: Json, export: Json | None) -> str:
         f" {_num(k['distance_across_classes'])} (all query-reference pairs); to the k neighbours:"
         f" same label {_num(k['neighbour_distance_same_label'])}, other label"
         f" {_num(k['neighbour_distance_other_label'])}.",
+        "",
+        *separation_lines(r.get("retrieval_separation")),
         "",
     ]
     # -- per source / subgroup
