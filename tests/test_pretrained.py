@@ -180,7 +180,8 @@ def test_a_frozen_backbone_keeps_its_weights_and_batchnorm_statistics() -> None:
         optimizer.step()
     after = model.features.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert any(not torch.equal(a, b) for a, b in zip(head_before, model.head_parameters()))
+    head_after = model.head_parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, head_after, strict=True))
     _set_trainable(model, frozen_backbone=False)
     assert model.features.training and all(p.requires_grad for p in model.backbone_parameters())
 
