@@ -281,3 +281,4 @@ def test_a_pretrained_member_trains_exports_and_serves_with_onnx_parity(tmp_path
     assert report["retrieval_separation"]["non_chest"]["n"] > 0
     card = (bundle.root / "model_card.md").read_text()
     assert entry["sha256"] in card and "nearest-reference cosine distance" in card
+    assert "| validation |\n|---|" in card  # the weights' lines do not split the table

@@ -296,13 +296,13 @@ def _model_card(
         )
     seg = manifest.segmentation
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in seg.validation_metrics.items()) or "none"
-    weights = [f"- {m.name}: {describe_weights(m.pretrained)}" for m in manifest.members]
-    if any(m.pretrained for m in manifest.members):
-        lines[-2:-2] = ["Initial weights:", *weights, ""]
     lines.append(
         f"| segmentation | {seg.architecture} | {seg.input_size} |"
         f" {parameters[seg.file]:,} | {parity[seg.file]:.2e} | {metrics} |"
     )
+    if any(m.pretrained for m in manifest.members):
+        lines += ["", "Initial weights:", ""]
+        lines += [f"- {m.name}: {describe_weights(m.pretrained)}" for m in manifest.members]
     idx = manifest.index
     lines += [
         "",
