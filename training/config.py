@@ -150,7 +150,8 @@ class ClassifierConfig(_Section):
         default="relu",
         description="relu: the embedding is the last hidden layer after its ReLU (bundles up to "
         "1.1.0); l2: that layer without the ReLU, L2-normalised (not confined to the positive "
-        "orthant, so cosine distances separate), the output layer reading it",
+        "orthant), centred by a BatchNorm without scale or shift (else all embeddings share one "
+        "narrow cone), the output layer reading it",
     )
     warmup_epochs: int = Field(
         default=0,

@@ -116,9 +116,12 @@ class Classifier(nn.Module):
     """Backbone -> global average pooling -> 3 Linear layers (last = embedding) -> Linear(2).
 
     `embedding` "relu" (bundles up to 1.1.0): every hidden layer ends in a ReLU, the embedding
-    included. "l2": the last hidden layer has no ReLU and is L2-normalised, so embeddings
-    spread over the sphere instead of crowding the positive orthant; the output layer reads
-    it scaled by sqrt(D) (unit-variance coordinates, as an unnormalised layer would give).
+    included. "l2": the last hidden layer has no ReLU, is centred (BatchNorm without scale or
+    shift: the training set's mean removed, each coordinate at unit variance) and
+    L2-normalised. Without the centring a common component dominates and every image lands
+    in one narrow cone (measured on the pool: mean cosine similarity 0.97 between test
+    images, nearest-neighbour distances below 0.0003). The output layer reads the embedding
+    scaled by sqrt(D) (unit-variance coordinates, as an unnormalised layer would give).
     `imagenet_input` (the preprocessing mean, std): a pretrained stem's input adapter
     (`training.pretrained.ImageNetInput`) in front of the backbone; None: the member input
     goes to the backbone as it is.
@@ -156,6 +159,8 @@ class Classifier(nn.Module):
             layers.append(nn.Linear(w_in, w_out))
             if embedding == "relu" or i < len(head) - 1:
                 layers.append(nn.ReLU(inplace=True))
+            else:
+                layers.append(nn.BatchNorm1d(w_out, affine=False))
         self.head = nn.Sequential(*layers)
         self.embedding_dim = head[-1]
         self.logits = nn.Linear(self.embedding_dim, len(CxrClass))
