@@ -180,6 +180,26 @@ def test_the_l2_embedding_is_centred_not_one_narrow_cone() -> None:
     assert abs(_mean_cosine(embedding)) < 0.2
 
 
+def test_centring_uses_the_served_inputs_statistics() -> None:
+    """Training leaves the centring layer with augmented, train-mode statistics; the kept
+    model is centred on clean inputs in eval mode, the way it serves."""
+    torch.manual_seed(0)
+    model = Classifier("mobilenet_v3_small", head=(32, 32, 16), embedding="l2")
+    x = torch.randn(12, 3, 64, 64)
+    calibrate_batchnorm(model, x * 3.0 + 2.0)  # statistics of other inputs
+    with torch.no_grad():
+        off = _mean_cosine(model(x)[1])
+    model.centre_embedding([x[:6], x[6:]])
+    with torch.no_grad():
+        hidden = model.head[:-1](model.pool(model.features(x)))
+        _, embedding = model(x)
+    centring = model.centring
+    assert centring is not None and not model.training
+    torch.testing.assert_close(centring.running_mean, hidden.mean(0), rtol=1e-4, atol=1e-5)
+    assert abs(_mean_cosine(embedding)) < abs(off)
+    assert Classifier("mobilenet_v3_small").centring is None
+
+
 def test_checkpoints_rebuild_the_same_network() -> None:
     _, run = _recipe_member()
     model = build_member(run).eval()

@@ -263,6 +263,23 @@ def _selection_value(metrics: dict[str, float], selection: str) -> tuple[float, 
     return -metrics["val_loss"], "-val_loss"
 
 
+def _centre_on_training_images(
+    model: Classifier, run: MemberRun, dataset: MemberDataset, device: torch.device, out_dir: Path
+) -> None:
+    """The kept model's embedding centred on its un-augmented training images (served-like
+    inputs: `Classifier.centre_embedding`), written back into best.pt."""
+    augment, dataset.augment = dataset.augment, None
+    try:
+        batches = (x.to(device) for x, _, _ in loader(dataset, run.batch_size))
+        model.centre_embedding(batches)
+    finally:
+        dataset.augment = augment
+    payload = load_checkpoint(out_dir / "best.pt")
+    payload["model"] = model.state_dict()
+    payload["centred_on"] = "training images, no augmentation, eval mode"
+    save_checkpoint(out_dir / "best.pt", payload)
+
+
 def _set_trainable(model: Classifier, frozen_backbone: bool) -> None:
     """Train mode; with a frozen backbone its weights get no gradient (Adam leaves them as
     they are) and its BatchNorm statistics and drop-connect stay in eval mode."""
@@ -498,6 +515,8 @@ def train_member(
         log.info("%s epoch %d/%d: %s", run.name, epoch + 1, run.epochs, _brief(entry))
 
     best_model = load_member(out_dir).to(device)
+    if best_model.centring is not None:
+        _centre_on_training_images(best_model, run, dataset, device, out_dir)
     prob, emb = predict(
         best_model,
         images_all,

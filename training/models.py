@@ -11,7 +11,7 @@ turns the image channel into ImageNet's gray RGB (`training.pretrained.ImageNetI
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
@@ -182,6 +182,30 @@ class Classifier(nn.Module):
             embedding = F.normalize(embedding, dim=1, eps=1e-6)
             return self.logits(embedding * self.embedding_dim**0.5), embedding
         return self.logits(embedding), embedding
+
+    @property
+    def centring(self) -> nn.BatchNorm1d | None:
+        """The l2 embedding's centring layer (None for relu)."""
+        last = self.head[-1]
+        return last if isinstance(last, nn.BatchNorm1d) else None
+
+    def centre_embedding(self, inputs: Iterable[torch.Tensor]) -> None:
+        """Set the l2 embedding's centring to the mean and variance of `inputs` (member input
+        batches, un-augmented), the rest of the network in eval mode, as it serves.
+
+        During training the centring layer sees batches of augmented images through a
+        backbone in train mode; served images come without augmentation through a backbone in
+        eval mode, and their mean differs enough to leave every embedding in one cone. No-op
+        for relu.
+        """
+        if self.centring is None:
+            return
+        self.eval()
+        before = self.head[:-1]
+        with torch.no_grad():
+            hidden = [before(self.pool(self.features(self.adapter(x)))) for x in inputs]
+        torch.optim.swa_utils.update_bn(hidden, self.centring)
+        self.eval()
 
     def meta(self) -> dict[str, object]:
         """What a checkpoint records to rebuild this network (`from_meta`)."""
