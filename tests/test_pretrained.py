@@ -181,22 +181,23 @@ def test_the_l2_embedding_is_centred_not_one_narrow_cone() -> None:
 
 
 def test_centring_uses_the_served_inputs_statistics() -> None:
-    """Training leaves the centring layer with augmented, train-mode statistics; the kept
-    model is centred on clean inputs in eval mode, the way it serves."""
+    """The retrieval embedding is centred on clean inputs in eval mode, the way the member
+    serves; the scores stay those of the trained network."""
     torch.manual_seed(0)
     model = Classifier("mobilenet_v3_small", head=(32, 32, 16), embedding="l2")
     x = torch.randn(12, 3, 64, 64)
-    calibrate_batchnorm(model, x * 3.0 + 2.0)  # statistics of other inputs
+    calibrate_batchnorm(model, x * 3.0 + 2.0)  # training-time statistics of other inputs
     with torch.no_grad():
-        off = _mean_cosine(model(x)[1])
+        logits_before, off = model(x)
     model.centre_embedding([x[:6], x[6:]])
     with torch.no_grad():
-        hidden = model.head[:-1](model.pool(model.features(x)))
-        _, embedding = model(x)
-    centring = model.centring
-    assert centring is not None and not model.training
-    torch.testing.assert_close(centring.running_mean, hidden.mean(0), rtol=1e-4, atol=1e-5)
-    assert abs(_mean_cosine(embedding)) < abs(off)
+        z = model.head(model.pool(model.features(model.adapter(x))))
+        logits, embedding = model(x)
+    assert not model.training
+    torch.testing.assert_close(model.embedding_centre, z.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, logits_before)  # scores untouched
+    assert _mean_cosine(off) > 0.3 and abs(_mean_cosine(embedding)) < 0.1
+    np.testing.assert_allclose(embedding.norm(dim=1).numpy(), 1.0, atol=1e-5)
     assert Classifier("mobilenet_v3_small").centring is None
 
 

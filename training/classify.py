@@ -266,8 +266,8 @@ def _selection_value(metrics: dict[str, float], selection: str) -> tuple[float, 
 def _centre_on_training_images(
     model: Classifier, run: MemberRun, dataset: MemberDataset, device: torch.device, out_dir: Path
 ) -> None:
-    """The kept model's embedding centred on its un-augmented training images (served-like
-    inputs: `Classifier.centre_embedding`), written back into best.pt."""
+    """The kept model's retrieval embedding centred on its un-augmented training images
+    (served-like inputs: `Classifier.centre_embedding`), written back into best.pt."""
     augment, dataset.augment = dataset.augment, None
     try:
         batches = (x.to(device) for x, _, _ in loader(dataset, run.batch_size))
@@ -515,7 +515,7 @@ def train_member(
         log.info("%s epoch %d/%d: %s", run.name, epoch + 1, run.epochs, _brief(entry))
 
     best_model = load_member(out_dir).to(device)
-    if best_model.centring is not None:
+    if best_model.embedding_kind == "l2":
         _centre_on_training_images(best_model, run, dataset, device, out_dir)
     prob, emb = predict(
         best_model,
