@@ -297,6 +297,7 @@ def test_a_pretrained_member_trains_exports_and_serves_with_onnx_parity(tmp_path
     )
     text = re.sub(r"\[\[members\]\].*?(?=\[ablation\])", members, smoke, flags=re.S)
     text = text.replace('embedding_member = "mobilenet"', 'embedding_member = "lite0"')
+    text = text.replace('member = "shufflenet"', 'member = "lite0"')
     config = tmp_path / "lite.toml"
     config.write_text(text)
     data = _synthetic_dataset(tmp_path)
