@@ -6,9 +6,13 @@ their ONNX parity); this text follows it. Built from the evaluation report.
 
 from __future__ import annotations
 
+from typing import Any
+
 from training.config import ExperimentConfig
+from training.pretrained import describe as describe_weights
 from training.report import METRIC_LABELS, ci, member_input_text
 from training.results import Json
+from training.separation import separation_lines
 from worker.markdown import markdown_table
 
 #: The target no other can stand in for: the contrast where the source says nothing.
@@ -55,11 +59,14 @@ def summary_lines(report: Json) -> list[str]:
 def card_notes(cfg: ExperimentConfig, report: Json) -> str:
     data = report["data"]
     weights = [f"`{m.name}` from `{m.checkpoint}`" for m in cfg.members if m.checkpoint]
+    weights += [
+        f"`{m.name}` from {describe_weights(pretrained)}"
+        for m, pretrained in _pretrained(report, cfg)
+    ]
     origin = (
         "No pretrained weights: trained from scratch."
         if not weights
-        else "Initialised from local checkpoints: " + ", ".join(weights) + "; all others from"
-        " scratch."
+        else "Initialised from: " + "; ".join(weights) + "; all others from scratch."
     )
     lines = [
         *summary_lines(report),
@@ -155,6 +162,18 @@ def card_notes(cfg: ExperimentConfig, report: Json) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pretrained(report: Json, cfg: ExperimentConfig) -> list[tuple[Any, Json]]:
+    """Members started from packaged ImageNet weights, with the provenance their training
+    recorded (package, version, licence, file, sha256: the report's `pretrained`)."""
+    recorded = report.get("pretrained") or {}
+    unrecorded = {"distribution": "?", "version": "?", "licence": "?", "sha256": "?"}
+    return [
+        (m, recorded.get(m.name) or {**m.pretrained.model_dump(), **unrecorded})
+        for m in cfg.members
+        if m.pretrained is not None
+    ]
+
+
 def _value(e: Json | None) -> float | None:
     return None if not e or e.get("value") is None else float(e["value"])
 
@@ -190,6 +209,8 @@ def _retrieval_lines(report: Json) -> list[str]:
         f" {r['queries']} test images): accuracy {ci(est.get('accuracy'))}, sensitivity"
         f" {ci(est.get('sensitivity'))}, specificity {ci(est.get('specificity'))}; neighbours"
         f" of the same label {r['neighbours_same_label']:.3f}.",
+        "",
+        *separation_lines(report.get("retrieval_separation")),
         "",
     ]
 

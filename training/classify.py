@@ -21,7 +21,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from training.adversary import SourceAdversary, contested_classes, source_codes
 from training.augment import make_augmenter
@@ -31,6 +30,8 @@ from training.data import same_source_rows
 from training.datasets import MemberDataset, loader, take, training_sampler
 from training.metrics import roc_auc
 from training.models import Classifier, count_parameters
+from training.pretrained import PretrainedWeights, load_state, resolve_weights
+from training.progress import progress
 from training.splits import Split, split_sha
 from training.torchutil import (
     amp_context,
@@ -81,6 +82,12 @@ class MemberRun:
     lung_crop: float | None = None
     lung_mask: float | None = None
     source_adversary: float = 0.0
+    pretrained: dict[str, str] | None = None  # PretrainedConfig: package, file, sha256
+    imagenet_input: tuple[float, float] | None = None  # preprocessing mean, std
+    embedding: str = "relu"
+    warmup_epochs: int = 0
+    backbone_lr_factor: float = 1.0
+    patience: int | None = None
 
 
 def member_run(
@@ -120,23 +127,64 @@ def member_run(
         lung_crop=None if variant == "no-seg" else c.lung_crop,
         lung_mask=None if variant == "no-seg" else c.lung_mask,
         source_adversary=c.source_adversary,
+        pretrained=None if m.pretrained is None else m.pretrained.model_dump(),
+        imagenet_input=None
+        if m.pretrained is None
+        else (cfg.preprocessing.mean, cfg.preprocessing.std),
+        embedding=c.embedding,
+        warmup_epochs=c.warmup_epochs,
+        backbone_lr_factor=c.backbone_lr_factor,
+        patience=c.patience,
     )
 
 
+#: MemberRun fields added after bundle 1.1.0: left out of the stage fingerprint at their
+#: defaults, so that runs made before them are still recognised as done.
+_LATER_FIELDS: dict[str, Any] = {
+    "pretrained": None,
+    "imagenet_input": None,
+    "embedding": "relu",
+    "warmup_epochs": 0,
+    "backbone_lr_factor": 1.0,
+    "patience": None,
+}
+
+
+def _fingerprinted(run: MemberRun) -> dict[str, Any]:
+    return {k: v for k, v in asdict(run).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+
+
+def pretrained_weights(run: MemberRun) -> PretrainedWeights | None:
+    """The member's ImageNet weights, located and sha256-checked; None from scratch."""
+    if run.pretrained is None:
+        return None
+    p = run.pretrained
+    return resolve_weights(p["package"], p["file"], p.get("sha256"))
+
+
 def build_member(run: MemberRun) -> Classifier:
-    """A fresh member, or one initialised from `run.checkpoint` (ours or torchvision's)."""
+    """A fresh member, or one initialised from `run.checkpoint` (ours or torchvision's) or
+    from `run.pretrained` (ImageNet weights in an installed package)."""
+    weights = pretrained_weights(run)
+    if weights is not None:
+        return Classifier(
+            run.architecture,
+            run.head,
+            backbone_state=load_state(weights),
+            embedding="l2" if run.embedding == "l2" else "relu",
+            imagenet_input=run.imagenet_input,
+        )
     if run.checkpoint is None:
-        return Classifier(run.architecture, run.head)
+        return Classifier(
+            run.architecture, run.head, embedding="l2" if run.embedding == "l2" else "relu"
+        )
     payload = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
     if isinstance(payload, dict) and "model" in payload and "architecture" in payload:
         if payload["architecture"] != run.architecture:
             raise ValueError(
                 f"{run.checkpoint} holds a {payload['architecture']}, not a {run.architecture}"
             )
-        head = tuple(int(w) for w in payload["head"])
-        if len(head) != 3:
-            raise ValueError(f"{run.checkpoint}: head {head} is not three layers")
-        model = Classifier(run.architecture, (head[0], head[1], head[2]))
+        model = Classifier.from_meta(payload)
         model.load_state_dict(payload["model"])
         if model.head_widths != run.head:
             raise ValueError(f"{run.checkpoint} has head {model.head_widths}, not {run.head}")
@@ -147,7 +195,7 @@ def build_member(run: MemberRun) -> Classifier:
 
 def load_member(folder: Path, which: str = "best.pt") -> Classifier:
     payload = load_checkpoint(folder / which)
-    model = Classifier(payload["architecture"], tuple(payload["head"]))
+    model = Classifier.from_meta(payload)
     model.load_state_dict(payload["model"])
     return model.eval()
 
@@ -215,6 +263,43 @@ def _selection_value(metrics: dict[str, float], selection: str) -> tuple[float, 
     return -metrics["val_loss"], "-val_loss"
 
 
+def _centre_on_training_images(
+    model: Classifier, run: MemberRun, dataset: MemberDataset, device: torch.device, out_dir: Path
+) -> None:
+    """The kept model's retrieval embedding centred on its un-augmented training images
+    (served-like inputs: `Classifier.centre_embedding`), written back into best.pt."""
+    augment, dataset.augment = dataset.augment, None
+    try:
+        batches = (x.to(device) for x, _, _ in loader(dataset, run.batch_size))
+        model.centre_embedding(batches)
+    finally:
+        dataset.augment = augment
+    payload = load_checkpoint(out_dir / "best.pt")
+    payload["model"] = model.state_dict()
+    payload["centred_on"] = "training images, no augmentation, eval mode"
+    save_checkpoint(out_dir / "best.pt", payload)
+
+
+def _set_trainable(model: Classifier, frozen_backbone: bool) -> None:
+    """Train mode; with a frozen backbone its weights get no gradient (Adam leaves them as
+    they are) and its BatchNorm statistics and drop-connect stay in eval mode."""
+    model.train()
+    for p in model.backbone_parameters():
+        p.requires_grad_(not frozen_backbone)
+    if frozen_backbone:
+        model.features.eval()
+
+
+def _stopped_early(history: list[dict[str, Any]], best_epoch: int, run: MemberRun) -> bool:
+    """True once `run.patience` epochs after the warm-up brought no better checkpoint."""
+    if run.patience is None or not history:
+        return False
+    last = len(history) - 1
+    return last >= run.warmup_epochs and last - max(best_epoch, run.warmup_epochs - 1) >= (
+        run.patience
+    )
+
+
 def train_member(
     run: MemberRun,
     cfg: ExperimentConfig,
@@ -243,7 +328,7 @@ def train_member(
     same_source = same_source_rows(cache.records, val_rows)
     stage_fp = fingerprint(
         {
-            "run": asdict(run),
+            "run": _fingerprinted(run),
             "cache": cache.info.get("key"),
             "split": split.model_dump(),
             "augment": cfg.augment.model_dump(mode="json"),
@@ -280,10 +365,21 @@ def train_member(
             contested,
             source_names,
         )
-    parameters = list(model.parameters())
+    head_parameters = model.head_parameters()
     if adversary is not None:
-        parameters += list(adversary.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=run.lr, weight_decay=run.weight_decay)
+        head_parameters += list(adversary.parameters())
+    # The backbone learns at lr x backbone_lr_factor (frozen in the warm-up); at factor 1,
+    # one group in the order runs before these options had (their last.pt still resumes).
+    backbone = model.backbone_parameters()
+    groups: list[dict[str, Any]] = (
+        [{"params": backbone + head_parameters}]
+        if run.backbone_lr_factor == 1.0
+        else [
+            {"params": backbone, "lr": run.lr * run.backbone_lr_factor},
+            {"params": head_parameters},
+        ]
+    )
+    optimizer = torch.optim.Adam(groups, lr=run.lr, weight_decay=run.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=run.lr_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, run.amp))
     start_epoch, best, best_epoch = 0, -np.inf, -1
@@ -315,8 +411,12 @@ def train_member(
     val_images = take(images_all, val_rows)
     val_lungs = None if lungs_all is None else take(lungs_all, val_rows)
     val_labels = labels_all[val_rows]
-    meta = {"architecture": run.architecture, "head": list(run.head), "name": run.name}
+    meta = {**model.meta(), "name": run.name}
     for epoch in range(start_epoch, run.epochs):
+        if _stopped_early(history, best_epoch, run):
+            log.info("%s: early stop after epoch %d", run.name, epoch)
+            break
+        frozen = epoch < run.warmup_epochs
         generator = torch.Generator().manual_seed(derive_seed(run.seed, "epoch", epoch))
         if augment is not None:
             augment.reseed(derive_seed(run.seed, "augment", epoch))
@@ -335,11 +435,11 @@ def train_member(
             pin_memory=device.type == "cuda",
             drop_last=len(dataset) > run.batch_size,
         )
-        model.train()
+        _set_trainable(model, frozen)
         total, count = 0.0, 0
         source_loss, source_rows, source_correct = 0.0, 0, 0
-        for x, y, g in tqdm(
-            batches, desc=f"{run.name} epoch {epoch + 1}/{run.epochs}", leave=False, disable=None
+        for x, y, g in progress(
+            batches, f"{run.name} epoch {epoch + 1}/{run.epochs}", transient=True
         ):
             x = x.to(device, non_blocking=True, memory_format=memory_format)
             y = y.to(device, non_blocking=True)
@@ -376,6 +476,7 @@ def train_member(
         value, used = _selection_value(metrics, run.selection)
         entry = {
             "epoch": epoch,
+            "backbone": "frozen" if frozen else "trained",
             "train_loss": total / max(count, 1),
             **(
                 {
@@ -414,6 +515,8 @@ def train_member(
         log.info("%s epoch %d/%d: %s", run.name, epoch + 1, run.epochs, _brief(entry))
 
     best_model = load_member(out_dir).to(device)
+    if best_model.embedding_kind == "l2":
+        _centre_on_training_images(best_model, run, dataset, device, out_dir)
     prob, emb = predict(
         best_model,
         images_all,
@@ -428,12 +531,15 @@ def train_member(
         out_dir / "predictions.npz", ids=np.array(cache.ids), probability=prob, embedding=emb
     )
     chosen = history[best_epoch]
+    weights = pretrained_weights(run)
     result = {
         "fingerprint": stage_fp,
         "split_sha": split_sha(split),
         "run": asdict(run),
         "parameters": count_parameters(best_model),
         "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "pretrained": None if weights is None else weights.provenance(),
         "selected_on": chosen["selected_on"],
         "validation": {k: v for k, v in chosen.items() if k.startswith("val_")},
         "history": history,

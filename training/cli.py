@@ -5,6 +5,7 @@
     cxr-train split DATA.csv                                patient-level splits
     cxr-train segmentation / classifier / evaluate / export one stage of a run
     cxr-train gate --bundle DIR                             fit the input gate into a bundle
+    cxr-train multisplit -m MEMBER -k 5                     one member over N splits: CI
 
 Every stage command works in a run folder (`--workdir`, default runs/<config name>) and reuses
 what earlier stages left there. Torch is imported only by the commands that need it.
@@ -236,6 +237,53 @@ def classifier_cmd(
     console.print(
         f"{result.run.name} (split {split}): best epoch {result.best_epoch + 1},"
         f" selected on {result.selected_on}; {val}"
+    )
+
+
+@app.command("multisplit")
+def multisplit_cmd(
+    member: str | None = typer.Option(
+        None, "--member", "-m", help="member name from the config (default: the first)"
+    ),
+    splits: int = typer.Option(5, "--splits", "-k", min=2, help="patient-level splits"),
+    config: Path | None = CONFIG_OPTION,
+    workdir: Path | None = WORKDIR_OPTION,
+    data: Path | None = DATA_OPTION,
+    cache: Path | None = CACHE_OPTION,
+    resume: bool = RESUME_OPTION,
+    device: str = DEVICE_OPTION,
+    overrides: list[str] | None = SET_OPTION,
+) -> None:
+    """Train one member on each of N patient-level splits; its same-source test AUC per
+    split, mean and CI over splits (report/multisplit-<member>.json)."""
+    from training.multisplit import run_multisplit
+
+    ctx = _context(config, workdir, cache, device, resume, overrides)
+    name = member or ctx.cfg.members[0].name
+    try:
+        ctx.cfg.member(name)
+    except KeyError as exc:
+        raise _fail(exc) from exc
+    cache_data, _ = _cache_and_plan(ctx, data)
+    try:
+        result = run_multisplit(ctx, cache_data, _lungs(ctx, cache_data), name, splits)
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    table = Table(title=f"{name}: {splits} patient-level splits")
+    for col in ("split", "same-source n (pos)", "same-source AUC", "all test AUC"):
+        table.add_column(col)
+    for s in result["per_split"]:
+        table.add_row(
+            str(s["split"]),
+            f"{s['same_source_images']} ({s['same_source_positives']})",
+            f"{s['same_source_auc']:.3f}",
+            f"{s['auc']:.3f}",
+        )
+    console.print(table)
+    ss = result["same_source_auc"]
+    console.print(
+        f"same-source ROC AUC: mean {ss['mean']:.3f}, 95% CI {ss['ci'][0]:.3f}-{ss['ci'][1]:.3f}"
+        f" over {ss['n']} splits"
     )
 
 

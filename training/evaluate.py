@@ -272,6 +272,7 @@ def evaluate_run(
     report.update(
         _common_sections(cfg, sets.tests, sets.train0, member_results, out_dir, with_plots)
     )
+    report["pretrained"] = {n: r.pretrained for n, r in member_results.items()}
     seg_result = (
         SegmentationResult.read(paths.segmentation)
         if (paths.segmentation / RESULT_FILE).is_file()
@@ -303,12 +304,47 @@ def evaluate_run(
         ),
         **_probes(sets.train0, test0, cache, b, seed),
     }
+    report["retrieval_separation"] = retrieval_separation(
+        cfg, paths, models, sets.train0.embedding, test0.embedding, cache.params, device
+    )
     if with_plots and cfg.ablation.enabled:
         _ablation_figure(report, out_dir)
     report["plots"] = with_plots
     write_json(out_dir / REPORT_JSON, _clean(report))
     write_report(out_dir)
     return report
+
+
+def retrieval_separation(
+    cfg: ExperimentConfig,
+    paths: RunPaths,
+    models: dict[str, LoadedMember],
+    reference: np.ndarray,
+    test: np.ndarray,
+    params: Any,
+    device: torch.device,
+) -> Json:
+    """Nearest-reference distances of test vs non-chest images (training.separation)."""
+    from training.separation import section_separation
+
+    model, size, crop, mask = models[cfg.embedding_member]
+    unet = load_unet(paths.segmentation).to(device)
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        lungs = predict_lungs(unet, images, params, cfg.segmentation.input_size, device)
+        _, emb = predict(
+            model,  # type: ignore[arg-type]
+            images,
+            lungs,
+            params,
+            size,
+            device,
+            lung_crop=crop,
+            lung_mask=mask,
+        )
+        return emb
+
+    return section_separation(reference, test, embed, params)
 
 
 def evaluate_external(

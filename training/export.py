@@ -30,6 +30,7 @@ from pydicom.uid import generate_uid
 from torch import nn
 
 from training.models import Classifier, ClassifierExport, UNet, UNetExport, count_parameters
+from training.pretrained import describe as describe_weights
 from training.report import member_input_text
 from worker.bundle import (
     MANIFEST_NAME,
@@ -242,6 +243,7 @@ class MemberExport:
     validation_metrics: dict[str, float] = field(default_factory=dict)
     lung_crop: float | None = None
     lung_mask: float | None = None
+    pretrained: dict[str, str] | None = None  # training.pretrained.PretrainedWeights.provenance
 
 
 @dataclass
@@ -313,6 +315,9 @@ def _model_card(
     lines += markdown_table(
         ("model", "architecture", "input", "parameters", "ONNX parity", "validation"), rows
     )
+    if any(m.pretrained for m in manifest.members):
+        lines += ["", "Initial weights:", ""]
+        lines += [f"- {m.name}: {describe_weights(m.pretrained)}" for m in manifest.members]
     idx = manifest.index
     lines += [
         "",
@@ -406,6 +411,7 @@ def write_bundle(
                     lung_mask=m.lung_mask,
                     embedding_dim=m.model.embedding_dim,
                     validation_metrics=m.validation_metrics,
+                    pretrained=m.pretrained,
                 )
             )
         index_spec = build_index(reference_embeddings, reference_items, work)

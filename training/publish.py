@@ -194,6 +194,7 @@ def export_run(
                 trained.validation_metrics(),
                 lung_crop=run.lung_crop,
                 lung_mask=run.lung_mask,
+                pretrained=trained.pretrained,
             )
         )
     params = cache.params
@@ -257,7 +258,7 @@ def export_run(
             "test_images": len(split.test),
             "train_strata": counts,
             "splits": len(plan.splits),
-            "pretrained_weights": any(m.checkpoint for m in cfg.members),
+            "pretrained_weights": any(m.checkpoint or m.pretrained for m in cfg.members),
         },
         config={"experiment": cfg.model_dump(mode="json")},
         card_notes=card_notes(cfg, report),

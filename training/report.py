@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from training.results import Json
+from training.separation import separation_lines
 from worker.markdown import markdown_table
 
 REPORT_MD = "report.md"
@@ -293,6 +294,8 @@ def render(report: Json, export: Json | None) -> str:
         f" {_num(k['distance_across_classes'])} (all query-reference pairs); to the k neighbours:"
         f" same label {_num(k['neighbour_distance_same_label'])}, other label"
         f" {_num(k['neighbour_distance_other_label'])}.",
+        "",
+        *separation_lines(r.get("retrieval_separation")),
         "",
     ]
     # -- per source / subgroup

@@ -54,6 +54,7 @@ class MemberResult(StageResult):
     best_epoch: int
     selected_on: str
     validation: dict[str, float | None]
+    pretrained: dict[str, str] | None = None  # training.pretrained provenance, if it started so
 
     def validation_metrics(self) -> dict[str, float]:
         """The validation metrics that are defined."""

@@ -51,6 +51,11 @@ class MemberSpec(FileRef):
     )
     embedding_dim: int
     validation_metrics: dict[str, float] = Field(default_factory=dict)
+    pretrained: dict[str, str] | None = Field(
+        default=None,
+        description="provenance of the initial (ImageNet) weights: package, distribution, "
+        "version, licence, file, sha256; None: trained from scratch or from a checkpoint",
+    )
 
 
 class SegmentationSpec(FileRef):

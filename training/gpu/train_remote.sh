@@ -46,8 +46,8 @@ say() { # to stdout and to the log
 }
 
 # Quiet, unbuffered, wide logs: progress bars are off (they turn themselves off when stderr is
-# not a terminal; TQDM_DISABLE for the one tqdm bar left) and rich does not wrap at 80 columns.
-export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 COLUMNS=160 PYTHONDONTWRITEBYTECODE=1
+# not a terminal) and rich does not wrap at 80 columns.
+export PYTHONUNBUFFERED=1 COLUMNS=160 PYTHONDONTWRITEBYTECODE=1
 
 # ---------------------------------------------------------------- dependencies
 SITE=
