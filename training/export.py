@@ -147,6 +147,10 @@ class ReferenceItem(BaseModel):
     id: str
     label: str
     source: str
+    #: The dataset's own label of the image (the pool's: "covid", "other_pneumonia",
+    #: "negative" for no pneumonia), finer than the class: the SR names a similar image's
+    #: label as it is (dicom_node.results.labels). Optional; old indexes lack it.
+    finding: str | None = None
 
     @field_validator("label")
     @classmethod
@@ -191,7 +195,7 @@ def build_index(
     index.save_index(str(out_dir / INDEX_FILE))
     with (out_dir / ITEMS_FILE).open("w", encoding="utf-8") as fh:
         for item in items:
-            fh.write(json.dumps(item.model_dump(), ensure_ascii=False) + "\n")
+            fh.write(json.dumps(item.model_dump(exclude_none=True), ensure_ascii=False) + "\n")
     return IndexSpec(
         index=FileRef(file=INDEX_FILE, sha256=sha256_file(out_dir / INDEX_FILE)),
         items=FileRef(file=ITEMS_FILE, sha256=sha256_file(out_dir / ITEMS_FILE)),

@@ -223,6 +223,7 @@ def export_run(
             id=cache.records[r].id,
             label=cache.records[r].label.label,
             source=cache.records[r].source,
+            finding=cache.records[r].label_text.strip().lower() or None,
         )
         for r in ref_rows
     ]
