@@ -128,3 +128,16 @@ def test_the_gate_declines_an_upside_down_film_and_scores_it_turned_upright() ->
     upright = _infer(np.ascontiguousarray(image[::-1, ::-1]))
     assert isinstance(upright, InferResult)
     assert upright.probability < load_bundle(DEFAULT).manifest.threshold
+
+
+def test_reference_items_say_which_negative_they_are() -> None:
+    from dicom_node.results.labels import reference_label_text
+    from dicom_node.results.reference_index import ReferenceIndex
+
+    index = ReferenceIndex(load_bundle(DEFAULT))
+    findings = {item.get("finding") for item in index.items}
+    assert findings == {"covid", "other_pneumonia", "negative"}
+    vector = np.ones(index.index.dim, dtype=np.float32)
+    texts = {reference_label_text(s.label or "") for s in index.query(vector, 50)}
+    assert "no COVID-19 (no finding or other pneumonia)" not in texts
+    assert texts <= {"COVID-19", "no COVID-19: other pneumonia", "no finding"}
