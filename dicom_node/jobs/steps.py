@@ -215,29 +215,43 @@ def not_analysed(node: NodeRuntime, refusal: GateRefusal) -> list[str]:
         uids = node.ledger.output_uids(job.job_id)[OutputKind.SR]
         header = dcmread(job.spool_path, stop_before_pixels=True)
         sr = build_not_analysed_sr(header, refusal.reasons, bundle.manifest, uids, ReportOptions())
-        buffer = io.BytesIO()
-        sr.save_as(buffer, enforce_file_format=True)
-        write_durably(node.result_path(job.job_id, OutputKind.SR), buffer.getvalue())
+        _store(node, job.job_id, OutputKind.SR, sr)
         node.ledger.add_deliveries(job.job_id, node.destinations, [OutputKind.SR])
     reason = "not analysed (input gate): " + "; ".join(refusal.reasons)
     if node.ledger.set_state(job.job_id, JobState.REJECTED, reason, only_from=UNFINISHED):
         node.metrics.inc("rejected")
         node.metrics.inc("not_analysed")
     log.warning("job %s: %s", job.job_id, reason)  # scores and thresholds only: no patient data
-    pending = [
-        d.destination
-        for d in node.ledger.deliveries(job.job_id)
-        if d.state is DeliveryState.PENDING
-    ]
-    return list(dict.fromkeys(pending))
+    return _pending_destinations(node, job.job_id)
 
 
 def not_analysed_or_fail(node: NodeRuntime, refusal: GateRefusal) -> list[str]:
     """`not_analysed`, with an error building or storing the SR ending the job failed."""
+    return _results_or_fail(node, refusal.job_id, lambda: not_analysed(node, refusal))
+
+
+def _store(node: NodeRuntime, job_id: str, kind: OutputKind, ds: Dataset) -> None:
+    """A result object, durably in the results folder (delivery reads it from there)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    write_durably(node.result_path(job_id, kind), buffer.getvalue())
+
+
+def _pending_destinations(node: NodeRuntime, job_id: str) -> list[str]:
+    """Where the job's objects still have to go, each destination once."""
+    pending = [
+        d.destination for d in node.ledger.deliveries(job_id) if d.state is DeliveryState.PENDING
+    ]
+    return list(dict.fromkeys(pending))
+
+
+def _results_or_fail(node: NodeRuntime, job_id: str, build: Callable[[], list[str]]) -> list[str]:
+    """`build` the job's results; an error building or storing them ends the job in the
+    visible failed state (an operator can retry it) instead of being redone forever."""
     try:
-        return not_analysed(node, refusal)
+        return build()
     except Exception as exc:
-        analysis_failed(node, refusal.job_id, f"results not built: {describe_failure(exc)}")
+        analysis_failed(node, job_id, f"results not built: {describe_failure(exc)}")
         return []
 
 
@@ -489,9 +503,7 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
         if built is not None:
             objects[kind] = built
     for kind, ds in objects.items():
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        write_durably(node.result_path(job.job_id, kind), buffer.getvalue())
+        _store(node, job.job_id, kind, ds)
 
     if hospital is not None:
         remember(hospital, source.header, result)
@@ -513,12 +525,7 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
         len(lungs.outlines),
         len(similar),
     )
-    pending = [
-        d.destination
-        for d in node.ledger.deliveries(job.job_id)
-        if d.state is DeliveryState.PENDING
-    ]
-    return list(dict.fromkeys(pending))
+    return _pending_destinations(node, job.job_id)
 
 
 def _optional_lungs(
@@ -680,8 +687,4 @@ def prepare_or_fail(node: NodeRuntime, job_id: str) -> InferRequest | GateRefusa
 def finalize_or_fail(node: NodeRuntime, result: InferResult) -> list[str]:
     """`finalize`, with an error building or storing the results ending the job in the
     visible failed state."""
-    try:
-        return finalize(node, result)
-    except Exception as exc:
-        analysis_failed(node, result.job_id, f"results not built: {describe_failure(exc)}")
-        return []
+    return _results_or_fail(node, result.job_id, lambda: finalize(node, result))

@@ -10,6 +10,7 @@ and again (worker.crash_guard).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
@@ -54,8 +55,8 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             steps.analysis_failed(node, job_id, str(exc))
             return
         if isinstance(request, GateRefusal):  # the decoded pixels alone failed the gate
-            for destination in steps.not_analysed_or_fail(node, request):
-                send_deliver(app, job_id, destination)
+            refusal = request
+            build_results(job_id, lambda: steps.not_analysed_or_fail(node, refusal))
         elif request is not None:
             app.send_task(INFER, args=[request.model_dump()])
 
@@ -68,29 +69,26 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         failure = from_message(AnalysisFailed, payload, *([] if error is None else [error]))
         steps.analysis_failed(node, failure.job_id, failure.error)
 
+    def build_results(job_id: str, build: Callable[[], list[str]]) -> None:
+        """Build a job's result objects under the crash guard, then queue their deliveries."""
+        try:
+            with guard.running("finalize", job_id):
+                destinations = build()
+        except StepKeptCrashing as exc:
+            steps.analysis_failed(node, job_id, str(exc))
+            return
+        for destination in destinations:
+            send_deliver(app, job_id, destination)
+
     @app.task(name=NOT_ANALYSED)
     def not_analysed(payload: dict[str, Any]) -> None:
         refusal = GateRefusal.model_validate(payload)
-        try:
-            with guard.running("finalize", refusal.job_id):
-                destinations = steps.not_analysed_or_fail(node, refusal)
-        except StepKeptCrashing as exc:
-            steps.analysis_failed(node, refusal.job_id, str(exc))
-            return
-        for destination in destinations:
-            send_deliver(app, refusal.job_id, destination)
+        build_results(refusal.job_id, lambda: steps.not_analysed_or_fail(node, refusal))
 
     @app.task(name=FINALIZE)
     def finalize(payload: dict[str, Any]) -> None:
         result = InferResult.model_validate(payload)
-        try:
-            with guard.running("finalize", result.job_id):
-                destinations = steps.finalize_or_fail(node, result)
-        except StepKeptCrashing as exc:
-            steps.analysis_failed(node, result.job_id, str(exc))
-            return
-        for destination in destinations:
-            send_deliver(app, result.job_id, destination)
+        build_results(result.job_id, lambda: steps.finalize_or_fail(node, result))
 
     @app.task(name=DELIVER, bind=True, max_retries=None)
     def deliver(self: Task, payload: dict[str, Any] | str, destination: str | None = None) -> None:

@@ -193,20 +193,7 @@ def build_sr(
         _lung_region(header, outline, number, manifest, uids)
         for number, outline in enumerate(lung_outlines, start=1)
     ]
-    observer = ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=manifest.device_uid,
-            name=manifest.name,
-            manufacturer_name=options.manufacturer,
-            model_name=manifest.version,
-        ),
-    )
-    report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=PLAIN_CHEST_XRAY,
-        imaging_measurements=[group, *regions],
-    )
+    report = measurement_report(manifest, options, [group, *regions])
     root = report[0]
     # What a reader needs first, before the measurement details: the finding in words, then
     # what it is worth. Viewers render the tree in order (dsr2html does).
@@ -233,13 +220,53 @@ def build_sr(
             )
             root.ContentSequence.append(container)
 
-    equipment = model_equipment(
+    return comprehensive_sr(
+        evidence,
+        report,
         manifest,
-        options.manufacturer,
-        options.institution,
+        uids,
+        options,
         "COVID-19 classification of the chest X-ray (model bundle)",
+        _series_description(manifest),
     )
 
+
+def measurement_report(
+    manifest: Manifest,
+    options: ReportOptions,
+    imaging_measurements: Sequence[
+        MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations
+    ],
+) -> MeasurementReport:
+    """The TID 1500 report of a plain chest X-ray, observed by the bundle as a device."""
+    observer = ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=manifest.device_uid,
+            name=manifest.name,
+            manufacturer_name=options.manufacturer,
+            model_name=manifest.version,
+        ),
+    )
+    return MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=PLAIN_CHEST_XRAY,
+        imaging_measurements=list(imaging_measurements),
+    )
+
+
+def comprehensive_sr(
+    evidence: list[Dataset],
+    report: MeasurementReport,
+    manifest: Manifest,
+    uids: OutputUids,
+    options: ReportOptions,
+    contribution: str,
+    series_description: str,
+) -> Dataset:
+    """The SR document around `report`: in the evidence's study, its own series, the bundle
+    as contributing equipment, unverified and preliminary (see the module's flags)."""
+    equipment = model_equipment(manifest, options.manufacturer, options.institution, contribution)
     sr = ComprehensiveSR(
         evidence=evidence,
         content=report,
@@ -253,7 +280,7 @@ def build_sr(
         is_final=False,
         is_verified=False,
         contributing_equipment=[equipment],
-        series_description=_series_description(manifest),
+        series_description=series_description,
         manufacturer_model_name=manifest.name,
         software_versions=manifest.version,
         coding_schemes=[

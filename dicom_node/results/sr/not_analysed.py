@@ -24,33 +24,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
-    ComprehensiveSR,
-    DeviceObserverIdentifyingAttributes,
-    MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
-    ObservationContext,
-    ObserverContext,
     QualitativeEvaluation,
     SourceImageForMeasurementGroup,
     TrackingIdentifier,
 )
 from pydicom import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_node.records.ledger import OutputUids
-from dicom_node.results.equipment import evidence_header, model_equipment
-from dicom_node.results.sr.builder import ReportOptions, _separate, _text
+from dicom_node.results.equipment import evidence_header
+from dicom_node.results.sr.builder import (
+    ReportOptions,
+    _text,
+    comprehensive_sr,
+    measurement_report,
+)
 from dicom_node.results.sr.codes import (
     COMMENT,
     FINDING_COVID19,
     LOCAL_SCHEME,
     NOT_FOR_DIAGNOSTIC_USE,
-    PLAIN_CHEST_XRAY,
     SUMMARY,
 )
 from worker.bundle import Manifest
@@ -73,15 +70,6 @@ def build_not_analysed_sr(
 ) -> Dataset:
     """Comprehensive SR for `source` (header only is enough) saying it was not analysed."""
     header = evidence_header(source)
-    observer = ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=manifest.device_uid,
-            name=manifest.name,
-            manufacturer_name=options.manufacturer,
-            model_name=manifest.version,
-        ),
-    )
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=generate_uid(entropy_srcs=[uids.sop_instance_uid, "tracking"]),
@@ -101,43 +89,16 @@ def build_not_analysed_sr(
     )
     for reason in reasons:
         group[0].ContentSequence.append(_text(COMMENT, f"Not analysed: {reason}"))
-    report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=PLAIN_CHEST_XRAY,
-        imaging_measurements=[group],
-    )
+    report = measurement_report(manifest, options, [group])
     root = report[0]
     root.ContentSequence.insert(0, _text(SUMMARY, not_analysed_headline(reasons)))
     root.ContentSequence.append(_text(COMMENT, NOT_FOR_DIAGNOSTIC_USE))
-    equipment = model_equipment(
+    return comprehensive_sr(
+        [header],
+        report,
         manifest,
-        options.manufacturer,
-        options.institution,
+        uids,
+        options,
         "Input check of the chest X-ray (model bundle): not analysed",
+        f"AI COVID-19 {manifest.name} {manifest.version} - not analysed"[:64],
     )
-    sr = ComprehensiveSR(
-        evidence=[header],
-        content=report,
-        series_instance_uid=uids.series_instance_uid,
-        series_number=options.series_number,
-        sop_instance_uid=uids.sop_instance_uid,
-        instance_number=options.instance_number,
-        manufacturer=options.manufacturer,
-        institution_name=options.institution,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        contributing_equipment=[equipment],
-        series_description=f"AI COVID-19 {manifest.name} {manifest.version} - not analysed"[:64],
-        manufacturer_model_name=manifest.name,
-        software_versions=manifest.version,
-        coding_schemes=[
-            CodingSchemeIdentificationItem(
-                designator=LOCAL_SCHEME,
-                name="CXR node local concepts",
-                responsible_organization=options.manufacturer,
-            )
-        ],
-    )
-    _separate(sr)
-    return sr
