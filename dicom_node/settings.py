@@ -178,6 +178,30 @@ class Settings(BaseSettings):
         description="`cxr-node cleanup` deletes the spooled image and result files of finished "
         "jobs older than this; 0: keep everything",
     )
+    # --- confirmed diagnoses: agreement, drift (docs/OPERATOR.md section 9) ---
+    agreement_bootstrap: int = Field(
+        default=1000,
+        ge=0,
+        le=100_000,
+        description="bootstrap resamples (stratified, seed 0) of the 95 % CI of the live ROC "
+        "AUC; 0: no interval",
+    )
+    drift_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="the drift check compares the scores of the instances received in the "
+        "last this many days with the bundle's reference score distribution",
+    )
+    drift_alpha: float = Field(
+        default=0.01,
+        gt=0,
+        lt=1,
+        description="drift warning when the two-sample Kolmogorov-Smirnov test's p-value is "
+        "below this",
+    )
+    drift_min_scores: int = Field(
+        default=30, ge=2, description="fewer recent scores than this: no drift test is made"
+    )
     # --- who may talk to the node, and how much (docs/RELIABILITY.md) ---
     allowed_addresses: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -197,3 +197,28 @@ def test_a_rejected_job_keeps_its_reason_when_its_not_analysed_sr_is_delivered(
     job = ledger.get("a")
     assert job is not None and job.state is JobState.REJECTED and job.reason == reason
     assert ledger.pending_deliveries() == []
+
+
+def test_scores_keep_their_model_version_and_studies_their_accession_key(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_JOBS)
+        db.execute(
+            "INSERT INTO jobs VALUES ('a', '1.1', '1.2.840.10008.5.1.4.1.1.1', '1.2', '1.3', "
+            "'MOD', NULL, 'delivered', NULL, '1.2.9', '1.2.9.1', 0.4, 1.0, 2.0)"
+        )
+    db.close()
+    ledger = Ledger(path)  # an old ledger gains the columns; its scores have no version
+    old = ledger.get("a")
+    assert old is not None and old.device_uid is None and old.accession_key is None
+    job = replace(make_job("b", "1.5"), accession_key="k1", study_instance_uid="7.7")
+    assert ledger.add(job)
+    ledger.set_state("b", JobState.ANALYSED, probability=0.8, device_uid="9.9")
+    scored = {s.study_instance_uid: s for s in ledger.scored()}
+    assert scored["7.7"].device_uid == "9.9" and scored["7.7"].probability == 0.8
+    assert scored["1.2"].device_uid is None
+    assert [s.study_instance_uid for s in ledger.scored(studies=["7.7", "nope"])] == ["7.7"]
+    assert [s.study_instance_uid for s in ledger.scored(since=1.5)] == ["7.7"]
+    assert ledger.studies_by_accession(["k1", "k2"]) == {"k1": {"7.7"}}
+    assert ledger.known_studies(["7.7", "1.2", "8.8"]) == {"7.7", "1.2"}
+    assert [j.job_id for j in ledger.jobs_of_studies(["1.2", "7.7"])] == ["a", "b"]

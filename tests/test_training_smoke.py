@@ -88,6 +88,10 @@ def test_smoke_bundle_loads_and_serves_in_the_worker(run: RunPaths) -> None:
         assert 0.0 <= p.probability <= 1.0
         assert p.embedding.shape == (256,)
         assert p.lung_probability.shape == (64, 64)
+    # The node's drift check has the validation set's scores to compare with.
+    reference = manifest.reference_scores
+    assert reference is not None and len(reference.scores) == len(plan.splits[0].val)
+    assert reference.scores == sorted(reference.scores)
     # The served scores are the PyTorch scores the report was computed from.
     export = read_json(run.report / "export.json")
     assert export["onnx_vs_torch_max_score_diff"] < 1e-4

@@ -40,6 +40,7 @@ from worker.bundle import (
     IndexSpec,
     Manifest,
     MemberSpec,
+    ReferenceScores,
     SegmentationSpec,
     load_bundle,
     sha256_file,
@@ -352,6 +353,7 @@ def write_bundle(
     config: dict[str, object] | None = None,
     card_notes: str = "",
     sample_images: np.ndarray,
+    reference_scores: ReferenceScores | None = None,
 ) -> ExportReport:
     """Export everything into `out_dir` (absent or empty), validate with load_bundle, report.
 
@@ -440,6 +442,7 @@ def write_bundle(
             embedding_member=embedding_member,
             training_data=training_data,
             config={"member_channels": list(MEMBER_CHANNELS), "opset": OPSET, **(config or {})},
+            reference_scores=reference_scores,
         )
         (work / MANIFEST_NAME).write_text(
             manifest.model_dump_json(indent=2) + "\n", encoding="utf-8"

@@ -49,7 +49,7 @@ from training.results import Json, MemberResult, SegmentationResult
 from training.segment import load_unet
 from training.splits import SplitPlan
 from training.torchutil import read_json, write_json
-from worker.bundle import MANIFEST_NAME, Manifest, load_bundle, sha256_file
+from worker.bundle import MANIFEST_NAME, Manifest, ReferenceScores, load_bundle, sha256_file
 from worker.inference import Ensemble
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,20 @@ def export_run(
         seg_metrics["test_dice"] = float(report["segmentation"]["dice"]["value"])
     test_rows = cache.rows(split.test)
     threshold = float(report["threshold"]["value"])
+    # The node's drift check compares its recent scores with these (dicom_node.learning.drift).
+    val_scores = np.mean(
+        [read_predictions(paths.member(0, m.name), split.val).probability for m in cfg.members],
+        axis=0,
+    )
+    reference = (
+        ReferenceScores(
+            source=f"validation set of split 0: {len(val_scores)} images (PyTorch scores of "
+            "the exported networks)",
+            scores=sorted(float(v) for v in val_scores),
+        )
+        if len(split.val)
+        else None
+    )
     counts: dict[str, int] = {}
     for r in ref_rows:
         key = f"{cache.records[r].source}/{cache.records[r].label.label}"
@@ -264,6 +278,7 @@ def export_run(
         config={"experiment": cfg.model_dump(mode="json")},
         card_notes=card_notes(cfg, report),
         sample_images=cache.images[test_rows[:8]] if len(test_rows) else cache.images[:8],
+        reference_scores=reference,
     )
     total_mb = export.total_bytes / 1e6
     if total_mb >= cfg.export.max_bundle_mb:

@@ -165,6 +165,15 @@ class GateSpec(BaseModel):
     )
 
 
+class ReferenceScores(BaseModel):
+    """Ensemble scores of held-out images: what the node's drift check compares the scores
+    of its recent instances with (`dicom_node.learning.drift`). Optional: a bundle without
+    it gets no drift check ("no reference distribution")."""
+
+    source: str = Field(description="which images, e.g. 'calibration set: 412 images'")
+    scores: list[float] = Field(min_length=1, description="ensemble probabilities, ascending")
+
+
 class Manifest(BaseModel):
     schema_version: int
     name: str
@@ -186,6 +195,9 @@ class Manifest(BaseModel):
     )
     training_data: dict[str, object] = Field(default_factory=dict)
     config: dict[str, object] = Field(default_factory=dict)
+    reference_scores: ReferenceScores | None = Field(
+        default=None, description="held-out scores for the node's drift check; None: no check"
+    )
 
 
 def sha256_file(path: Path) -> str:

@@ -509,7 +509,11 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
         remember(hospital, source.header, result)
     node.ledger.add_deliveries(job.job_id, node.destinations, list(objects))
     if node.ledger.set_state(
-        job.job_id, JobState.ANALYSED, probability=result.probability, only_from=UNFINISHED
+        job.job_id,
+        JobState.ANALYSED,
+        probability=result.probability,
+        only_from=UNFINISHED,
+        device_uid=result.device_uid,
     ):
         node.metrics.inc("analysed")
         node.metrics.observe("finalize", time.time() - started, once=job.job_id)

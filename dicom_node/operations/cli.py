@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from dicom_node.settings import Settings
+
+if TYPE_CHECKING:
+    from dicom_node.records.ledger import Ledger
 
 app = typer.Typer(
     help="CXR node: a DICOM node that scores chest X-rays (research use only).",
@@ -145,6 +148,24 @@ def status(
                 when, r.calling_ae, r.address, dimse_status.describe(r.status), r.reason
             )
         console.print(refused)
+    _print_figures(settings, ledger)
+
+
+def _print_figures(settings: Settings, ledger: Ledger) -> None:
+    """Agreement with confirmed diagnoses and drift, per bundle version (as the status page)."""
+    from dicom_node.learning.live import figures_source
+    from dicom_node.learning.present import DRIFT_TEST, figure_lines
+
+    figures = figures_source(settings, ledger)()
+    if not figures:
+        console.print("agreement and drift: no score recorded yet")
+        return
+    console.print(
+        f"agreement with confirmed diagnoses (score >= threshold: positive); drift: {DRIFT_TEST}",
+        soft_wrap=True,
+    )
+    for line in figure_lines(figures, settings.drift_days):
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()

@@ -18,6 +18,8 @@ from prometheus_client import (
 )
 
 from dicom_node.jobs.model_store import BundleCache, ModelStore
+from dicom_node.learning.gauges import figure_gauges
+from dicom_node.learning.live import BundleFigures, figures_source
 from dicom_node.operations.health import (
     Health,
     check_broker,
@@ -48,9 +50,18 @@ def _info(bundles: BundleCache) -> dict[str, str]:
     }
 
 
-def node_gauges(settings: Settings, ledger: Ledger) -> GaugeSource:
+def node_gauges(
+    settings: Settings,
+    ledger: Ledger,
+    figures: Callable[[], list[BundleFigures]] | None = None,
+) -> GaugeSource:
     def read() -> list[tuple[str, str, list[str], list[tuple[list[str], float]]]]:
         gauges: list[tuple[str, str, list[str], list[tuple[list[str], float]]]] = []
+        if figures is not None:
+            try:
+                gauges += figure_gauges(figures())
+            except Exception as exc:  # the other gauges still go out
+                log.warning("agreement figures not available: %s", exc)
         counts = ledger.counts()
         gauges.append(
             (
@@ -92,10 +103,11 @@ def node_app(
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
+    figures = figures_source(settings, ledger)
     registry.register(
         NodeCollector(
             MetricsStore(settings.metrics_path),
-            node_gauges(settings, ledger),
+            node_gauges(settings, ledger, figures),
             lambda: _info(bundles),
         )
     )
@@ -152,6 +164,8 @@ def node_app(
         bundle=bundle_facts,
         installed=installed,
         refusals=lambda: ledger.recent_refusals(20),
+        figures=figures,
+        drift_days=settings.drift_days,
     )
     return make_app(registry, health, view)
 

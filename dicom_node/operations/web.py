@@ -24,6 +24,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from dicom_node import dimse_status
+from dicom_node.learning.live import BundleFigures
+from dicom_node.learning.present import DRIFT_TEST, TextTable, agreement_table, drift_table
 from dicom_node.operations.health import Health
 from dicom_node.records.ledger import Job, JobState, Refusal
 
@@ -55,6 +57,9 @@ class StatusView:
     installed: Callable[[], list[dict[str, str]]]
     #: Instances refused with a failure status, newest first.
     refusals: Callable[[], list[Refusal]] = field(default=lambda: [])
+    #: Agreement with confirmed diagnoses and drift, per bundle version.
+    figures: Callable[[], list[BundleFigures]] = field(default=lambda: [])
+    drift_days: float = 30.0
 
 
 def _when(ts: float) -> str:
@@ -76,9 +81,27 @@ def _table(headers: list[str], rows: list[list[str]], cls: str) -> str:
     return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _text_table(table: TextTable, cls: str) -> str:
+    return _table(table.headers, [[html.escape(c) for c in row] for row in table.rows], cls)
+
+
+def _figures(view: StatusView) -> tuple[str, str]:
+    try:
+        figures = view.figures()
+    except Exception as exc:  # the page shows the rest all the same
+        log.warning("agreement figures not available: %s", exc)
+        note = f"<p class='none'>not available: {html.escape(str(exc))}</p>"
+        return note, note
+    return (
+        _text_table(agreement_table(figures), "agreement"),
+        _text_table(drift_table(figures, view.drift_days), "drift"),
+    )
+
+
 def render_status(view: StatusView) -> str:
     e = html.escape
     counts = view.counts()
+    agreement_html, drift_html = _figures(view)
     bundle = view.bundle()
     jobs = [
         [
@@ -144,6 +167,15 @@ Refreshes every 30 s. Metrics: <a href="/metrics">/metrics</a>, health:
 <div id="counts">{count_cells}</div>
 <h2>Model bundle in use</h2>
 <table id="bundle">{bundle_rows}</table>
+<h2>Agreement with confirmed diagnoses</h2>
+<p>Studies with a confirmed diagnosis (<code>cxr-node label</code>), each with the highest
+score a bundle version gave its images, against that version's threshold (score &gt;=
+threshold: positive). ROC AUC with a stratified bootstrap interval (seed 0).</p>
+{agreement_html}
+<h2>Score drift</h2>
+<p>{e(DRIFT_TEST)}; a warning when p is below the threshold shown. A change of case mix
+moves the scores as much as a change of images does.</p>
+{drift_html}
 <h2>Delivery failures and analysis failures (dead letters)</h2>
 <p>Retry one from the node host with the command shown (the destination is tried again
 with the same result objects; a PACS replaces rather than duplicates them).</p>

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -117,6 +118,10 @@ class Job:
     probability: float | None
     received_at: float
     updated_at: float
+    #: The model version that gave `probability` (the bundle's device UID).
+    device_uid: str | None = None
+    #: Keyed hash of the study's Accession Number (`dicom_node.records.keys`); never in clear.
+    accession_key: str | None = None
 
     @classmethod
     def received(
@@ -131,6 +136,7 @@ class Job:
         spool_path: str | None,
         not_analysed_because: str | None = None,
         at: float | None = None,
+        accession_key: str | None = None,
     ) -> Job:
         """A newly received instance: to be analysed, or (given the reason) kept and not
         analysed. The one way a job is made; the ledger fixes its output UIDs on `add`."""
@@ -148,7 +154,18 @@ class Job:
             probability=None,
             received_at=now,
             updated_at=now,
+            accession_key=accession_key,
         )
+
+
+@dataclass(frozen=True)
+class ScoredJob:
+    """A job's score: which study, which model version, when it was received."""
+
+    study_instance_uid: str
+    device_uid: str | None
+    probability: float
+    received_at: float
 
 
 @dataclass(frozen=True)
@@ -188,6 +205,12 @@ class OutputUids:
 
 
 _JOB_COLUMNS = tuple(f.name for f in fields(Job))
+
+
+def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
+    """Lists short enough for one `IN (...)` (SQLite limits the parameters of a statement)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -231,6 +254,20 @@ def _add_claims(db: sqlite3.Connection) -> None:
     db.execute("COMMIT")
 
 
+def _add_scoring_columns(db: sqlite3.Connection) -> None:
+    """The model version of a score and the accession key, added to the table of every
+    ledger, new or from before they existed (processes race: one transaction)."""
+    db.execute("BEGIN IMMEDIATE")
+    columns = [r[1] for r in db.execute("PRAGMA table_info(jobs)")]
+    for column in ("device_uid", "accession_key"):
+        if column not in columns:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study_instance_uid)")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_accession ON jobs(accession_key)")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_received ON jobs(received_at)")
+    db.execute("COMMIT")
+
+
 def _new_outputs(job_id: str) -> list[tuple[str, str, str, str]]:
     rows = []
     for kind in OutputKind:
@@ -270,6 +307,7 @@ class Ledger:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
             db.executescript(_REFUSALS)
+            _add_scoring_columns(db)
             _migrate_deliveries(db)
             _add_claims(db)
             _outputs_in_one_place(db)
@@ -323,13 +361,15 @@ class Ledger:
         reason: str | None = None,
         probability: float | None = None,
         only_from: tuple[JobState, ...] | None = None,
+        device_uid: str | None = None,
     ) -> bool:
-        """Move a job to `state`; with only_from, only if it is in one of those states."""
+        """Move a job to `state`; with only_from, only if it is in one of those states. A
+        probability is recorded with the device UID of the model that gave it."""
         sql = "UPDATE jobs SET state = ?, reason = ?, updated_at = ?"
         args: list[object] = [str(state), reason, time.time()]
         if probability is not None:
-            sql += ", probability = ?"
-            args.append(probability)
+            sql += ", probability = ?, device_uid = ?"
+            args += [probability, device_uid]
         sql += " WHERE job_id = ?"
         args.append(job_id)
         if only_from:
@@ -566,6 +606,74 @@ class Ledger:
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             db.execute("ROLLBACK")
+
+    # --- confirmed diagnoses: scores, studies -------------------------------------------------
+
+    def scored(
+        self, studies: Iterable[str] | None = None, since: float | None = None
+    ) -> list[ScoredJob]:
+        """The scores of analysed jobs: of the given studies only, or received since `since`."""
+        sql = (
+            "SELECT study_instance_uid, device_uid, probability, received_at FROM jobs "
+            "WHERE probability IS NOT NULL"
+        )
+        args: list[object] = []
+        if since is not None:
+            sql += " AND received_at >= ?"
+            args.append(since)
+        with self._connect() as db:
+            if studies is None:
+                return [ScoredJob(*tuple(r)) for r in db.execute(sql, args)]
+            out: list[ScoredJob] = []
+            for chunk in _chunks(list(dict.fromkeys(studies))):
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(f"{sql} AND study_instance_uid IN ({marks})", [*args, *chunk])
+                out += [ScoredJob(*tuple(r)) for r in rows]
+            return out
+
+    def known_studies(self, studies: Iterable[str]) -> set[str]:
+        """Which of these Study Instance UIDs the node has received an instance of."""
+        found: set[str] = set()
+        with self._connect() as db:
+            for chunk in _chunks(list(dict.fromkeys(studies))):
+                marks = ",".join("?" * len(chunk))
+                found |= {
+                    str(r[0])
+                    for r in db.execute(
+                        "SELECT DISTINCT study_instance_uid FROM jobs "
+                        f"WHERE study_instance_uid IN ({marks})",
+                        chunk,
+                    )
+                }
+        return found
+
+    def studies_by_accession(self, keys: Iterable[str]) -> dict[str, set[str]]:
+        """Accession key -> the Study Instance UIDs received under it (usually one)."""
+        found: dict[str, set[str]] = {}
+        with self._connect() as db:
+            for chunk in _chunks(list(dict.fromkeys(keys))):
+                marks = ",".join("?" * len(chunk))
+                for key, study in db.execute(
+                    "SELECT DISTINCT accession_key, study_instance_uid FROM jobs "
+                    f"WHERE accession_key IN ({marks})",
+                    chunk,
+                ):
+                    found.setdefault(str(key), set()).add(str(study))
+        return found
+
+    def jobs_of_studies(self, studies: Iterable[str]) -> list[Job]:
+        """Every job of these studies, in the order received."""
+        jobs: list[Job] = []
+        with self._connect() as db:
+            for chunk in _chunks(list(dict.fromkeys(studies))):
+                marks = ",".join("?" * len(chunk))
+                jobs += [
+                    _job(r)
+                    for r in db.execute(
+                        f"SELECT * FROM jobs WHERE study_instance_uid IN ({marks})", chunk
+                    )
+                ]
+        return sorted(jobs, key=lambda j: j.received_at)
 
     def finished_before(self, before: float) -> list[Job]:
         """Jobs that need nothing more (delivered, rejected) last changed before `before`."""

@@ -28,12 +28,9 @@ skipped; an image without a patient id matches nothing and is matched by nothing
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 import re
-import secrets
 import sqlite3
 import threading
 import time
@@ -44,6 +41,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from dicom_node.records.keys import keyed_hash, load_or_create_key
 from dicom_node.records.sqlite import connect as sqlite_connect
 from worker.atomic import fsync_folder
 from worker.contracts import SimilarItem
@@ -147,6 +145,12 @@ class HospitalStore:
             ).fetchone()
         return str(row[0]) if row else None
 
+    def diagnoses(self) -> dict[str, str]:
+        """Every confirmed diagnosis: Study Instance UID -> covid | negative."""
+        with self.connect() as db:
+            rows = db.execute("SELECT study_instance_uid, diagnosis FROM diagnoses").fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
+
     def count(self, space: str | None = None) -> int:
         sql, args = "SELECT COUNT(*) FROM items", tuple[str, ...]()
         if space is not None:
@@ -176,7 +180,7 @@ class HospitalIndex:
         self.space = space
         self.dim = dim
         self.metric = metric
-        self._secret = _load_or_create_secret(self.store.folder / "secret.key")
+        self._secret = load_or_create_key(self.store.folder / "secret.key")
         safe = re.sub(r"[^0-9A-Za-z.-]", "_", space)[:120]
         self.snapshot_path = self.store.folder / f"index-{safe}.hnsw"
         self._lock = threading.Lock()
@@ -201,8 +205,7 @@ class HospitalIndex:
         pid = (patient_id or "").strip()
         if not pid:
             return None
-        message = f"{(issuer or '').strip()}\x1f{pid}".encode()
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+        return keyed_hash(self._secret, issuer or "", pid)
 
     # --- writing ------------------------------------------------------------------------
 
@@ -394,29 +397,3 @@ class HospitalIndex:
             tmp.unlink(missing_ok=True)
         fsync_folder(self.snapshot_path.parent)
         self._snapshot_at = time.monotonic()
-
-
-def _load_or_create_secret(path: Path) -> bytes:
-    """The node's patient-hash key: made once, then only read.
-
-    Written to a private temporary file and hard-linked into place, so a process starting
-    at the same moment either sees the whole key or makes none of its own."""
-    if not path.exists():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, secrets.token_bytes(32))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process made it first: use theirs
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_folder(path.parent)
-    key = path.read_bytes()
-    if len(key) < 32:
-        raise ValueError(f"{path} is damaged: the patient-hash key is too short")
-    return key
