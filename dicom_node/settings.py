@@ -361,6 +361,11 @@ class Settings(BaseSettings):
         return self.data_dir / "hospital"
 
     @property
+    def keys_dir(self) -> Path:
+        """The node's keys of its keyed hashes (`dicom_node.records.keys`); never exported."""
+        return self.data_dir / "keys"
+
+    @property
     def ledger_path(self) -> Path:
         return self.data_dir / "ledger.sqlite3"
 

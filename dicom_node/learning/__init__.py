@@ -9,4 +9,5 @@
   `/metrics`.
 - `present.py`, `gauges.py` - those figures as text tables and lines, and as Prometheus
   gauges.
+- `label_csv.py` - confirmed diagnoses in bulk (`cxr-node label --csv`).
 """

@@ -193,15 +193,37 @@ def retry(job_id: Annotated[str, typer.Argument(help="a failed (dead-lettered) j
 
 @app.command()
 def label(
-    study_uid: Annotated[str, typer.Argument(help="Study Instance UID of an analysed study")],
+    study_uid: Annotated[
+        str | None, typer.Argument(help="Study Instance UID of an analysed study")
+    ] = None,
     diagnosis: Annotated[
-        str, typer.Argument(help="covid | negative (confirmed, e.g. by PCR) | none (remove)")
-    ],
+        str | None,
+        typer.Argument(help="covid | negative (confirmed, e.g. by PCR) | none (remove)"),
+    ] = None,
+    csv_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv",
+            help="a file of many: a header row, a StudyInstanceUID or AccessionNumber column "
+            "and a diagnosis column (docs/OPERATOR.md section 9)",
+        ),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="--csv: only say what would be recorded")] = False,
 ) -> None:
-    """Record the confirmed diagnosis of a study; later SRs show it when they list the study
-    among the similar ones."""
+    """Record the confirmed diagnosis of a study, or (--csv) of many. Later SRs show it when
+    they list the study among the similar ones; the status page, `cxr-node status` and
+    /metrics measure the model against it; `export-dataset` exports its images."""
     from dicom_node.results.hospital_index import DIAGNOSES, HospitalStore
 
+    if csv_file is not None:
+        if study_uid is not None or diagnosis is not None:
+            console.print("[red]give either --csv FILE or STUDY_UID DIAGNOSIS, not both[/red]")
+            raise typer.Exit(2)
+        _label_csv(_settings(), csv_file, dry_run)
+        return
+    if study_uid is None or diagnosis is None:
+        console.print("[red]give STUDY_UID and DIAGNOSIS, or --csv FILE[/red]")
+        raise typer.Exit(2)
     choice = diagnosis.strip().lower()
     if choice not in (*DIAGNOSES, "none"):
         console.print(f"[red]diagnosis must be one of {', '.join(DIAGNOSES)} or none[/red]")
@@ -216,6 +238,35 @@ def label(
             "note: the hospital index holds no image of this study yet; the label applies "
             "once one is analysed"
         )
+
+
+def _label_csv(settings: Settings, path: Path, dry_run: bool) -> None:
+    from dicom_node.learning.label_csv import LabelFileError, load_label_file
+    from dicom_node.records.keys import ACCESSION_KEY_FILE, load_or_create_key
+    from dicom_node.records.ledger import Ledger
+    from dicom_node.results.hospital_index import HospitalStore
+
+    if not settings.ledger_path.exists():
+        console.print("[red]no ledger: the node has received nothing to label yet[/red]")
+        raise typer.Exit(1)
+    ledger = Ledger(settings.ledger_path)
+    store = HospitalStore(settings.hospital_dir)
+    try:
+        report = load_label_file(
+            path,
+            load_or_create_key(settings.keys_dir / ACCESSION_KEY_FILE),
+            ledger.known_studies,
+            ledger.studies_by_accession,
+            store.set_diagnosis,
+            dry_run=dry_run,
+        )
+    except (LabelFileError, OSError) as exc:
+        console.print(f"[red]{path}: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    if dry_run:
+        console.print("dry run: nothing recorded")
+    for line in report.lines():
+        console.print(line)
 
 
 models_app = typer.Typer(help="Install, list and roll back model bundles.", no_args_is_help=True)

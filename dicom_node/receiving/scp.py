@@ -18,6 +18,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ from dicom_node.receiving.security import (
 )
 from dicom_node.records.audit import AuditLog
 from dicom_node.records.durable import free_bytes, write_durably
+from dicom_node.records.keys import ACCESSION_KEY_FILE, accession_hash, load_or_create_key
 from dicom_node.records.ledger import Job, JobState, Ledger, Refusal
 from dicom_node.settings import Settings
 
@@ -146,6 +148,19 @@ class StoreHandler:
             )
             self._tell(lambda: self.events.refused(code, _sop_uid(event), calling_ae, address))
         return response
+
+    @cached_property
+    def _accession_secret(self) -> bytes:
+        return load_or_create_key(self.settings.keys_dir / ACCESSION_KEY_FILE)
+
+    def _accession_key(self, ds: Dataset) -> str | None:
+        """The keyed hash of the study's Accession Number (`cxr-node label --csv` finds the
+        study by it); None when it has none or it cannot be read."""
+        try:
+            return accession_hash(self._accession_secret, str(ds.get("AccessionNumber") or ""))
+        except Exception as exc:  # a malformed value costs the lookup, not the instance
+            log.warning("accession number not recorded (%s)", type(exc).__name__)
+            return None
 
     @staticmethod
     def _tell(call: Callable[[], None]) -> None:
@@ -258,6 +273,7 @@ class StoreHandler:
             calling_ae=calling_ae,
             spool_path=str(spool_path),
             not_analysed_because=None if check.verdict is Verdict.ANALYSE else check.reason,
+            accession_key=self._accession_key(ds),
         )
         if not self.ledger.add(job):  # a concurrent association stored it first
             spool_path.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 keyed hashes (HMAC-SHA256) made with them.
 
 A keyed hash stands in for an identifier the node must recognise again but must not keep in
-clear, such as the patient (hospital index, `secret.key`). One key
+clear: the patient (hospital index, `secret.key`), the accession number of a study (ledger,
+`CXR_DATA_DIR/keys/accession.key`: `cxr-node label --csv` finds studies by it). One key
 per purpose, so a hash of one kind cannot be matched against another; without the key the
 hashes mean nothing.
 """
@@ -52,3 +53,13 @@ def keyed_hash(key: bytes, *parts: str) -> str:
     """HMAC-SHA256 of the parts (stripped, joined by a unit separator), as hex."""
     message = "\x1f".join(p.strip() for p in parts).encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+#: The key of the accession-number hashes in the ledger, in `Settings.keys_dir`.
+ACCESSION_KEY_FILE = "accession.key"
+
+
+def accession_hash(key: bytes, accession_number: str | None) -> str | None:
+    """How the ledger knows a study's Accession Number; None when it has none."""
+    text = (accession_number or "").strip()
+    return keyed_hash(key, "accession", text) if text else None
