@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -178,7 +178,7 @@ class Settings(BaseSettings):
         description="`cxr-node cleanup` deletes the spooled image and result files of finished "
         "jobs older than this; 0: keep everything",
     )
-    # --- confirmed diagnoses: agreement, drift (docs/OPERATOR.md section 9) ---
+    # --- confirmed diagnoses: agreement, drift, export (docs/OPERATOR.md section 9) ---
     agreement_bootstrap: int = Field(
         default=1000,
         ge=0,
@@ -201,6 +201,12 @@ class Settings(BaseSettings):
     )
     drift_min_scores: int = Field(
         default=30, ge=2, description="fewer recent scores than this: no drift test is made"
+    )
+    export_salt: SecretStr | None = Field(
+        default=None,
+        description="key of the patient-group hash in `cxr-node export-dataset` (the same "
+        "value on several nodes gives the same groups); unset: a random key made once in "
+        "data_dir/keys/export.key. Never exported",
     )
     # --- who may talk to the node, and how much (docs/RELIABILITY.md) ---
     allowed_addresses: Annotated[list[str], NoDecode] = Field(

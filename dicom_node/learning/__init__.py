@@ -10,4 +10,8 @@
 - `present.py`, `gauges.py` - those figures as text tables and lines, and as Prometheus
   gauges.
 - `label_csv.py` - confirmed diagnoses in bulk (`cxr-node label --csv`).
+- `export.py`, `training_copy.py` - the labelled instances as a dataset `cxr-train` reads
+  (`cxr-node export-dataset`), without patient identifiers.
+
+Recalibration on that dataset is `cxr-train calibrate` (training/calibrate.py).
 """

@@ -1,4 +1,5 @@
-"""`cxr-node`: serve, worker, send, echo, status, retry, label, models, health, cleanup."""
+"""`cxr-node`: serve, worker, send, echo, status, retry, label, models, health, cleanup,
+export-dataset."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 app = typer.Typer(
     help="CXR node: a DICOM node that scores chest X-rays (research use only).",
     no_args_is_help=True,
+    # a traceback's local variables can hold a data set's patient data: never shown
+    pretty_exceptions_show_locals=False,
 )
 console = Console()
 
@@ -417,6 +420,57 @@ def cleanup(
     console.print(
         f"{verb} {files} files ({freed / 1e6:.1f} MB) of {jobs} jobs finished more than "
         f"{keep_days:g} days ago"
+    )
+
+
+@app.command("export-dataset")
+def export_dataset(
+    out: Annotated[Path, typer.Argument(help="a new or empty folder")],
+) -> None:
+    """Write the labelled, analysed instances the spool still holds as a dataset `cxr-train`
+    reads as it is (images/*.dcm, metadata.csv, export.json), with no patient identifier:
+    patient groups are keyed hashes of the Patient ID. Says how many were skipped and why."""
+    from rich.progress import track
+
+    from dicom_node.learning.export import ExportError
+    from dicom_node.learning.export import export_dataset as export
+    from dicom_node.learning.live import bundle_folders, known_manifests
+    from dicom_node.records.keys import EXPORT_KEY_FILE, load_or_create_key
+    from dicom_node.records.ledger import Ledger
+    from dicom_node.results.hospital_index import HospitalStore
+
+    settings = _settings()
+    if (
+        not settings.ledger_path.exists()
+        or not (settings.hospital_dir / "hospital.sqlite3").is_file()
+    ):
+        console.print("[red]nothing to export: no ledger or no confirmed diagnosis yet[/red]")
+        raise typer.Exit(1)
+    diagnoses = HospitalStore(settings.hospital_dir).diagnoses()
+    jobs = Ledger(settings.ledger_path).jobs_of_studies(diagnoses)
+    if settings.export_salt is not None:
+        key = settings.export_salt.get_secret_value().encode()
+    else:
+        key = load_or_create_key(settings.keys_dir / EXPORT_KEY_FILE)
+    names = {
+        uid: f"{m.name} {m.version}" for uid, m in known_manifests(bundle_folders(settings)).items()
+    }
+    try:
+        report = export(
+            out,
+            diagnoses,
+            jobs,
+            key,
+            names,
+            progress=lambda items: track(items, description="exporting", console=console),
+        )
+    except ExportError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    for line in report.lines():
+        console.print(line)
+    console.print(
+        f"dataset: {out / 'metadata.csv'} (cxr-train calibrate BUNDLE {out / 'metadata.csv'})"
     )
 
 

@@ -3,7 +3,8 @@ keyed hashes (HMAC-SHA256) made with them.
 
 A keyed hash stands in for an identifier the node must recognise again but must not keep in
 clear: the patient (hospital index, `secret.key`), the accession number of a study (ledger,
-`CXR_DATA_DIR/keys/accession.key`: `cxr-node label --csv` finds studies by it). One key
+`CXR_DATA_DIR/keys/accession.key`: `cxr-node label --csv` finds studies by it), the patient
+group of an exported dataset (`keys/export.key`, unless `CXR_EXPORT_SALT` is set). One key
 per purpose, so a hash of one kind cannot be matched against another; without the key the
 hashes mean nothing.
 """
@@ -57,6 +58,8 @@ def keyed_hash(key: bytes, *parts: str) -> str:
 
 #: The key of the accession-number hashes in the ledger, in `Settings.keys_dir`.
 ACCESSION_KEY_FILE = "accession.key"
+#: The key of the patient groups of exported datasets (unless `CXR_EXPORT_SALT` is set).
+EXPORT_KEY_FILE = "export.key"
 
 
 def accession_hash(key: bytes, accession_number: str | None) -> str | None:
