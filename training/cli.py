@@ -6,6 +6,7 @@
     cxr-train segmentation / classifier / evaluate / export one stage of a run
     cxr-train gate --bundle DIR                             fit the input gate into a bundle
     cxr-train multisplit -m MEMBER -k 5                     one member over N splits: CI
+    cxr-train calibrate BUNDLE DATASET                      a threshold for a sensitivity
 
 Every stage command works in a run folder (`--workdir`, default runs/<config name>) and reuses
 what earlier stages left there. Torch is imported only by the commands that need it.
@@ -440,6 +441,75 @@ def gate_cmd(
         console.print(f"  {j['set']}: {j['refused']} of {j['images']} refused ({j['expected']})")
     console.print(f"gate median {result['timing']['gate_median_ms']:.1f} ms per image")
     typer.echo(str(result["report"]))
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    bundle: Path = typer.Argument(..., help="the bundle to calibrate (a folder)"),
+    dataset: Path = typer.Argument(
+        ..., help="dataset CSV, or a folder holding metadata.csv (cxr-node export-dataset)"
+    ),
+    sensitivity: float = typer.Option(0.9, help="the sensitivity the threshold must reach"),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="the new bundle's folder (default: BUNDLE-calibrated)"
+    ),
+    version: str | None = typer.Option(
+        None, help="the new version (default: BUNDLE's + 'cal' and the date)"
+    ),
+    bootstrap: int = typer.Option(1000, help="bootstrap resamples (whole patient groups)"),
+    seed: int = typer.Option(0, help="bootstrap seed"),
+    scores: Path | None = typer.Option(
+        None, help="also write each scored image's id, label and score to this CSV"
+    ),
+) -> None:
+    """A threshold for a stated sensitivity on a hospital's labelled images, with its CI, as a
+    new bundle version (same networks; onnxruntime only, no torch) that `cxr-node models
+    install` accepts."""
+    import csv
+
+    from rich.progress import track
+
+    from training.calibrate import CalibrationError, calibrate
+
+    target = out or bundle.with_name(f"{bundle.resolve().name}-calibrated")
+    try:
+        new, scored, choice = calibrate(
+            bundle,
+            dataset,
+            target,
+            sensitivity,
+            resamples=bootstrap,
+            seed=seed,
+            version=version,
+            progress=lambda records: track(records, description="scoring", console=console),
+        )
+    except CalibrationError as exc:
+        raise _fail(exc) from exc
+    if scores is not None:
+        with scores.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", "label", "score"])
+            for rid, y, s in zip(scored.ids, scored.y, scored.score, strict=True):
+                writer.writerow([rid, int(y), f"{s:.6f}"])
+    m, c = new.manifest, new.manifest.calibration
+    assert c is not None
+    console.print(
+        f"{c.images} images scored ({c.positives} positive, {c.negatives} negative; "
+        f"{c.not_scored} refused by the input gate)"
+    )
+    for label, rates, at in (
+        ("new", choice.at_threshold, choice.threshold.value),
+        ("previous", choice.at_previous, c.previous_threshold),
+    ):
+        sens, spec = rates.sensitivity, rates.specificity
+        console.print(
+            f"  {label} threshold {at:.4f}: sensitivity {sens.value:.3f} "
+            f"({sens.low:.3f}-{sens.high:.3f}), specificity {spec.value:.3f} "
+            f"({spec.low:.3f}-{spec.high:.3f})"
+        )
+    t = choice.threshold
+    console.print(f"threshold {t.value:.4f} (95 % CI {t.low:.4f}-{t.high:.4f})")
+    typer.echo(f"wrote {target}: {m.name} {m.version}, device UID {m.device_uid}")
 
 
 @app.command("export-random")

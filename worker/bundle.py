@@ -174,6 +174,38 @@ class ReferenceScores(BaseModel):
     scores: list[float] = Field(min_length=1, description="ensemble probabilities, ascending")
 
 
+class Interval(BaseModel):
+    """A value with its 95 % bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+
+class Calibration(BaseModel):
+    """How `cxr-train calibrate` chose this bundle's threshold on a hospital's own labelled
+    images (training.calibrate); the model card says the same in words."""
+
+    dataset: str = Field(description="the dataset CSV's file name and sha256")
+    images: int = Field(description="images scored")
+    patient_groups: int
+    positives: int
+    negatives: int
+    not_scored: int = Field(description="images the bundle's input gate refused")
+    target_sensitivity: float = Field(gt=0.0, le=1.0)
+    threshold: Interval
+    sensitivity: Interval
+    specificity: Interval
+    bootstrap: int = Field(description="resamples of whole patient groups")
+    seed: int
+    previous_version: str
+    previous_device_uid: str
+    previous_threshold: float
+    previous_sensitivity: Interval = Field(description="at the previous threshold, same images")
+    previous_specificity: Interval
+    calibrated_at: datetime
+
+
 class Manifest(BaseModel):
     schema_version: int
     name: str
@@ -198,6 +230,20 @@ class Manifest(BaseModel):
     reference_scores: ReferenceScores | None = Field(
         default=None, description="held-out scores for the node's drift check; None: no check"
     )
+    embedding_space: str | None = Field(
+        default=None,
+        description="device UID of the bundle whose networks (and so embeddings) these are: "
+        "a recalibrated bundle names its source's, so it shares that bundle's hospital index; "
+        "None: its own device UID",
+    )
+    calibration: Calibration | None = Field(
+        default=None, description="the threshold was chosen on a hospital's data: how"
+    )
+
+    @property
+    def hospital_space(self) -> str:
+        """The hospital-index space of this bundle's embeddings."""
+        return self.embedding_space or self.device_uid
 
 
 def sha256_file(path: Path) -> str:

@@ -118,17 +118,17 @@ class NodeRuntime:
         """A bundle's embedding space of the hospital index (node host only)."""
         manifest = bundle.manifest
         with self._lock:
-            if manifest.device_uid not in self._hospital:
-                self._hospital[manifest.device_uid] = HospitalIndex(
+            if manifest.hospital_space not in self._hospital:
+                self._hospital[manifest.hospital_space] = HospitalIndex(
                     self.settings.hospital_dir,
-                    space=manifest.device_uid,
+                    space=manifest.hospital_space,
                     dim=manifest.index.dim,
                     metric=manifest.index.space,
                     m=manifest.index.m,
                     ef_construction=manifest.index.ef_construction,
                     ef_search=manifest.index.ef_search,
                 )
-            return self._hospital[manifest.device_uid]
+            return self._hospital[manifest.hospital_space]
 
     @cached_property
     def display_cache(self) -> DisplayCache:
