@@ -178,6 +178,12 @@ class Settings(BaseSettings):
         description="`cxr-node cleanup` deletes the spooled image and result files of finished "
         "jobs older than this; 0: keep everything",
     )
+    retention_keep_labelled: bool = Field(
+        default=True,
+        description="`cxr-node cleanup` keeps the spooled image of every analysed instance "
+        "whose study has a confirmed diagnosis (what `cxr-node export-dataset` needs); false: "
+        "deleted after retention_days like the others",
+    )
     # --- confirmed diagnoses: agreement, drift, export (docs/OPERATOR.md section 9) ---
     agreement_bootstrap: int = Field(
         default=1000,

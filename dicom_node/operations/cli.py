@@ -388,11 +388,13 @@ def cleanup(
 ) -> None:
     """Delete the spooled image and result files of finished jobs (delivered or rejected)
     older than the retention period. Ledger rows, failed jobs, the outbox and the hospital
-    index are kept."""
+    index are kept, and (CXR_RETENTION_KEEP_LABELLED, default on) the spooled images of
+    analysed instances whose study has a confirmed diagnosis."""
     import time
 
     from dicom_node.records.ledger import Ledger, OutputKind
     from dicom_node.records.metrics_store import MetricsStore
+    from dicom_node.results.hospital_index import HospitalStore
 
     settings = _settings()
     keep_days = settings.retention_days if days is None else days
@@ -402,11 +404,18 @@ def cleanup(
     if not settings.ledger_path.exists():
         console.print("no ledger: nothing to clean up")
         return
+    labelled: set[str] = set()
+    if settings.retention_keep_labelled and (settings.hospital_dir / "hospital.sqlite3").is_file():
+        labelled = set(HospitalStore(settings.hospital_dir).diagnoses())
     cutoff = time.time() - keep_days * 86400
-    files = freed = jobs = 0
+    files = freed = jobs = kept = 0
     for job in Ledger(settings.ledger_path).finished_before(cutoff):
-        paths = [Path(job.spool_path)] if job.spool_path else []
-        paths += [settings.results_dir / f"{job.job_id}-{kind}.dcm" for kind in OutputKind]
+        paths = [settings.results_dir / f"{job.job_id}-{kind}.dcm" for kind in OutputKind]
+        if job.spool_path:
+            if job.study_instance_uid in labelled and job.probability is not None:
+                kept += Path(job.spool_path).is_file()  # export-dataset needs it
+            else:
+                paths.append(Path(job.spool_path))
         existing = [p for p in paths if p.is_file()]
         jobs += bool(existing)
         for path in existing:
@@ -421,6 +430,11 @@ def cleanup(
         f"{verb} {files} files ({freed / 1e6:.1f} MB) of {jobs} jobs finished more than "
         f"{keep_days:g} days ago"
     )
+    if kept:
+        console.print(
+            f"kept {kept} spooled images of studies with a confirmed diagnosis "
+            "(CXR_RETENTION_KEEP_LABELLED; for export-dataset)"
+        )
 
 
 @app.command("export-dataset")
