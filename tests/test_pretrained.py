@@ -6,6 +6,7 @@ tests skip without torch or without that package, and never download anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tomllib
@@ -234,8 +235,12 @@ def test_a_frozen_backbone_keeps_its_weights_and_batchnorm_statistics() -> None:
 
 
 def test_early_stopping_counts_from_the_end_of_the_warm_up() -> None:
-    _, run = _recipe_member()
-    assert run.warmup_epochs == 2 and run.patience == 3
+    _, recipe = _recipe_member()
+    # The CPU recipe keeps the backbone frozen throughout; fine-tuning (a GPU) sets a warm-up
+    # of 2 epochs and keeps the recipe's patience.
+    assert recipe.warmup_epochs == recipe.epochs and recipe.feature_views == 3
+    run = dataclasses.replace(recipe, warmup_epochs=2)
+    assert run.patience == 3
     # Best in the warm-up (epoch 1): epochs 2 and 3 brought nothing better, go on; after
     # epoch 4, three epochs past the warm-up without a better one: stop.
     assert not _stopped_early([{}] * 4, 1, run)
@@ -309,6 +314,7 @@ def test_a_pretrained_member_trains_exports_and_serves_with_onnx_parity(tmp_path
         "evaluation.tsne=false",
         "classifier.epochs=2",
         "classifier.warmup_epochs=1",
+        "classifier.feature_views=1",  # the warm-up on stored features, then the images
         "classifier.backbone_lr_factor=0.1",
         'classifier.embedding="l2"',
         "classifier.source_adversary=0.0",

@@ -31,7 +31,7 @@ from training.layout import RunPaths  # noqa: E402
 from training.report import SECTIONS  # noqa: E402
 from training.segment import read_lungmaps  # noqa: E402
 from training.splits import SplitPlan, check_no_leakage  # noqa: E402
-from training.torchutil import read_json  # noqa: E402
+from training.torchutil import read_json, seed_everything  # noqa: E402
 from worker.bundle import load_bundle, sha256_file  # noqa: E402
 from worker.inference import Ensemble  # noqa: E402
 
@@ -322,3 +322,84 @@ def test_int8_variant_is_static_and_loadable(run: RunPaths) -> None:
     bundle = load_bundle(Path(variant["path"]))
     assert bundle.manifest.version.endswith("+int8")
     assert isinstance(variant["auc_change"], float)
+
+
+def test_warmup_on_stored_features_equals_the_member_on_images(
+    run: RunPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen warm-up read from stored features (training.frozen_head): the backbone is
+    left as it was, the stored predictions equal the whole member run on the images, and a
+    second split reads the stored features instead of running the backbone again."""
+    import tomllib
+
+    import training.frozen_head as frozen_head
+    from training.classify import build_member, predict
+    from training.config import MemberConfig
+
+    cfg, _ = load_config(SMOKE)
+    cfg.classifier.epochs = 2
+    cfg.classifier.warmup_epochs = 2
+    cfg.classifier.feature_views = 2
+    cfg.classifier.source_adversary = 0.0
+    cfg.classifier.embedding = "l2"
+    # An ImageNet backbone: a random one in eval mode gives nearly one feature vector for
+    # every image, and its centred embedding would be rounding noise.
+    with (REPO / "training" / "configs" / "pretrained.toml").open("rb") as fh:
+        lite0 = tomllib.load(fh)["members"][0]
+    cfg.members = [MemberConfig.model_validate(lite0)]
+    cache = load_cache(run.cache)
+    plan = SplitPlan.load(run.splits)
+    lungs = read_lungmaps(run.lungmaps, cache.ids, sha256_file(run.segmentation / "best.pt"))
+    assert lungs is not None
+    device = torch.device("cpu")
+    passes = {"n": 0}
+    real = frozen_head.pooled_features
+
+    def counted(*args: object, **kwargs: object) -> object:
+        passes["n"] += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(frozen_head, "pooled_features", counted)
+    features = tmp_path / "features"
+    spec = member_run(cfg, "lite0", 0)
+    result = train_member(
+        spec, cfg, cache, lungs, plan.splits[0], tmp_path / "s0", device, features_dir=features
+    )
+    assert passes["n"] == 3  # the plain view + 2 augmented views of every image, once
+    assert [h["backbone"] for h in result["history"]] == ["frozen", "frozen"]
+    assert len(list(features.glob("*.npz"))) == 1
+
+    trained = load_member(tmp_path / "s0")
+    seed_everything(spec.seed)  # as train_member builds it
+    initial = build_member(spec).features.state_dict()
+    for key, value in trained.features.state_dict().items():
+        torch.testing.assert_close(value, initial[key])  # weights and BatchNorm statistics
+
+    prob, emb = predict(
+        trained,
+        cache.images,
+        lungs,
+        cache.params,
+        spec.input_size,
+        device,
+        lung_crop=spec.lung_crop,
+        lung_mask=spec.lung_mask,
+    )
+    with np.load(tmp_path / "s0" / "predictions.npz") as npz:
+        np.testing.assert_allclose(npz["probability"], prob, atol=1e-5)
+        np.testing.assert_allclose(npz["embedding"], emb, atol=1e-4)
+    # the retrieval embedding is centred on the training images: not one narrow cone
+    train_rows = cache.rows(plan.splits[0].train)
+    assert abs(float(emb[train_rows].mean(axis=0) @ emb[train_rows].mean(axis=0))) < 0.1
+
+    train_member(
+        member_run(cfg, "lite0", 1),
+        cfg,
+        cache,
+        lungs,
+        plan.splits[1],
+        tmp_path / "s1",
+        device,
+        features_dir=features,
+    )
+    assert passes["n"] == 3  # split 1 read the stored features

@@ -28,6 +28,14 @@ from training.cache import Cache
 from training.config import ExperimentConfig
 from training.data import same_source_rows
 from training.datasets import MemberDataset, loader, take, training_sampler
+from training.frozen_head import (
+    FeatureViews,
+    centre_on_features,
+    feature_key,
+    feature_views,
+    head_outputs,
+    train_head_epoch,
+)
 from training.metrics import roc_auc
 from training.models import Classifier, count_parameters
 from training.pretrained import PretrainedWeights, load_state, resolve_weights
@@ -88,6 +96,7 @@ class MemberRun:
     warmup_epochs: int = 0
     backbone_lr_factor: float = 1.0
     patience: int | None = None
+    feature_views: int = 0
 
 
 def member_run(
@@ -135,6 +144,7 @@ def member_run(
         warmup_epochs=c.warmup_epochs,
         backbone_lr_factor=c.backbone_lr_factor,
         patience=c.patience,
+        feature_views=c.feature_views,
     )
 
 
@@ -147,6 +157,7 @@ _LATER_FIELDS: dict[str, Any] = {
     "warmup_epochs": 0,
     "backbone_lr_factor": 1.0,
     "patience": None,
+    "feature_views": 0,
 }
 
 
@@ -274,10 +285,46 @@ def _centre_on_training_images(
         model.centre_embedding(batches)
     finally:
         dataset.augment = augment
+    _store_centre(model, out_dir, "training images, no augmentation, eval mode")
+
+
+def _store_centre(model: Classifier, out_dir: Path, centred_on: str) -> None:
+    """Write the centred model back into best.pt."""
     payload = load_checkpoint(out_dir / "best.pt")
     payload["model"] = model.state_dict()
-    payload["centred_on"] = "training images, no augmentation, eval mode"
+    payload["centred_on"] = centred_on
     save_checkpoint(out_dir / "best.pt", payload)
+
+
+def _stored_features(
+    run: MemberRun,
+    cfg: ExperimentConfig,
+    model: Classifier,
+    images: np.ndarray,
+    lungs: np.ndarray | None,
+    cache: Cache,
+    folder: Path,
+    device: torch.device,
+) -> FeatureViews | None:
+    """The warm-up's stored features of every cache row (`run.feature_views`), or None when
+    the warm-up runs the backbone (no warm-up, no views, or a source adversary, which needs
+    the image path)."""
+    if run.feature_views <= 0 or run.warmup_epochs <= 0 or run.source_adversary > 0:
+        return None
+    every = MemberDataset(
+        images,
+        lungs,
+        cache.labels,
+        cache.params,
+        run.input_size,
+        lung_crop=run.lung_crop,
+        lung_mask=run.lung_mask,
+    )
+    # Seeded by the experiment and the member, not the split: every split reads the same views.
+    seed = derive_seed(cfg.seed, "views", run.name)
+    key = feature_key(model, every, {"augment": cfg.augment.model_dump(mode="json")})
+    augment = make_augmenter(cfg.augment, "probability", seed)
+    return feature_views(model, every, augment, run.feature_views, seed, folder, key, device)
 
 
 def _set_trainable(model: Classifier, frozen_backbone: bool) -> None:
@@ -309,11 +356,13 @@ def train_member(
     out_dir: Path,
     device: torch.device,
     resume: bool = False,
+    features_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or reuse) one member on `split`; return result.json's content.
 
     `lungs`: the U-Net maps of every cache row (for `run.images`); ignored when run.lung is
-    "zeros".
+    "zeros". `features_dir`: where the warm-up's stored features live (`run.feature_views`;
+    shared by the splits), default `out_dir/features`.
     """
     images_all = cache.raw if run.images == "raw" else cache.images
     if images_all is None:
@@ -412,66 +461,86 @@ def train_member(
     val_lungs = None if lungs_all is None else take(lungs_all, val_rows)
     val_labels = labels_all[val_rows]
     meta = {**model.meta(), "name": run.name}
+    stored = _stored_features(
+        run, cfg, model, images_all, lungs_all, cache, features_dir or out_dir / "features", device
+    )
     for epoch in range(start_epoch, run.epochs):
         if _stopped_early(history, best_epoch, run):
             log.info("%s: early stop after epoch %d", run.name, epoch)
             break
         frozen = epoch < run.warmup_epochs
-        generator = torch.Generator().manual_seed(derive_seed(run.seed, "epoch", epoch))
-        if augment is not None:
-            augment.reseed(derive_seed(run.seed, "augment", epoch))
-        batches = loader(
-            dataset,
-            run.batch_size,
-            sampler=training_sampler(
+        if frozen and stored is not None:  # the head on the frozen backbone's stored features
+            _set_trainable(model, frozen_backbone=True)
+            total = train_head_epoch(
+                model,
+                optimizer,
+                stored,
+                train_rows,
                 train_labels,
-                run.balanced_sampling,
-                generator,
-                train_sources,
-                run.same_source_share,
-            ),
-            generator=generator,
-            num_workers=run.num_workers,
-            pin_memory=device.type == "cuda",
-            drop_last=len(dataset) > run.batch_size,
-        )
-        _set_trainable(model, frozen)
-        total, count = 0.0, 0
-        source_loss, source_rows, source_correct = 0.0, 0, 0
-        for x, y, g in progress(
-            batches, f"{run.name} epoch {epoch + 1}/{run.epochs}", transient=True
-        ):
-            x = x.to(device, non_blocking=True, memory_format=memory_format)
-            y = y.to(device, non_blocking=True)
-            with amp_context(device, run.amp):
-                logits, embedding = model(x)
-                class_loss = F.cross_entropy(logits.float(), y)
-                loss = class_loss
-                if adversary is not None:
-                    adv_loss, rows, correct = adversary.loss(
-                        embedding.float(), y, g.to(device, non_blocking=True)
-                    )
-                    loss = loss + adv_loss
-                    source_loss += float(adv_loss.detach()) * rows
-                    source_rows += rows
-                    source_correct += correct
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += float(class_loss.detach()) * len(x)
-            count += len(x)
-        scheduler.step()
-        prob, _ = predict(
-            model,
-            val_images,
-            val_lungs,
-            cache.params,
-            run.input_size,
-            device,
-            lung_crop=run.lung_crop,
-            lung_mask=run.lung_mask,
-        )
+                (run.balanced_sampling, train_sources, run.same_source_share),
+                run.batch_size,
+                derive_seed(run.seed, "epoch", epoch),
+                device,
+            )
+            count, source_loss, source_rows, source_correct = 1, 0.0, 0, 0
+            scheduler.step()
+            prob, _ = head_outputs(model, stored.plain[val_rows], device)
+        else:
+            generator = torch.Generator().manual_seed(derive_seed(run.seed, "epoch", epoch))
+            if augment is not None:
+                augment.reseed(derive_seed(run.seed, "augment", epoch))
+            batches = loader(
+                dataset,
+                run.batch_size,
+                sampler=training_sampler(
+                    train_labels,
+                    run.balanced_sampling,
+                    generator,
+                    train_sources,
+                    run.same_source_share,
+                ),
+                generator=generator,
+                num_workers=run.num_workers,
+                pin_memory=device.type == "cuda",
+                drop_last=len(dataset) > run.batch_size,
+            )
+            _set_trainable(model, frozen)
+            total, count = 0.0, 0
+            source_loss, source_rows, source_correct = 0.0, 0, 0
+            for x, y, g in progress(
+                batches, f"{run.name} epoch {epoch + 1}/{run.epochs}", transient=True
+            ):
+                x = x.to(device, non_blocking=True, memory_format=memory_format)
+                y = y.to(device, non_blocking=True)
+                with amp_context(device, run.amp):
+                    logits, embedding = model(x)
+                    class_loss = F.cross_entropy(logits.float(), y)
+                    loss = class_loss
+                    if adversary is not None:
+                        adv_loss, rows, correct = adversary.loss(
+                            embedding.float(), y, g.to(device, non_blocking=True)
+                        )
+                        loss = loss + adv_loss
+                        source_loss += float(adv_loss.detach()) * rows
+                        source_rows += rows
+                        source_correct += correct
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += float(class_loss.detach()) * len(x)
+                count += len(x)
+            scheduler.step()
+            prob, _ = predict(
+                model,
+                val_images,
+                val_lungs,
+                cache.params,
+                run.input_size,
+                device,
+                lung_crop=run.lung_crop,
+                lung_mask=run.lung_mask,
+            )
         metrics = _validation_metrics(prob, val_labels, same_source)
         value, used = _selection_value(metrics, run.selection)
         entry = {
@@ -515,18 +584,25 @@ def train_member(
         log.info("%s epoch %d/%d: %s", run.name, epoch + 1, run.epochs, _brief(entry))
 
     best_model = load_member(out_dir).to(device)
-    if best_model.embedding_kind == "l2":
-        _centre_on_training_images(best_model, run, dataset, device, out_dir)
-    prob, emb = predict(
-        best_model,
-        images_all,
-        lungs_all,
-        cache.params,
-        run.input_size,
-        device,
-        lung_crop=run.lung_crop,
-        lung_mask=run.lung_mask,
-    )
+    if stored is not None and history[best_epoch]["backbone"] == "frozen":
+        # the pretrained backbone as it was: its stored features give the member's outputs
+        if best_model.embedding_kind == "l2":
+            centre_on_features(best_model, stored.plain[train_rows], device)
+            _store_centre(best_model, out_dir, "training images, no augmentation, eval mode")
+        prob, emb = head_outputs(best_model, stored.plain, device)
+    else:
+        if best_model.embedding_kind == "l2":
+            _centre_on_training_images(best_model, run, dataset, device, out_dir)
+        prob, emb = predict(
+            best_model,
+            images_all,
+            lungs_all,
+            cache.params,
+            run.input_size,
+            device,
+            lung_crop=run.lung_crop,
+            lung_mask=run.lung_mask,
+        )
     np.savez_compressed(
         out_dir / "predictions.npz", ids=np.array(cache.ids), probability=prob, embedding=emb
     )

@@ -159,6 +159,13 @@ class ClassifierConfig(_Section):
         description="first epochs with the backbone frozen (weights and BatchNorm statistics): "
         "only the head learns, so a random head does not wreck pretrained features",
     )
+    feature_views: int = Field(
+        default=0,
+        ge=0,
+        description="warm-up on stored features: the frozen backbone pools every image once "
+        "and this many augmented views of it, each warm-up epoch draws one view per image "
+        "(training.frozen_head; much faster on CPUs); 0: the backbone runs every epoch",
+    )
     backbone_lr_factor: float = Field(
         default=1.0,
         gt=0,

@@ -9,6 +9,7 @@
   lungmaps-raw.npz        the same for the un-preprocessed variant (ablation)
   split-<k>/<member>/     one trained member: last.pt, best.pt, result.json, predictions.npz
   split-0/<member>--no-seg/, split-0/<member>--no-prep/    ablation members
+  features/               frozen backbones' pooled features of every image (warm-up)
   report/                 report.md, report.json, *.png
   bundle/                 the model bundle
   variants/fp16/ ...      bundle variants with other weight precisions
@@ -55,6 +56,11 @@ class RunPaths:
     def member(self, split: int, name: str, variant: str | None = None) -> Path:
         folder = name if variant is None else f"{name}--{variant}"
         return self.root / f"split-{split}" / folder
+
+    @property
+    def features(self) -> Path:
+        """Frozen backbones' pooled features, shared by the splits (training.frozen_head)."""
+        return self.root / "features"
 
     @property
     def report(self) -> Path:

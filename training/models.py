@@ -182,7 +182,11 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N,3,H,W] -> (logits [N,2] in CxrClass order, embedding [N,D])."""
-        embedding = self.head(self.pool(self.features(self.adapter(x))))
+        return self.from_pooled(self.pooled(x))
+
+    def from_pooled(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled backbone features [N,C] -> (logits [N,2], embedding [N,D])."""
+        embedding = self.head(pooled)
         if self.embedding_kind == "l2":
             unit = F.normalize(embedding, dim=1, eps=1e-6)
             retrieval = F.normalize(embedding - self.embedding_centre, dim=1, eps=1e-6)

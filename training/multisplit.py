@@ -92,7 +92,15 @@ def run_multisplit(ctx: Context, cache: Cache, lungs: np.ndarray, member: str, n
         run = member_run(ctx.cfg, member, k, checkpoint_base=ctx.base)
         folder = ctx.paths.member(k, member)
         result = train_member(
-            run, ctx.cfg, cache, lungs, plan.splits[k], folder, device, ctx.resume
+            run,
+            ctx.cfg,
+            cache,
+            lungs,
+            plan.splits[k],
+            folder,
+            device,
+            ctx.resume,
+            features_dir=ctx.paths.features,
         )
         scores = split_scores(cache, plan, k, folder)
         scores["best_epoch"] = result.get("best_epoch")

@@ -238,6 +238,7 @@ def stage_member(
         ctx.paths.member(split, name, variant),
         ctx.device(),
         ctx.resume,
+        features_dir=ctx.paths.features,
     )
     return MemberResult.model_validate(result)
 
