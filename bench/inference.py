@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,7 @@ def tuning_rows(
     for batch in (1, 8):
         x = images[:batch]
         times = interleaved(
-            {"before": lambda x=x: before.predict(x), "after": lambda x=x: after.predict(x)},
+            {"before": partial(before.predict, x), "after": partial(after.predict, x)},
             max(3, repeats if batch == 1 else repeats // 3),
         )
         t0, t1 = ms(median(times["before"])), ms(median(times["after"]))

@@ -71,7 +71,8 @@ def unet(images: np.ndarray, params: PreprocessParams) -> UNet:
 
 def _lung(unet: UNet, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return UNetExport(unet).eval()(torch.from_numpy(x)).numpy()
+        lung: np.ndarray = UNetExport(unet).eval()(torch.from_numpy(x)).numpy()
+    return lung
 
 
 @pytest.mark.parametrize(

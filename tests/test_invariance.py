@@ -30,7 +30,8 @@ def _chest_like(h: int = 300, w: int = 260, seed: int = 0) -> np.ndarray:
         (yy > h * 0.2) & (yy < h * 0.8)
     )
     img = body - 70 * lungs + rng.normal(0, 6, (h, w))
-    return np.clip(img, 0, 255).astype(np.uint8)
+    chest: np.ndarray = np.clip(img, 0, 255).astype(np.uint8)
+    return chest
 
 
 def test_alterations_keep_type_and_change_only_what_they_say() -> None:

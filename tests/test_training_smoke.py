@@ -73,8 +73,10 @@ def test_smoke_bundle_loads_and_serves_in_the_worker(run: RunPaths) -> None:
     manifest = bundle.manifest
     assert not manifest.random_weights
     assert manifest.name == "cxr-smoke"
-    assert manifest.config["experiment"]["members"][0]["architecture"] == "mobilenet_v3_small"
-    assert manifest.config["experiment"]["seed"] == 0
+    experiment = manifest.config["experiment"]  # the run's config, as JSON
+    assert isinstance(experiment, dict)
+    assert experiment["members"][0]["architecture"] == "mobilenet_v3_small"
+    assert experiment["seed"] == 0
     assert {m.name for m in manifest.members} == {"mobilenet", "shufflenet"}
     assert {m.lung_crop for m in manifest.members} == {0.1}
     assert manifest.preprocessing.size == 64

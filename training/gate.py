@@ -123,7 +123,10 @@ def export_feature_model(path: Path, size: int) -> float:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = (x - 0.5) / 0.5
-            return self.net.extract_features(x.expand(-1, 3, -1, -1)).mean(dim=(2, 3))
+            pooled: torch.Tensor = self.net.extract_features(x.expand(-1, 3, -1, -1)).mean(
+                dim=(2, 3)
+            )
+            return pooled
 
     module = Features(net).eval()
     with torch.no_grad():
@@ -172,14 +175,16 @@ class Scorer:
         """The U-Net's lung map [S,S] of a preprocessed image, as worker.inference makes it."""
         x = to_model_input(preprocessed[None], self.params)
         (lung,) = self.seg.run([SEGMENTATION_OUTPUT], {INPUT_NAME: resize_batch(x, self.seg_size)})
-        return resize_batch(np.asarray(lung, np.float32), self.params.size)[0, 0]
+        lung_map: np.ndarray = resize_batch(np.asarray(lung, np.float32), self.params.size)[0, 0]
+        return lung_map
 
     def feature(self, preprocessed: np.ndarray) -> np.ndarray:
         from worker.gate import feature_input
 
         x = feature_input(preprocessed[None], self.feature_size)
         (f,) = self.features.run([FEATURE_OUTPUT], {FEATURE_INPUT: x})
-        return transform_features(np.asarray(f))[0]
+        feature: np.ndarray = transform_features(np.asarray(f))[0]
+        return feature
 
     def measure(
         self,

@@ -71,12 +71,14 @@ def nearest_distances(reference: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
     def unit(a: np.ndarray) -> np.ndarray:
         a = np.asarray(a, dtype=np.float64)
-        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        rows: np.ndarray = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        return rows
 
     if not len(queries):
         return np.zeros(0)
     similarity = unit(queries) @ unit(reference).T
-    return np.clip(1.0 - similarity.max(axis=1), 0.0, 2.0)
+    distance: np.ndarray = np.clip(1.0 - similarity.max(axis=1), 0.0, 2.0)
+    return distance
 
 
 def _summary(d: np.ndarray) -> Json:
