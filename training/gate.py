@@ -496,6 +496,18 @@ def write_gate(bundle_dir: Path, spec_files: dict[str, Path], spec: GateSpec) ->
     return load_bundle(bundle_dir)
 
 
+@dataclass
+class FittedGate:
+    """`fit_gate`'s result: the bundle with its gate, and what the report measures with."""
+
+    bundle: Bundle  # reloaded, the gate in its manifest
+    gate: Gate
+    sets: PoolSets
+    scorer: Scorer
+    train: Measured  # the training split, as the gate was fitted on it
+    oof: np.ndarray  # out-of-fold OOD scores of the training images
+
+
 def fit_gate(
     bundle_dir: Path,
     work: Path,
@@ -504,7 +516,7 @@ def fit_gate(
     ood_quantile: float = DEFAULT_OOD_QUANTILE,
     lung_quantile: float = DEFAULT_LUNG_QUANTILE,
     probe_quantile: float = DEFAULT_PROBE_QUANTILE,
-) -> dict[str, Any]:
+) -> FittedGate:
     """Fit the gate on the bundle's training split, add it to the bundle; return what the
     report needs (also the measured sets, kept in `work`)."""
     bundle = load_bundle(bundle_dir)
@@ -591,8 +603,7 @@ def fit_gate(
     gate = Gate.from_bundle(fitted)
     assert gate is not None
     log.info("gate fitted in %.0f s: OOD threshold %.3g", time.perf_counter() - start, threshold)
-    return {"bundle": fitted, "gate": gate, "sets": sets, "scorer": scorer, "train": train,
-            "oof": oof}  # fmt: skip
+    return FittedGate(fitted, gate, sets, scorer, train, oof)
 
 
 def image_of(path: Path) -> np.ndarray:
