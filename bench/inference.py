@@ -7,7 +7,7 @@ spikes on a shared machine hit all of them alike; the table gives medians over r
 
 Variants (ONNX Runtime, CPU):
 - fp32: the bundle's files as the node serves them;
-- fp16w: the shipped fp16 variant (`training.publish.fp16_weights`: fp16 storage, fp32 compute);
+- fp16w: the shipped fp16 variant (`training.export_run.fp16_weights`: fp16 storage, fp32 compute);
 - fp16: whole-graph fp16 compute (`onnxruntime.transformers.float16`, fp32 inputs/outputs);
 - int8: static QDQ quantisation, per-channel int8 weights, uint8 activations, calibrated
   (MinMax) on a few preprocessed images with `onnxruntime.quantization.quantize_static`.
@@ -132,7 +132,7 @@ def sample_images(bundle: Bundle, n: int) -> np.ndarray:
 
 
 def fp16_weights_variant(src: Path, dst: Path) -> Path:
-    from training.publish import fp16_weights
+    from training.export_run import fp16_weights
 
     fp16_weights(src, dst)
     return dst
@@ -213,7 +213,7 @@ def big_input_rows(case: Case, size: int, threads: int, repeats: int, work: Path
     """fp32 only, batch 1, at `size` px: the ONNX file re-exported from the PyTorch twin."""
     import torch
 
-    from training.export import _export
+    from training.bundle_writer import _export
     from worker.inference import MEMBER_OUTPUTS, SEGMENTATION_OUTPUT
 
     outputs = (SEGMENTATION_OUTPUT,) if case.name == "segmentation" else MEMBER_OUTPUTS

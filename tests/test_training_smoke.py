@@ -22,11 +22,11 @@ pytest.importorskip("matplotlib", reason="matplotlib is not installed (`train` e
 from typer.testing import CliRunner  # noqa: E402
 
 from tests.conftest import POOL_DIR, REPO  # noqa: E402
+from training.bundle_writer import ReferenceItem  # noqa: E402
 from training.cache import load_cache  # noqa: E402
 from training.classify import load_member, member_run, train_member  # noqa: E402
 from training.cli import app  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.export import ReferenceItem  # noqa: E402
 from training.layout import RunPaths  # noqa: E402
 from training.report import SECTIONS  # noqa: E402
 from training.segment import read_lungmaps  # noqa: E402

@@ -505,8 +505,8 @@ def test_shipped_configs_load() -> None:
 @pytest.mark.train
 def test_default_config_bundle_fits_the_size_limit() -> None:
     pytest.importorskip("torch")
+    from training.export_run import estimate_bundle_mb
     from training.models import UNet, build_classifier, count_parameters
-    from training.publish import estimate_bundle_mb
 
     cfg, _ = load_config(CONFIGS / "default.toml")
     params = count_parameters(UNet(cfg.segmentation.base_width, cfg.segmentation.depth))

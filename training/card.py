@@ -1,7 +1,7 @@
 """The model card's body: data and licences, training, metrics with CIs, audit, use, limits.
 
-`training.export.write_bundle` writes the card's head (identity, intended use, the models with
-their ONNX parity); this text follows it. Built from the evaluation report.
+`training.bundle_writer.write_bundle` writes the card's head (identity, intended use, the models
+with their ONNX parity); this text follows it. Built from the evaluation report.
 """
 
 from __future__ import annotations

@@ -339,8 +339,8 @@ def export_cmd(
     overrides: list[str] | None = SET_OPTION,
 ) -> None:
     """ONNX + index + manifest + model card = a bundle the node loads; fp16/int8 variants."""
+    from training.bundle_writer import ExportError
     from training.cache import load_cache
-    from training.export import ExportError
     from training.pipeline import stage_export, trained_splits
 
     ctx = _context(config, workdir, cache, overrides=overrides)

