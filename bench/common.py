@@ -22,6 +22,16 @@ SCRATCH = REPO / "var" / "bench"
 DEFAULT_BUNDLE = SCRATCH / "bundle-cpu"
 
 
+def pydicom_test_file(name: str) -> Path:
+    """A file of pydicom's test data (the pydicom-data package), e.g. the chest CR RG1_UNCI."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if not isinstance(path, str):
+        raise SystemExit(f"{name} is not among pydicom's test files: install pydicom-data")
+    return Path(path)
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
 
-from bench.common import DEFAULT_BUNDLE, header, median, percentile, table
+from bench.common import DEFAULT_BUNDLE, header, median, percentile, pydicom_test_file, table
 from bench.ingest import free_port, wait_port
 
 COMPREHENSIVE_SR = ComprehensiveSRStorage
@@ -254,9 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.modes, args.singles, args.burst, args.senders = "embedded", 1, 2, 2
     if args.file is None:
-        from pydicom.data import get_testdata_file
-
-        args.file = Path(get_testdata_file("RG1_UNCI.dcm"))
+        args.file = pydicom_test_file("RG1_UNCI.dcm")
     header("End to end: storescu -> node -> SR at a storescp destination")
     rows = []
     for mode in args.modes.split(","):

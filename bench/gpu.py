@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,7 @@ def network_rows(
         outputs = [o.name for o in session.get_outputs()]
         for batch in batches:
             x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
-            plain = time_calls(lambda x=x, s=session: s.run(None, {INPUT_NAME: x}), repeats, 3)
+            plain = time_calls(partial(session.run, None, {INPUT_NAME: x}), repeats, 3)
             binding = session.io_binding()
             binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
             for output in outputs:
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     images = synthetic_batch(32, manifest.preprocessing, seed=5)
     ens_rows = []
     for batch in (1, 8, 32):
-        t = median(time_calls(lambda b=batch: ensemble.predict(images[:b]), args.repeats, 2))
+        t = median(time_calls(partial(ensemble.predict, images[:batch]), args.repeats, 2))
         ens_rows.append([batch, ms(t), ms(t / batch), batch / t])
     table(["batch", "ms", "ms/image", "images/s"], ens_rows)
 

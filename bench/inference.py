@@ -7,7 +7,7 @@ spikes on a shared machine hit all of them alike; the table gives medians over r
 
 Variants (ONNX Runtime, CPU):
 - fp32: the bundle's files as the node serves them;
-- fp16w: the shipped fp16 variant (`training.publish.fp16_weights`: fp16 storage, fp32 compute);
+- fp16w: the shipped fp16 variant (`training.export_run.fp16_weights`: fp16 storage, fp32 compute);
 - fp16: whole-graph fp16 compute (`onnxruntime.transformers.float16`, fp32 inputs/outputs);
 - int8: static QDQ quantisation, per-channel int8 weights, uint8 activations, calibrated
   (MinMax) on a few preprocessed images with `onnxruntime.quantization.quantize_static`.
@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,7 @@ def sample_images(bundle: Bundle, n: int) -> np.ndarray:
 
 
 def fp16_weights_variant(src: Path, dst: Path) -> Path:
-    from training.publish import fp16_weights
+    from training.export_run import fp16_weights
 
     fp16_weights(src, dst)
     return dst
@@ -212,7 +213,7 @@ def big_input_rows(case: Case, size: int, threads: int, repeats: int, work: Path
     """fp32 only, batch 1, at `size` px: the ONNX file re-exported from the PyTorch twin."""
     import torch
 
-    from training.export import _export
+    from training.bundle_writer import _export
     from worker.inference import MEMBER_OUTPUTS, SEGMENTATION_OUTPUT
 
     outputs = (SEGMENTATION_OUTPUT,) if case.name == "segmentation" else MEMBER_OUTPUTS
@@ -238,7 +239,7 @@ def tuning_rows(
     for batch in (1, 8):
         x = images[:batch]
         times = interleaved(
-            {"before": lambda x=x: before.predict(x), "after": lambda x=x: after.predict(x)},
+            {"before": partial(before.predict, x), "after": partial(after.predict, x)},
             max(3, repeats if batch == 1 else repeats // 3),
         )
         t0, t1 = ms(median(times["before"])), ms(median(times["after"]))

@@ -40,12 +40,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from bench.common import header, median, table
+from bench.common import header, median, pydicom_test_file, table
 
-STORESCU_FLAG = {JPEG2000Lossless: "-xv"}  # JPEG 2000 lossless
+STORESCU_FLAG: dict[str, str] = {JPEG2000Lossless: "-xv"}  # JPEG 2000 lossless
 
 
 def free_port() -> int:
@@ -64,32 +64,28 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-def large_cr(side: int = 2300) -> object:
-    from pydicom.data import get_testdata_file
-
-    ds = dcmread(get_testdata_file("RG1_UNCI.dcm"))
+def large_cr(side: int = 2300) -> Dataset:
+    ds = dcmread(pydicom_test_file("RG1_UNCI.dcm"))
     pixels = cv2.resize(ds.pixel_array, (side, side), interpolation=cv2.INTER_LINEAR)
     ds.Rows, ds.Columns = pixels.shape
     ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
     return ds
 
 
-def compressed_cr() -> object:
-    from pydicom.data import get_testdata_file
-
-    return dcmread(get_testdata_file("RG1_J2KR.dcm"))
+def compressed_cr() -> Dataset:
+    return dcmread(pydicom_test_file("RG1_J2KR.dcm"))
 
 
-def write_copies(template: object, folder: Path, count: int) -> list[Path]:
+def write_copies(template: Dataset, folder: Path, count: int) -> list[Path]:
     """`count` copies of `template`, each a new instance (fresh UIDs)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
         ds = template  # reused: only the UIDs change
-        ds.SOPInstanceUID = generate_uid()  # type: ignore[attr-defined]
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID  # type: ignore[attr-defined]
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         path = folder / f"{i:04d}.dcm"
-        ds.save_as(path)  # type: ignore[attr-defined]
+        ds.save_as(path)
         paths.append(path)
     return paths
 
@@ -237,7 +233,7 @@ def send(port: int, files: list[Path], senders: int) -> float:
 
 def scenario(
     kind: str,
-    template: object,
+    template: Dataset,
     senders: int,
     names: list[str],
     count: int,

@@ -46,7 +46,7 @@ def build(
 ) -> Path:
     import torch
 
-    from training.export import (
+    from training.bundle_writer import (
         MemberExport,
         ReferenceItem,
         SegmentationExport,

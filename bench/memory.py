@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import DEFAULT_BUNDLE, header, table
+from bench.common import DEFAULT_BUNDLE, header, pydicom_test_file, table
 from bench.e2e import Destination, Node, copies, storescu, wait_srs
 
 
@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.images = 1
-    from pydicom.data import get_testdata_file
-
-    source = Path(get_testdata_file("RG1_UNCI.dcm"))
+    source = pydicom_test_file("RG1_UNCI.dcm")
     header("Memory of the node's processes")
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         work = Path(tmp)

@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from dicom_node.jobs import steps
 from dicom_node.records.ledger import Job, OutputKind
 from dicom_node.results.pixels import decode_display
 from dicom_node.settings import Settings
-from worker.contracts import InferRequest, decode_png, encode_png
+from worker.contracts import InferRequest, InferResult, decode_png, encode_png
 from worker.inference import (
     INPUT_NAME,
     MEMBER_OUTPUTS,
@@ -131,6 +132,7 @@ def breakdown(node: steps.NodeRuntime, job_id: str, threads: int) -> dict[str, f
     c.lap("infer: ensemble")
     request = InferRequest(job_id=job_id, bundle_fingerprint=bundle.fingerprint, image_png=payload)
     result = run_infer(request, ensemble, bundle)  # for the finalize steps below (not timed)
+    assert isinstance(result, InferResult), f"the bundle's gate refused the image: {result}"
     times = c.times
     c = Clock()
     settings = node.settings
@@ -177,9 +179,10 @@ def end_to_end(node: steps.NodeRuntime, job_id: str, threads: int) -> dict[str, 
     t0 = time.perf_counter()
     request = steps.prepare(node, job_id)
     t1 = time.perf_counter()
-    assert request is not None
+    assert isinstance(request, InferRequest), f"prepare gave {request}"
     result = run_infer(request, ensemble, bundle)
     t2 = time.perf_counter()
+    assert isinstance(result, InferResult), f"the bundle's gate refused the image: {result}"
     steps.finalize(node, result)
     t3 = time.perf_counter()
     return {"prepare": t1 - t0, "infer": t2 - t1, "finalize": t3 - t2, "total": t3 - t0}
@@ -201,9 +204,9 @@ def decode_rows(files: list[Path], repeats: int) -> list[list[object]]:
         assert np.array_equal(before, decode_display(ds)), "table and per-pixel mapping differ"
         times = interleaved(
             {
-                "decoder": lambda ds=ds: pixel_array(ds, index=0, correct_unused_bits=True),
-                "before": lambda f=frame, ds=ds, p=photometric: _to_display(f, ds, p),
-                "after": lambda ds=ds: decode_display(ds),
+                "decoder": partial(pixel_array, ds, index=0, correct_unused_bits=True),
+                "before": partial(_to_display, frame, ds, photometric),
+                "after": partial(decode_display, ds),
             },
             repeats,
         )

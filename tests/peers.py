@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from pydicom import dcmread
@@ -22,6 +23,9 @@ from dicom_node.receiving.scp import start_scp
 from dicom_node.records.ledger import Ledger
 from dicom_node.settings import Settings
 from tests.conftest import PLUMBING_BUNDLE, _port_open, free_port, require_tool, wait_for
+
+if TYPE_CHECKING:
+    import redis
 
 COMPREHENSIVE_SR = ComprehensiveSRStorage
 
@@ -191,7 +195,7 @@ class RedisServer:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=30)
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> redis.Redis:
         import redis
 
         return redis.Redis(port=self.port, socket_timeout=10)

@@ -26,7 +26,8 @@ def chest_pixels(size: int = 256, bits: int = 12, seed: int = 0) -> np.ndarray:
         image[lung] = 0.25
     image += rng.normal(0, 0.03, image.shape)
     top = (1 << bits) - 1
-    return np.clip(image * top, 0, top).astype(np.uint16)
+    pixels: np.ndarray = np.clip(image * top, 0, top).astype(np.uint16)
+    return pixels
 
 
 def synthetic_cr(

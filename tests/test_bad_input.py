@@ -30,7 +30,7 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import DataElement
 from pydicom.encaps import encapsulate
-from pydicom.uid import BasicTextSRStorage, generate_uid
+from pydicom.uid import UID, BasicTextSRStorage, generate_uid
 from pynetdicom import AE, _config
 
 from dicom_node import dimse_status
@@ -184,8 +184,8 @@ def no_file_meta(folder: Path) -> Path:
 
 def crafted_uid(folder: Path) -> Path:
     ds = synthetic_cr(size=128)
-    ds.SOPInstanceUID = "../../x"
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    ds.SOPInstanceUID = UID("../../x")
+    ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.3")
     return write(ds, folder / "crafted-uid.dcm")
 
 

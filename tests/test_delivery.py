@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ComputedRadiographyImageStorage
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
 from dicom_node.results.delivery import DeliveryError, send_file, send_files
 from dicom_node.settings import Destination
@@ -25,9 +25,11 @@ class AnsweringPeer:
         self.port = free_port()
         ae = AE(ae_title="PACS")
         ae.add_supported_context(ComputedRadiographyImageStorage)
-        self.server = ae.start_server(
+        server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
         )
+        assert server is not None  # not blocking: the server runs in its own thread
+        self.server = server
 
     def _store(self, event: Event) -> int:
         self.received += 1

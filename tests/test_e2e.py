@@ -41,7 +41,7 @@ PHI_SOLO_ID = "PHI4471983"
 
 
 # storescu proposes uncompressed transfer syntaxes unless told which compressed one to offer.
-STORESCU_TS_FLAG = {
+STORESCU_TS_FLAG: dict[str, str] = {
     JPEG2000Lossless: "-xv",  # JPEG 2000 lossless
     JPEG2000: "-xw",  # JPEG 2000
     JPEGBaseline8Bit: "-xy",  # JPEG baseline
@@ -100,6 +100,7 @@ def pool_png_as_dicom(png: Path, target: Path) -> Path:
     from pydicom.dataset import FileMetaDataset
 
     pixels = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
+    assert pixels is not None, f"{png} does not read as an image"
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -142,12 +143,12 @@ def assert_delivered(node: NodeProcess, pacs: Peer, sent_uids: set[str]) -> list
         240,
         f"{len(sent_uids)} SRs at the destination",
     )
-    srs = [dcmread(p) for p in of_class(pacs.received(), COMPREHENSIVE_SR)]
+    srs: list[Dataset] = [dcmread(p) for p in of_class(pacs.received(), COMPREHENSIVE_SR)]
     referenced = [sr_summary(sr)["referenced_sop_instance_uids"] for sr in srs]
     assert sorted(uid for refs in referenced for uid in refs) == sorted(sent_uids)
     for sr in srs:
-        summary = sr_summary(sr)
-        assert 0.0 <= summary["probability"] <= 1.0
+        probability = sr_summary(sr)["probability"]
+        assert probability is not None and 0.0 <= probability <= 1.0
         assert sr.Modality == "SR"
     ledger = Ledger(node.data_dir / "ledger.sqlite3")
     wait_for(lambda: ledger.counts()["delivered"] == len(sent_uids), 30, "ledger: delivered")

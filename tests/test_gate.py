@@ -53,7 +53,8 @@ def film(h: int = 600, w: int = 500, seed: int = 0) -> np.ndarray:
     noise = rng.normal(0, 1, (h // 8, w // 8)).astype(np.float32)
     smooth = cv2.resize(cv2.GaussianBlur(noise, (0, 0), 2), (w, h), interpolation=cv2.INTER_CUBIC)
     smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min())
-    return (30 + 200 * smooth).astype(np.uint8)
+    image: np.ndarray = (30 + 200 * smooth).astype(np.uint8)
+    return image
 
 
 def lung_map(size: int = 224, left: bool = True, right: bool = True, flip: bool = False,

@@ -39,7 +39,7 @@ def as_chest_cr(ds: Dataset, pixels: np.ndarray | None = None) -> Dataset:
     cr = synthetic_cr(size=8)
     for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"):
         if keyword in ds:
-            setattr(cr, keyword, ds.data_element(keyword).value)
+            setattr(cr, keyword, getattr(ds, keyword))
     cr.PixelRepresentation = int(ds.get("PixelRepresentation", 0))
     cr.PixelData = ds.PixelData
     if pixels is not None:
@@ -53,7 +53,8 @@ def as_chest_cr(ds: Dataset, pixels: np.ndarray | None = None) -> Dataset:
 def photo() -> np.ndarray:
     from skimage import data  # the train extra; its sample photos ship with it
 
-    return data.camera().astype(np.uint16) * 256  # a photographer with a camera, 512 x 512
+    camera: np.ndarray = data.camera().astype(np.uint16) * 256  # a photographer, 512 x 512
+    return camera
 
 
 def ct_slice() -> Dataset:
@@ -105,7 +106,9 @@ def test_only_the_chest_radiograph_is_scored(
     assert isinstance(scored["probability"], float) and 0.0 <= scored["probability"] <= 1.0
 
     # a summary image only for the scored one: no picture of a finding on the others
-    wait_for(lambda: of_class(storescp.received(), SecondaryCaptureImageStorage), 60, "the SC")
+    wait_for(
+        lambda: bool(of_class(storescp.received(), SecondaryCaptureImageStorage)), 60, "the SC"
+    )
     (sc,) = [dcmread(p) for p in of_class(storescp.received(), SecondaryCaptureImageStorage)]
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == real.SOPInstanceUID
 

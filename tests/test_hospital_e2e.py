@@ -46,7 +46,7 @@ def synthetic_cxr(
 ) -> tuple[Path, str]:
     """A DX of `base` with a little noise and shift: the same patient, another day."""
     rng = np.random.default_rng(seed)
-    shift = np.float32([[1, 0, rng.integers(-3, 4)], [0, 1, rng.integers(-3, 4)]])
+    shift = np.array([[1, 0, rng.integers(-3, 4)], [0, 1, rng.integers(-3, 4)]], np.float32)
     image = cv2.warpAffine(base, shift, base.shape[::-1], borderMode=cv2.BORDER_REPLICATE)
     noisy = image.astype(np.int16) + rng.integers(-4, 5, image.shape)
     pixels = np.clip(noisy, 0, 255).astype(np.uint8)
@@ -72,7 +72,7 @@ def synthetic_cxr(
 
 def srs_in(outbox: Path) -> dict[str, Dataset]:
     """SRs in the outbox by the SOP Instance UID of the X-ray they report on."""
-    found = {}
+    found: dict[str, Dataset] = {}
     for path in outbox.glob("*-sr.dcm"):
         sr = dcmread(path)
         found[sr_summary(sr)["referenced_sop_instance_uids"][0]] = sr

@@ -113,7 +113,7 @@ def test_filtering_fetches_deeper_when_the_nearest_are_excluded(tmp_path: Path) 
     for n in range(60, 64):
         index.add(entry(index, n, f"P{n}"), vector(n))
     found = index.query(vector(500), 4, index.patient_key("A"), "9.9")
-    assert sorted(i.study_instance_uid for i in found) == [f"1.2.3.{n}" for n in range(60, 64)]
+    assert sorted(str(i.study_instance_uid) for i in found) == [f"1.2.3.{n}" for n in range(60, 64)]
 
 
 def test_confirmed_diagnosis_shows_on_matches(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from training.synthetic import synthetic_batch
 from worker import inference
 from worker.bundle import MANIFEST_NAME, Bundle, BundleError, load_bundle
-from worker.contracts import InferRequest, decode_png, encode_png
+from worker.contracts import InferRequest, InferResult, decode_png, encode_png
 from worker.inference import Ensemble, get_ensemble, run_infer
 
 PLUMBING = Path(__file__).parent / "data" / "plumbing-bundle"
@@ -127,6 +127,7 @@ def test_run_infer_returns_the_result_of_the_ensemble(
     bundle, ensemble = loaded
     result = run_infer(_request(bundle, images[0]), ensemble, bundle)
     (expected,) = ensemble.predict(images[:1])
+    assert isinstance(result, InferResult)
     assert result.job_id == "job-1"
     assert (result.bundle_name, result.bundle_version) == ("plumbing", "0.0.0-random")
     assert result.device_uid == bundle.manifest.device_uid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -19,6 +20,7 @@ from training.invariance import (
     invariance_lines,
     jpeg_q75,
 )
+from training.results import EstimateJson, EvaluationReport
 from worker.classes import CxrClass
 
 
@@ -30,7 +32,8 @@ def _chest_like(h: int = 300, w: int = 260, seed: int = 0) -> np.ndarray:
         (yy > h * 0.2) & (yy < h * 0.8)
     )
     img = body - 70 * lungs + rng.normal(0, 6, (h, w))
-    return np.clip(img, 0, 255).astype(np.uint8)
+    chest: np.ndarray = np.clip(img, 0, 255).astype(np.uint8)
+    return chest
 
 
 def test_alterations_keep_type_and_change_only_what_they_say() -> None:
@@ -87,20 +90,24 @@ def test_audit_runs_the_served_path(tmp_path: Path) -> None:
 
 
 def test_target_lines_report_unmet_targets() -> None:
-    def est(v: float) -> dict[str, float]:
-        return {"value": v, "low": v - 0.01, "high": v + 0.01}
+    def est(v: float) -> EstimateJson:
+        return {"value": v, "low": v - 0.01, "high": v + 0.01, "splits": 1, "samples": 100}
 
-    report = {
-        "same_source": {"estimates": {"roc_auc": est(0.80)}},
-        "shortcut_audit": {
-            "lung_masking": {
-                "original": est(0.95),
-                "lungs_masked_out": est(0.60),
-                "lungs_only": est(0.93),
-            }
+    # only the sections the targets read
+    report = cast(
+        EvaluationReport,
+        {
+            "same_source": {"estimates": {"roc_auc": est(0.80)}},
+            "shortcut_audit": {
+                "lung_masking": {
+                    "original": est(0.95),
+                    "lungs_masked_out": est(0.60),
+                    "lungs_only": est(0.93),
+                }
+            },
+            "retrieval": {"estimates": {"accuracy": est(0.90)}},
         },
-        "retrieval": {"estimates": {"accuracy": est(0.90)}},
-    }
+    )
     text = "\n".join(target_lines(report))
     assert "| same-source ROC AUC >= 0.90 | 0.800 | NOT met |" in text
     assert "| AUC with the lungs masked out <= 0.65 | 0.600 | met |" in text
@@ -109,6 +116,6 @@ def test_target_lines_report_unmet_targets() -> None:
     summary = "\n".join(summary_lines(report))
     assert "Of 4 release targets, 3 are met; not met: same-source ROC AUC >= 0.90." in summary
     assert "has **not** shown" in summary
-    report["same_source"] = {"estimates": {"roc_auc": est(0.95)}}
+    report["same_source"] = {"sources": ["ieee8023"], "estimates": {"roc_auc": est(0.95)}}
     summary = "\n".join(summary_lines(report))
     assert "Of 4 release targets, 4 are met." in summary and "not** shown" not in summary

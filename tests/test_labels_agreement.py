@@ -69,6 +69,7 @@ def test_bootstrap_interval_is_the_documented_protocol_with_scikit_learn() -> No
     low, high = np.percentile(aucs, [2.5, 97.5])
     assert a.roc_auc is not None
     assert (a.roc_auc.low, a.roc_auc.high) == (pytest.approx(low), pytest.approx(high))
+    assert a.roc_auc.low is not None and a.roc_auc.high is not None
     assert a.roc_auc.low < a.roc_auc.value < a.roc_auc.high
     assert np.array_equal(bootstrap_auc(pos, neg, 20, 7), bootstrap_auc(pos, neg, 20, 7))
     order = np.random.default_rng(1).permutation(len(s))  # the pairs in another order

@@ -86,7 +86,8 @@ def instance(
 
 def get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=30) as response:
-        return response.read().decode()
+        body: bytes = response.read()
+    return body.decode()
 
 
 def gauges(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

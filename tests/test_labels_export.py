@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.learning.export import ExportError, age_years, export_dataset
 from dicom_node.learning.training_copy import KEPT, training_copy
@@ -58,7 +58,7 @@ def test_training_copy_keeps_the_pixels_and_nothing_else(name: str, tmp_path: Pa
 
 
 @pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
-def test_training_copy_in_other_transfer_syntaxes(syntax: str, tmp_path: Path) -> None:
+def test_training_copy_in_other_transfer_syntaxes(syntax: UID, tmp_path: Path) -> None:
     ds = synthetic_cr(size=64)
     ds.file_meta.TransferSyntaxUID = syntax
     original = write(ds, tmp_path / "in.dcm")

@@ -133,7 +133,7 @@ def test_the_worker_crops_and_masks_as_its_manifest_says(tmp_path: Path) -> None
     bundle = load_bundle(root)
     ensemble = Ensemble(bundle)
     seg_size = bundle.manifest.segmentation.input_size
-    ensemble.segmentation = FixedLungs(seg_size)  # type: ignore[assignment]
+    ensemble.segmentation = FixedLungs(seg_size)
     params = bundle.manifest.preprocessing
     images = synthetic_batch(2, params, seed=5)
 

@@ -25,7 +25,7 @@ from tests.conftest import PLUMBING_BUNDLE, NodeProcess, Peer, wait_for
 from tests.sr_reading import sr_summary
 from tests.test_e2e import of_class, storescu
 from worker.bundle import BundleError, load_bundle
-from worker.contracts import InferRequest
+from worker.contracts import InferRequest, InferResult
 
 
 def make_bundle(
@@ -86,7 +86,7 @@ def test_install_refuses_other_class_map_or_schema(
     tmp_path: Path, why: str, changes: dict[str, object]
 ) -> None:
     store = ModelStore(tmp_path / "models")
-    bad = make_bundle(tmp_path / "bad", "9.9.9", **changes)
+    bad = make_bundle(tmp_path / "bad", "9.9.9", None, **changes)
     with pytest.raises(BundleError, match=why):
         store.install(bad, PLUMBING_BUNDLE, lambda b: None)
     assert store.current is None and store.folders() == []
@@ -220,7 +220,7 @@ def test_a_job_started_before_a_switch_finishes_on_its_bundle(
     node = make_node(tmp_path, hospital_k=0)
     started = receive(node, chest_cr, "PAT1")
     request = steps.prepare(node, started)  # preprocessed for the plumbing bundle
-    assert request is not None
+    assert isinstance(request, InferRequest)
 
     new_uid = generate_uid()
     v2 = make_bundle(tmp_path / "v2", "0.0.1-random", device_uid=new_uid)
@@ -232,6 +232,7 @@ def test_a_job_started_before_a_switch_finishes_on_its_bundle(
         bundle = node.bundles.by_fingerprint(job_request.bundle_fingerprint)
         bundle, ensemble = get_ensemble(bundle.root, 1)
         result = run_infer(job_request, ensemble, bundle)
+        assert isinstance(result, InferResult)
         steps.finalize(node, result)
         sr = dcmread(node.result_path(result.job_id))
         return str(sr_summary(sr)["device_uid"])
@@ -239,8 +240,7 @@ def test_a_job_started_before_a_switch_finishes_on_its_bundle(
     assert work(request) == plumbing_uid()  # finished on the bundle it started on
     later = receive(node, chest_cr, "PAT2")
     later_request = steps.prepare(node, later)
-    assert (
-        later_request is not None and later_request.bundle_fingerprint != request.bundle_fingerprint
-    )
+    assert isinstance(later_request, InferRequest)
+    assert later_request.bundle_fingerprint != request.bundle_fingerprint
     assert work(later_request) == new_uid  # new jobs: the new model
     assert node.ledger.counts()["analysed"] == 2

@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -61,12 +62,18 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def health(port: int) -> tuple[int, dict[str, object]]:
+def health(port: int) -> tuple[int, dict[str, Any]]:
+    """/health's status code and its JSON report."""
     status, body = http_get(f"http://127.0.0.1:{port}/health")
     return status, (json.loads(body) if body else {})
 
 
-def audit_lines(node: NodeProcess) -> list[dict[str, object]]:
+def health_is(port: int, status: int) -> Callable[[], bool]:
+    """A `wait_for` condition: /health on `port` answers `status`."""
+    return lambda: health(port)[0] == status
+
+
+def audit_lines(node: NodeProcess) -> list[dict[str, Any]]:
     path = node.data_dir / "logs" / "audit.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -301,7 +308,7 @@ def test_queue_depth_worker_metrics_and_health_while_redis_is_down(
     )
     wait_for(lambda: health(worker_port)[0] == 200, 90, "the worker's /health to be 200")
     _, report = health(worker_port)
-    assert report["checks"]["bundle"]["ok"] is True  # type: ignore[index]
+    assert report["checks"]["bundle"]["ok"] is True
     ledger = Ledger(node.data_dir / "ledger.sqlite3")
     wait_for(lambda: ledger.counts()["delivered"] == 1, 240, "the job delivered (outbox)")
     assert value(scrape(http_port), "cxr_queue_depth", queue="infer") == 0
@@ -313,21 +320,21 @@ def test_queue_depth_worker_metrics_and_health_while_redis_is_down(
     redis_proc.terminate()
     redis_proc.wait(timeout=20)
     for port in (http_port, worker_port):
-        wait_for(lambda port=port: health(port)[0] == 503, 60, f"/health on {port} to be 503")
+        wait_for(health_is(port, 503), 60, f"/health on {port} to be 503")
         _status, report = health(port)
         checks = report["checks"]
         assert report["status"] == "unhealthy"
-        assert checks["broker"]["ok"] is False  # type: ignore[index]
-        assert checks["bundle"]["ok"] is True  # type: ignore[index]
+        assert checks["broker"]["ok"] is False
+        assert checks["bundle"]["ok"] is True
     # the node's other checks still pass: only the broker is down
     _, report = health(http_port)
-    assert [n for n, c in report["checks"].items() if not c["ok"]] == ["broker"]  # type: ignore[union-attr]
+    assert [n for n, c in report["checks"].items() if not c["ok"]] == ["broker"]
     down = node.cli("health")  # what a monitoring script or HEALTHCHECK runs
     assert down.returncode == 1 and "broker unreachable" in down.stdout
 
     redis_server()  # back on the same port: healthy again, no restart needed
     for port in (http_port, worker_port):
-        wait_for(lambda port=port: health(port)[0] == 200, 60, f"/health on {port} back to 200")
+        wait_for(health_is(port, 200), 60, f"/health on {port} back to 200")
 
 
 @pytest.mark.integration
@@ -362,8 +369,8 @@ def test_status_page_in_chromium_shows_jobs_dead_letter_refusal_and_bundle(
     # a modality sends an instance without its Study Instance UID: refused, and shown
     broken = synthetic_cr(size=64)
     del broken.StudyInstanceUID
-    refused = write(broken, tmp_path / "no-study.dcm")
-    assert storescu_statuses(node.port, [refused], calling="CR_ROOM1") == [0x0120]
+    no_study = write(broken, tmp_path / "no-study.dcm")
+    assert storescu_statuses(node.port, [no_study], calling="CR_ROOM1") == [0x0120]
 
     run = chromium("--dump-dom", f"http://127.0.0.1:{port}/", profile=tmp_path / "profile")
     assert run.returncode == 0 and "<html" in run.stdout.lower(), run.stderr[-2000:]

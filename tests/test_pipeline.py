@@ -21,7 +21,7 @@ from dicom_node.results.sr.codes import COMPREHENSIVE_SR
 from dicom_node.settings import Settings
 from tests.conftest import PLUMBING_BUNDLE, free_port
 from tests.sr_reading import sr_summary
-from worker.contracts import InferResult, encode_png
+from worker.contracts import InferRequest, InferResult, encode_png
 from worker.inference import get_ensemble, run_infer
 
 SECONDARY_CAPTURE = SecondaryCaptureImageStorage
@@ -75,9 +75,10 @@ def ellipse_lungs(size: int) -> str:
 
 def infer(node: NodeRuntime, job_id: str, lungs: bool = True) -> InferResult:
     request = steps.prepare(node, job_id)
-    assert request is not None
+    assert isinstance(request, InferRequest)
     bundle, ensemble = get_ensemble(PLUMBING_BUNDLE)
     result = run_infer(request, ensemble, bundle)
+    assert isinstance(result, InferResult)
     if lungs:
         size = bundle.manifest.preprocessing.size
         result = result.model_copy(update={"lung_mask_png": ellipse_lungs(size)})

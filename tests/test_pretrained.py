@@ -11,10 +11,14 @@ import json
 import re
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 torch = pytest.importorskip("torch", reason="torch is not installed: install the `train` extra")
 pytest.importorskip(
@@ -156,7 +160,7 @@ def test_the_l2_embedding_is_unit_length_and_not_confined_to_the_positive_orthan
     assert isinstance(list(l2.head)[-1], torch.nn.BatchNorm1d)
 
 
-def _mean_cosine(e: torch.Tensor) -> float:
+def _mean_cosine(e: Tensor) -> float:
     e = torch.nn.functional.normalize(e, dim=1)
     sim = e @ e.T
     n = len(e)

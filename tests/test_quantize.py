@@ -12,7 +12,7 @@ pytest.importorskip("onnx", reason="onnx is not installed: install the `train` e
 import onnx
 
 from tests.conftest import PLUMBING_BUNDLE
-from training.publish import make_variant
+from training.export_run import make_variant
 from training.synthetic import synthetic_batch
 from worker.bundle import load_bundle
 from worker.inference import Ensemble
@@ -39,7 +39,7 @@ def test_int8_variant_is_a_quantised_bundle_that_scores_like_fp32(tmp_path: Path
 
 
 def test_int8_variant_refuses_to_guess_its_calibration(tmp_path: Path) -> None:
-    from training.export import ExportError
+    from training.bundle_writer import ExportError
 
     with pytest.raises(ExportError, match="calibration"):
         make_variant(PLUMBING_BUNDLE, tmp_path / "int8", "int8")

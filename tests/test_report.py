@@ -7,12 +7,12 @@ import shutil
 import subprocess
 from datetime import datetime
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
-from pydicom.data import get_testdata_file
 from pydicom.uid import DigitalXRayImageStorageForPresentation
 
 from dicom_node.records.ledger import OutputUids
@@ -32,8 +32,8 @@ SHA = "0" * 64
 
 
 @pytest.fixture(scope="module")
-def source() -> Dataset:
-    return pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"), stop_before_pixels=True)
+def source(chest_cr: Path) -> Dataset:
+    return pydicom.dcmread(chest_cr, stop_before_pixels=True)
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +114,21 @@ def write_and_read(ds: Dataset, path: Path) -> Dataset:
     return pydicom.dcmread(path)
 
 
+class Included(TypedDict, total=False):
+    """The ReportOptions switches a test turns off."""
+
+    include_similar: bool
+    include_similar_labels: bool
+    include_member_probabilities: bool
+
+
 def build(
     source: Dataset,
     manifest: Manifest,
     tmp_path: Path,
     probability: float = 0.83,
     similar: list[SimilarItem] | None = None,
-    **options: bool,
+    **options: Unpack[Included],
 ) -> Dataset:
     sr = build_sr(
         source,

@@ -20,7 +20,6 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ComputedRadiographyImageStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 from dicom_node import dimse_status
 from dicom_node.jobs.steps import NodeRuntime, deliver
@@ -48,7 +47,7 @@ CR = ComputedRadiographyImageStorage
 @pytest.mark.parametrize(
     ("uid", "valid"),
     [
-        (Verification, True),
+        (VERIFICATION, True),
         ("1.2.03.4", True),  # leading zero: not standard, common, harmless
         ("../../x", False),
         ("1.2.3/../../etc", False),

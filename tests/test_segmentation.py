@@ -11,7 +11,6 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
-from pydicom.data import get_testdata_file
 from pydicom.uid import SegmentationStorage
 
 from dicom_node.results.seg.builder import SegOptions, build_seg
@@ -29,8 +28,8 @@ def manifest() -> Manifest:
 
 
 @pytest.fixture(scope="module")
-def source() -> Dataset:
-    return pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"), stop_before_pixels=True)
+def source(chest_cr: Path) -> Dataset:
+    return pydicom.dcmread(chest_cr, stop_before_pixels=True)
 
 
 def build(source: Dataset, manifest: Manifest, tmp_path: Path, mask: np.ndarray) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.pixels import pixel_array
 
 from dicom_node.jobs import steps
@@ -16,9 +16,9 @@ from tests.test_pipeline import make_node, receive
 from tests.test_pixels import make_dataset
 
 
-def per_pixel(ds: object) -> np.ndarray:
+def per_pixel(ds: Dataset) -> np.ndarray:
     frame = pixel_array(ds, index=0, correct_unused_bits=True)
-    return _to_display(frame, ds, _photometric(ds))  # type: ignore[arg-type]
+    return _to_display(frame, ds, _photometric(ds))
 
 
 def test_table_decode_of_the_chest_cr_equals_the_per_pixel_mapping(chest_cr: Path) -> None:

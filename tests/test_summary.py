@@ -12,7 +12,6 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
-from pydicom.data import get_testdata_file
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from dicom_node.results.lungs import lung_outlines
@@ -42,8 +41,8 @@ def manifest() -> Manifest:
 
 
 @pytest.fixture(scope="module")
-def source() -> Dataset:
-    return pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"))
+def source(chest_cr: Path) -> Dataset:
+    return pydicom.dcmread(chest_cr)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +192,9 @@ def test_sc_pixel_data_as_png_shows_overlay_and_text(
     sc = build(source, display, manifest, tmp_path)
     path = tmp_path / "summary.png"
     assert cv2.imwrite(str(path), cv2.cvtColor(sc.pixel_array, cv2.COLOR_RGB2BGR))
-    png = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    written = cv2.imread(str(path))
+    assert written is not None
+    png = cv2.cvtColor(written, cv2.COLOR_BGR2RGB)
     assert png.shape == (sc.Rows, sc.Columns, 3)
     # find the parts from the picture alone: the X-ray rows have no band colour in them
     in_bands = colour_mask(png, _BAND, 0) | colour_mask(png, (150, 0, 0), 0)

@@ -22,11 +22,11 @@ pytest.importorskip("matplotlib", reason="matplotlib is not installed (`train` e
 from typer.testing import CliRunner  # noqa: E402
 
 from tests.conftest import POOL_DIR, REPO  # noqa: E402
+from training.bundle_writer import ReferenceItem  # noqa: E402
 from training.cache import load_cache  # noqa: E402
 from training.classify import load_member, member_run, train_member  # noqa: E402
 from training.cli import app  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.export import ReferenceItem  # noqa: E402
 from training.layout import RunPaths  # noqa: E402
 from training.report import SECTIONS  # noqa: E402
 from training.segment import read_lungmaps  # noqa: E402
@@ -73,8 +73,10 @@ def test_smoke_bundle_loads_and_serves_in_the_worker(run: RunPaths) -> None:
     manifest = bundle.manifest
     assert not manifest.random_weights
     assert manifest.name == "cxr-smoke"
-    assert manifest.config["experiment"]["members"][0]["architecture"] == "mobilenet_v3_small"
-    assert manifest.config["experiment"]["seed"] == 0
+    experiment = manifest.config["experiment"]  # the run's config, as JSON
+    assert isinstance(experiment, dict)
+    assert experiment["members"][0]["architecture"] == "mobilenet_v3_small"
+    assert experiment["seed"] == 0
     assert {m.name for m in manifest.members} == {"mobilenet", "shufflenet"}
     assert {m.lung_crop for m in manifest.members} == {0.1}
     assert manifest.preprocessing.size == 64

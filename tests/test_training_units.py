@@ -32,7 +32,7 @@ CONFIGS = REPO / "training" / "configs"
 
 def _cases(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    cases = []
+    cases: list[tuple[np.ndarray, np.ndarray]] = []
     while len(cases) < count:
         n = int(rng.integers(4, 80))
         y = rng.integers(0, 2, n)
@@ -368,6 +368,7 @@ def test_cache_round_trip_matches_the_shared_preprocessing(tmp_path: Path) -> No
         display = read_display_image(r.image)
         np.testing.assert_array_equal(cache.images[i], preprocess(display, params))
         mask = cv2.imread(str(r.lung_mask), cv2.IMREAD_GRAYSCALE)
+        assert mask is not None
         np.testing.assert_array_equal(cache.masks[i], preprocess_mask(mask, display, params))
     assert cache.raw is not None and cache.raw.shape == cache.images.shape
     lossy = load_cache(build_cache(records, params, tmp_path / "j.npz", quality=90, workers=1)[0])
@@ -504,8 +505,8 @@ def test_shipped_configs_load() -> None:
 @pytest.mark.train
 def test_default_config_bundle_fits_the_size_limit() -> None:
     pytest.importorskip("torch")
+    from training.export_run import estimate_bundle_mb
     from training.models import UNet, build_classifier, count_parameters
-    from training.publish import estimate_bundle_mb
 
     cfg, _ = load_config(CONFIGS / "default.toml")
     params = count_parameters(UNet(cfg.segmentation.base_width, cfg.segmentation.depth))
@@ -664,7 +665,8 @@ def test_members_start_from_a_checkpoint_given_by_path(tmp_path: Path) -> None:
     tv = torchvision.models.get_model("shufflenet_v2_x0_5", weights=None)
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
     model = build_member(run(tmp_path / "tv.pth"))
-    torch.testing.assert_close(model.features[0][0].weight, tv.state_dict()["conv1.0.weight"])
+    first_conv = model.features.get_submodule("0.0")  # torchvision's conv1.0
+    torch.testing.assert_close(first_conv.weight, tv.state_dict()["conv1.0.weight"])
 
     # A cxr-train checkpoint: everything, head included.
     ours = Classifier("shufflenet_v2_x0_5", (32, 32, 16))

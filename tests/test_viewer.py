@@ -110,7 +110,9 @@ def dsr2html(sr_path: Path, html: Path) -> Path:
 
 def example_sr(path: Path) -> Path:
     """The SR the node writes for the real chest CR: outlines, a hospital and a reference match."""
-    source = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"), stop_before_pixels=True)
+    chest_cr = get_testdata_file("RG1_UNCI.dcm")
+    assert isinstance(chest_cr, str), "pydicom-data is not installed"
+    source = pydicom.dcmread(chest_cr, stop_before_pixels=True)
     manifest = make_manifest()
     sr: Dataset = build_sr(
         source,

@@ -1,17 +1,15 @@
 """The model card's body: data and licences, training, metrics with CIs, audit, use, limits.
 
-`training.export.write_bundle` writes the card's head (identity, intended use, the models with
-their ONNX parity); this text follows it. Built from the evaluation report.
+`training.bundle_writer.write_bundle` writes the card's head (identity, intended use, the models
+with their ONNX parity); this text follows it. Built from the evaluation report.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from training.config import ExperimentConfig
+from training.config import ExperimentConfig, MemberConfig
 from training.pretrained import describe as describe_weights
 from training.report import METRIC_LABELS, ci, member_input_text
-from training.results import Json
+from training.results import Breakdown, EstimateJson, Estimates, EvaluationReport
 from training.separation import separation_lines
 from worker.markdown import markdown_table
 
@@ -19,7 +17,7 @@ from worker.markdown import markdown_table
 SAME_SOURCE_TARGET = "same-source ROC AUC >= 0.90"
 
 
-def _table(rows: dict[str, Json], cols: tuple[str, ...] = ("n", "positives")) -> list[str]:
+def _table(rows: dict[str, Breakdown], cols: tuple[str, ...] = ("n", "positives")) -> list[str]:
     return markdown_table(
         ["", *cols, *METRIC_LABELS.values()],
         [
@@ -33,7 +31,7 @@ def _table(rows: dict[str, Json], cols: tuple[str, ...] = ("n", "positives")) ->
     )
 
 
-def summary_lines(report: Json) -> list[str]:
+def summary_lines(report: EvaluationReport) -> list[str]:
     """The card's first words: what the measured targets say this model is (and is not)."""
     rows = _targets(report)
     failed = [text for text, _, ok in rows if ok is False]
@@ -56,7 +54,7 @@ def summary_lines(report: Json) -> list[str]:
     return [*lines, ""]
 
 
-def card_notes(cfg: ExperimentConfig, report: Json) -> str:
+def card_notes(cfg: ExperimentConfig, report: EvaluationReport) -> str:
     data = report["data"]
     weights = [f"`{m.name}` from `{m.checkpoint}`" for m in cfg.members if m.checkpoint]
     weights += [
@@ -162,7 +160,9 @@ def card_notes(cfg: ExperimentConfig, report: Json) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pretrained(report: Json, cfg: ExperimentConfig) -> list[tuple[Any, Json]]:
+def _pretrained(
+    report: EvaluationReport, cfg: ExperimentConfig
+) -> list[tuple[MemberConfig, dict[str, str]]]:
     """Members started from packaged ImageNet weights, with the provenance their training
     recorded (package, version, licence, file, sha256: the report's `pretrained`)."""
     recorded = report.get("pretrained") or {}
@@ -174,11 +174,12 @@ def _pretrained(report: Json, cfg: ExperimentConfig) -> list[tuple[Any, Json]]:
     ]
 
 
-def _value(e: Json | None) -> float | None:
-    return None if not e or e.get("value") is None else float(e["value"])
+def _value(e: EstimateJson | None) -> float | None:
+    value = e.get("value") if e else None
+    return None if value is None else float(value)
 
 
-def _members_lines(report: Json) -> list[str]:
+def _members_lines(report: EvaluationReport) -> list[str]:
     members = report.get("members") or {}
     if not members:
         return []
@@ -199,7 +200,7 @@ def _members_lines(report: Json) -> list[str]:
     return ["Members (each alone, test set):", "", *table, ""]
 
 
-def _retrieval_lines(report: Json) -> list[str]:
+def _retrieval_lines(report: EvaluationReport) -> list[str]:
     r = report.get("retrieval")
     if not r:
         return []
@@ -215,7 +216,7 @@ def _retrieval_lines(report: Json) -> list[str]:
     ]
 
 
-def _ablation_lines(report: Json) -> list[str]:
+def _ablation_lines(report: EvaluationReport) -> list[str]:
     ab = report.get("ablation") or {}
     if "variants" not in ab:
         return []
@@ -241,13 +242,14 @@ def _ablation_lines(report: Json) -> list[str]:
     return [*lines, ""]
 
 
-def _targets(report: Json) -> list[tuple[str, str, bool | None]]:
+def _targets(report: EvaluationReport) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) for each release target of the shortcut audit and retrieval."""
     rows: list[tuple[str, str, bool | None]] = []
     ss = _value((report.get("same_source") or {}).get("estimates", {}).get("roc_auc"))
     rows.append((SAME_SOURCE_TARGET, _fmt(ss), None if ss is None else ss >= 0.90))
     lm = (report.get("shortcut_audit") or {}).get("lung_masking") or {}
-    masked, only, orig = (_value(lm.get(k)) for k in ("lungs_masked_out", "lungs_only", "original"))
+    masked = _value(lm.get("lungs_masked_out"))
+    only, orig = _value(lm.get("lungs_only")), _value(lm.get("original"))
     rows.append(
         (
             "AUC with the lungs masked out <= 0.65",
@@ -263,12 +265,14 @@ def _targets(report: Json) -> list[tuple[str, str, bool | None]]:
                 abs(only - orig) <= 0.05,
             )
         )
-    knn = _value(((report.get("retrieval") or {}).get("estimates") or {}).get("accuracy"))
+    retrieval = report.get("retrieval")
+    knn_estimates: Estimates = retrieval.get("estimates", {}) if retrieval else {}
+    knn = _value(knn_estimates.get("accuracy"))
     rows.append(("kNN-4 vote accuracy >= 0.85", _fmt(knn), None if knn is None else knn >= 0.85))
     return rows
 
 
-def target_lines(report: Json) -> list[str]:
+def target_lines(report: EvaluationReport) -> list[str]:
     """The release targets, measured: met or not met, never hidden."""
     rows = [
         (text, value, "n/a" if ok is None else "met" if ok else "NOT met")

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from training.results import ExportResult, ExportSkipped
 from worker.bundle import MANIFEST_NAME
 
 app = typer.Typer(help="Train, evaluate and export CXR model bundles.", no_args_is_help=True)
@@ -338,8 +339,8 @@ def export_cmd(
     overrides: list[str] | None = SET_OPTION,
 ) -> None:
     """ONNX + index + manifest + model card = a bundle the node loads; fp16/int8 variants."""
+    from training.bundle_writer import ExportError
     from training.cache import load_cache
-    from training.export import ExportError
     from training.pipeline import stage_export, trained_splits
 
     ctx = _context(config, workdir, cache, overrides=overrides)
@@ -352,10 +353,10 @@ def export_cmd(
     _print_export(result)
 
 
-def _print_export(result: dict[str, Any]) -> None:
-    if result.get("bundle") is None:
+def _print_export(result: ExportResult | ExportSkipped) -> None:
+    if result["bundle"] is None:
         console.print(
-            f"[yellow]no bundle:[/yellow] {result.get('skipped')}; copy the run folder to a"
+            f"[yellow]no bundle:[/yellow] {result['skipped']}; copy the run folder to a"
             " machine with the `train` extra and run `cxr-train export --workdir <run>`"
         )
         return
@@ -436,11 +437,11 @@ def gate_cmd(
         )
     except GateError as exc:
         raise _fail(exc) from exc
-    for row in result["rows"]:
+    for row in result.rows:
         j = row.as_json()
         console.print(f"  {j['set']}: {j['refused']} of {j['images']} refused ({j['expected']})")
-    console.print(f"gate median {result['timing']['gate_median_ms']:.1f} ms per image")
-    typer.echo(str(result["report"]))
+    console.print(f"gate median {result.timing['gate_median_ms']:.1f} ms per image")
+    typer.echo(str(result.report))
 
 
 @app.command("calibrate")

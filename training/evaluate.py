@@ -26,10 +26,18 @@ from training.layout import NO_PREP, NO_SEG, RunPaths
 from training.report import write_report
 from training.results import (
     RESULT_FILE,
-    Json,
+    Ablation,
+    AblationVariant,
+    CommonSections,
+    EstimateJson,
+    EvaluationReport,
+    LungMasking,
     MaskScores,
     MemberResult,
     SegmentationResult,
+    SegmentationSection,
+    Separation,
+    ShortcutAudit,
     StageResult,
 )
 from training.scored import ScoredSet, run_sets
@@ -119,30 +127,40 @@ def lung_audit(
     device: torch.device,
     samples: int,
     seed: int,
-) -> Json:
+) -> LungMasking:
     """Ensemble AUC with the lungs replaced by mean gray, and with all but the lungs replaced.
 
     The lung region is the U-Net map >= 0.5 at the image size; the lung channel given to the
     members stays the original map, so only the image content changes.
     """
     region = resize_batch(lungs.astype(np.float32), images.shape[1])[:, 0] >= 0.5
-    y, groups = test.y, test.groups
-    out: Json = {"lung_fraction": float(region.mean())}
-    for name, variant in (
-        ("original", images),
-        ("lungs_masked_out", replace_region(images, region)),
-        ("lungs_only", replace_region(images, ~region)),
-    ):
+
+    def auc(variant: np.ndarray) -> EstimateJson:
         score, _, _ = _ensemble_scores(models, variant, lungs, params, device)
-        out[name] = auc_estimate(y, score, groups, samples, seed)
-    return out
+        return auc_estimate(test.y, score, test.groups, samples, seed)
+
+    return {
+        "lung_fraction": float(region.mean()),
+        "original": auc(images),
+        "lungs_masked_out": auc(replace_region(images, region)),
+        "lungs_only": auc(replace_region(images, ~region)),
+    }
 
 
-def _probes(train: ScoredSet, test: ScoredSet, cache: Cache, samples: int, seed: int) -> Json:
+def shortcut_audit(
+    lung_masking: LungMasking,
+    train: ScoredSet,
+    test: ScoredSet,
+    cache: Cache,
+    samples: int,
+    seed: int,
+) -> ShortcutAudit:
+    """The lung masking, and what probes read from the embeddings and from trivial features."""
     groups = test.groups
     train_feat = trivial_features(cache.images[train.rows])
     test_feat = trivial_features(cache.images[test.rows])
     return {
+        "lung_masking": lung_masking,
         "source_from_embeddings": source_probes(
             train.embedding, train.sources, test.embedding, test.sources, groups, samples, seed
         ),
@@ -157,7 +175,7 @@ def _probes(train: ScoredSet, test: ScoredSet, cache: Cache, samples: int, seed:
 
 def section_ablation(
     cfg: ExperimentConfig, paths: RunPaths, cache: Cache, plan: SplitPlan, samples: int, seed: int
-) -> Json:
+) -> Ablation:
     from training.classify import read_predictions
 
     name = cfg.ablation_member
@@ -166,10 +184,11 @@ def section_ablation(
     y = cache.labels[rows]
     groups = np.array([cache.records[r].patient_group for r in rows])
     base = read_predictions(paths.member(0, name), ids).probability
-    out: Json = {
+    variants: dict[str, AblationVariant] = {}
+    out: Ablation = {
         "member": name,
         "baseline": auc_estimate(y, base, groups, samples, seed),
-        "variants": {},
+        "variants": variants,
     }
     described = {
         NO_SEG: "lung channel zeros (no segmentation, hence no lung crop)",
@@ -178,11 +197,11 @@ def section_ablation(
     for variant, text in described.items():
         folder = paths.member(0, name, variant)
         if not (folder / "result.json").is_file():
-            out["variants"][variant] = {"description": text, "note": "not trained"}
+            variants[variant] = {"description": text, "note": "not trained"}
             continue
         check_trained_on(StageResult.read(folder), plan.splits[0], f"{name}--{variant}")
         score = read_predictions(folder, ids).probability
-        out["variants"][variant] = {
+        variants[variant] = {
             "description": text,
             "auc": auc_estimate(y, score, groups, samples, seed),
             "difference_vs_baseline": paired_auc_difference(y, score, base, groups, samples, seed),
@@ -197,7 +216,7 @@ def _common_sections(
     member_results: dict[str, MemberResult],
     out_dir: Path,
     with_plots: bool,
-) -> Json:
+) -> CommonSections:
     ev = cfg.evaluation
     b, seed = ev.bootstrap, cfg.seed
     mixed = mixed_sources([r for t in tests for r in t.records])
@@ -215,22 +234,19 @@ def _common_sections(
     }
 
 
-def _ablation_figure(report: Json, out_dir: Path) -> None:
-    ab = report["ablation"]
-    member = ab["member"]
+def _ablation_figure(ablation: Ablation, audit: LungMasking, out_dir: Path) -> str:
+    member = ablation["member"]
 
-    def bar(e: Json) -> tuple[float, float, float]:
+    def bar(e: EstimateJson) -> tuple[float | None, float | None, float | None]:
         return (e["value"], e["low"], e["high"])
 
-    values = {f"{member}\nbaseline": bar(ab["baseline"])}
-    for variant, v in ab["variants"].items():
+    values = {f"{member}\nbaseline": bar(ablation["baseline"])}
+    for variant, v in ablation["variants"].items():
         if "auc" in v:
             values[f"{member}\n{variant}"] = bar(v["auc"])
-    audit = report["shortcut_audit"].get("lung_masking", {})
     for key in ("original", "lungs_masked_out", "lungs_only"):
-        if key in audit:
-            values[f"ensemble\n{key.replace('_', ' ')}"] = bar(audit[key])
-    report["ablation"]["figure"] = plots.bars(
+        values[f"ensemble\n{key.replace('_', ' ')}"] = bar(audit[key])
+    return plots.bars(
         values, "Ablation and shortcut audit (test AUC, split 0)", out_dir / "ablation.png"
     ).name
 
@@ -243,7 +259,7 @@ def evaluate_run(
     lungs: np.ndarray,
     device: torch.device,
     out_dir: Path | None = None,
-) -> Json:
+) -> EvaluationReport:
     """The internal report: test splits of the run; writes report.json, report.md, PNGs."""
     out_dir = out_dir or paths.report
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,27 +268,10 @@ def evaluate_run(
     names = [m.name for m in cfg.members]
     member_results = _member_results(paths, names)
     b, seed = cfg.evaluation.bootstrap, derive_seed(cfg.seed, "evaluation")
-    report: Json = {
-        "kind": "internal",
-        "name": cfg.name,
-        "version": cfg.version,
-        "data": section_data(
-            cache.records,
-            plan.splits,
-            {k: cache.info.get(k) for k in ("csv", "load_summary", "skipped", "limit")},
-            str(cache.info.get("licence_text") or ""),
-        ),
-        "splits_missing": sets.missing_splits,
-        "threshold": {
-            "value": sets.tests[0].threshold,
-            "method": cfg.evaluation.threshold,
-            "chosen_on": "validation set of each split (never test)",
-        },
-    }
-    report.update(
-        _common_sections(cfg, sets.tests, sets.train0, member_results, out_dir, with_plots)
+    data = section_data(
+        cache.records, plan.splits, cache.info, str(cache.info.get("licence_text") or "")
     )
-    report["pretrained"] = {n: r.pretrained for n, r in member_results.items()}
+    common = _common_sections(cfg, sets.tests, sets.train0, member_results, out_dir, with_plots)
     seg_result = (
         SegmentationResult.read(paths.segmentation)
         if (paths.segmentation / RESULT_FILE).is_file()
@@ -280,36 +279,46 @@ def evaluate_run(
     )
     if seg_result is not None:
         check_trained_on(seg_result, plan.splits[0], "the U-Net")
-    report["segmentation"] = section_segmentation(
+    segmentation = section_segmentation(
         seg_result.test if seg_result else None, seg_result, b, seed
     )
-    report["ablation"] = (
+    ablation: Ablation = (
         section_ablation(cfg, paths, cache, plan, b, seed)
         if cfg.ablation.enabled
         else {"note": "ablation disabled in the config"}
     )
     test0 = sets.tests[0]
-    report["cases"] = section_cases(test0)
+    cases = section_cases(test0)
     models = _load_models(cfg, paths, device)
-    report["shortcut_audit"] = {
-        "lung_masking": lung_audit(
-            test0,
-            cache.images[test0.rows],
-            lungs[test0.rows],
-            models,
-            cache.params,
-            device,
-            b,
-            seed,
-        ),
-        **_probes(sets.train0, test0, cache, b, seed),
-    }
-    report["retrieval_separation"] = retrieval_separation(
+    lung_masking = lung_audit(
+        test0, cache.images[test0.rows], lungs[test0.rows], models, cache.params, device, b, seed
+    )
+    audit = shortcut_audit(lung_masking, sets.train0, test0, cache, b, seed)
+    separation = retrieval_separation(
         cfg, paths, models, sets.train0.embedding, test0.embedding, cache.params, device
     )
     if with_plots and cfg.ablation.enabled:
-        _ablation_figure(report, out_dir)
-    report["plots"] = with_plots
+        ablation["figure"] = _ablation_figure(ablation, lung_masking, out_dir)
+    report: EvaluationReport = {
+        "kind": "internal",
+        "name": cfg.name,
+        "version": cfg.version,
+        "data": data,
+        "splits_missing": sets.missing_splits,
+        "threshold": {
+            "value": sets.tests[0].threshold,
+            "method": cfg.evaluation.threshold,
+            "chosen_on": "validation set of each split (never test)",
+        },
+        **common,
+        "pretrained": {n: r.pretrained for n, r in member_results.items()},
+        "segmentation": segmentation,
+        "ablation": ablation,
+        "cases": cases,
+        "shortcut_audit": audit,
+        "retrieval_separation": separation,
+        "plots": with_plots,
+    }
     write_json(out_dir / REPORT_JSON, _clean(report))
     write_report(out_dir)
     return report
@@ -323,7 +332,7 @@ def retrieval_separation(
     test: np.ndarray,
     params: Any,
     device: torch.device,
-) -> Json:
+) -> Separation:
     """Nearest-reference distances of test vs non-chest images (training.separation)."""
     from training.separation import section_separation
 
@@ -355,7 +364,7 @@ def evaluate_external(
     external: Cache,
     device: torch.device,
     out_dir: Path,
-) -> Json:
+) -> EvaluationReport:
     """An external CSV scored by split 0's models; threshold and reference set from the run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if external.params != cache.params:
@@ -380,27 +389,10 @@ def evaluate_external(
         rows=np.arange(len(external)),
     )
     b, seed = cfg.evaluation.bootstrap, derive_seed(cfg.seed, "evaluation")
-    report: Json = {
-        "kind": "external",
-        "name": cfg.name,
-        "version": cfg.version,
-        "data": {
-            "images": len(external),
-            "csv": external.info.get("csv"),
-            "load_summary": external.info.get("load_summary"),
-            "note": "every image of the external CSV is a test image; CIs from bootstrap only",
-        },
-        "threshold": {
-            "value": test.threshold,
-            "method": cfg.evaluation.threshold,
-            "chosen_on": "the run's split-0 validation set",
-        },
-    }
-    report.update(
-        _common_sections(
-            cfg, [test], sets.train0, _member_results(paths, list(members)), out_dir, with_plots
-        )
+    common = _common_sections(
+        cfg, [test], sets.train0, _member_results(paths, list(members)), out_dir, with_plots
     )
+    segmentation: SegmentationSection
     rows = sorted(external.masks)
     if rows:
         dice, iou = evaluate_masks(
@@ -419,17 +411,36 @@ def evaluate_external(
             dice=dice.tolist(),
             iou=iou.tolist(),
         )
-        report["segmentation"] = section_segmentation(masks, None, b, seed)
+        segmentation = section_segmentation(masks, None, b, seed)
     else:
-        report["segmentation"] = {"note": "the external CSV has no lung masks"}
-    report["ablation"] = {"note": "ablation members are evaluated in the run's internal report"}
-    report["shortcut_audit"] = {
-        "lung_masking": lung_audit(
-            test, external.images, lungs, models, external.params, device, b, seed
-        ),
-        "note": "source probes need the run's sources: see the internal report",
+        segmentation = {"note": "the external CSV has no lung masks"}
+    lung_masking = lung_audit(
+        test, external.images, lungs, models, external.params, device, b, seed
+    )
+    report: EvaluationReport = {
+        "kind": "external",
+        "name": cfg.name,
+        "version": cfg.version,
+        "data": {
+            "images": len(external),
+            "csv": external.info.get("csv"),
+            "load_summary": external.info.get("load_summary"),
+            "note": "every image of the external CSV is a test image; CIs from bootstrap only",
+        },
+        "threshold": {
+            "value": test.threshold,
+            "method": cfg.evaluation.threshold,
+            "chosen_on": "the run's split-0 validation set",
+        },
+        **common,
+        "segmentation": segmentation,
+        "ablation": {"note": "ablation members are evaluated in the run's internal report"},
+        "shortcut_audit": {
+            "lung_masking": lung_masking,
+            "note": "source probes need the run's sources: see the internal report",
+        },
+        "plots": with_plots,
     }
-    report["plots"] = with_plots
     write_json(out_dir / REPORT_JSON, _clean(report))
     write_report(out_dir)
     return report

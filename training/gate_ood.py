@@ -263,7 +263,8 @@ def _dot(side: int) -> np.ndarray:
 def _stretch(values: np.ndarray) -> np.ndarray:
     v = values.astype(np.float64)
     v = (v - v.min()) / max(float(v.max() - v.min()), 1e-9)
-    return (v * 255).astype(np.uint8)
+    stretched: np.ndarray = (v * 255).astype(np.uint8)
+    return stretched
 
 
 def rotations(image: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:

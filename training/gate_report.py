@@ -291,6 +291,17 @@ def real_chest_dicoms() -> list[tuple[str, Path]]:
     return files
 
 
+@dataclass
+class GateStageResult:
+    """`cxr-train gate`: the report written, its rows and the gate's time per image."""
+
+    report: Path  # the report's Markdown file
+    rows: list[Row]
+    calibration_rows: list[Row]
+    timing: dict[str, float]  # time_gate's medians and percentiles (ms)
+    spec: GateSpec
+
+
 def gate_stage(
     bundle_dir: Path,
     work: Path,
@@ -301,7 +312,7 @@ def gate_stage(
     lung_quantile: float = DEFAULT_LUNG_QUANTILE,
     probe_quantile: float = DEFAULT_PROBE_QUANTILE,
     timing_images: int = 60,
-) -> dict[str, Any]:
+) -> GateStageResult:
     """Fit the gate into the bundle, measure every report set, write the report."""
     from training.gate import fit_gate, read_images
     from training.gate_ood import chest_variants, generated_set
@@ -309,9 +320,7 @@ def gate_stage(
     fitted = fit_gate(
         bundle_dir, work, csv_path, feature_size, ood_quantile, lung_quantile, probe_quantile
     )
-    gate: Gate = fitted["gate"]
-    scorer: Scorer = fitted["scorer"]
-    sets = fitted["sets"]
+    gate, scorer, sets = fitted.gate, fitted.scorer, fitted.sets
     spec = gate.spec
     sanity, lungs = spec.sanity, spec.lungs
 
@@ -321,7 +330,7 @@ def gate_stage(
     def row(name: str, role: str, m: Measured) -> Row:
         return Row(name, role, verdicts(m, gate), m.names)
 
-    csv = csv_path or Path(str(gate_csv(fitted["bundle"])))
+    csv = csv_path or Path(str(gate_csv(fitted.bundle)))
     frontal_dicoms, other_dicoms = pool_dicoms(csv.parent / "dicom")
     chest_files = frontal_dicoms + real_chest_dicoms()
     test_images = list(read_images(sets.test))
@@ -359,9 +368,8 @@ def gate_stage(
         " encodings, and an RSNA AP film); pool dicom/ files without a frontal ViewPosition"
         " in its index.csv (a veterinary lateral DX thorax) are counted as out-of-distribution.",
     ]
-    path = write_report(out_dir, spec, rows, calibration_rows, timing, fitted["oof"], notes)
-    return {"report": path, "rows": rows, "calibration_rows": calibration_rows,
-            "timing": timing, "spec": spec}  # fmt: skip
+    path = write_report(out_dir, spec, rows, calibration_rows, timing, fitted.oof, notes)
+    return GateStageResult(path, rows, calibration_rows, timing, spec)
 
 
 def gate_csv(bundle: Any) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 
 from training.data import Record, read_display_image
 from training.metrics import roc_auc
-from training.results import Json
+from training.results import Alteration, ChangeSummary, InvarianceAudit
 from worker.bundle import load_bundle
 from worker.inference import Ensemble
 from worker.markdown import markdown_table
@@ -65,7 +65,7 @@ def _scores(ensemble: Ensemble, images: Sequence[np.ndarray], batch: int) -> np.
     return np.asarray(out, dtype=np.float64)
 
 
-def change_summary(base: np.ndarray, altered: np.ndarray) -> Json:
+def change_summary(base: np.ndarray, altered: np.ndarray) -> ChangeSummary:
     """Distribution of |altered - base|: the numbers the model card reports."""
     change = np.abs(altered - base)
     q = np.quantile(change, [0.5, 0.9, 0.95]) if len(change) else np.zeros(3)
@@ -85,7 +85,7 @@ def change_summary(base: np.ndarray, altered: np.ndarray) -> Json:
 
 def invariance_audit(
     bundle_dir: Path, records: Sequence[Record], batch: int = 16, figure: Path | None = None
-) -> Json:
+) -> InvarianceAudit:
     """Score each record's image as is and under each alteration with the bundle at `bundle_dir`."""
     ensemble = Ensemble(load_bundle(bundle_dir), providers=["CPUExecutionProvider"])
     params = ensemble.params
@@ -93,7 +93,7 @@ def invariance_audit(
     y = np.array([int(r.label) for r in records])
     sources = np.array([r.source for r in records])
     base = _scores(ensemble, [preprocess(d, params) for d in displays], batch)
-    out: Json = {
+    out: InvarianceAudit = {
         "bundle": str(bundle_dir),
         "images": len(records),
         "auc_original": roc_auc(y, base) if len(set(y.tolist())) == 2 else None,
@@ -103,11 +103,13 @@ def invariance_audit(
     changes: dict[str, np.ndarray] = {}
     for key, (text, alter) in PERTURBATIONS.items():
         scores = _scores(ensemble, [preprocess(alter(d), params) for d in displays], batch)
-        summary = change_summary(base, scores)
-        summary["description"] = text
-        summary["auc_altered"] = roc_auc(y, scores) if len(set(y.tolist())) == 2 else None
-        summary["per_source_mean_abs_change"] = {
-            s: float(np.mean(np.abs(scores - base)[sources == s])) for s in sorted(set(sources))
+        summary: Alteration = {
+            **change_summary(base, scores),
+            "description": text,
+            "auc_altered": roc_auc(y, scores) if len(set(y.tolist())) == 2 else None,
+            "per_source_mean_abs_change": {
+                s: float(np.mean(np.abs(scores - base)[sources == s])) for s in sorted(set(sources))
+            },
         }
         out["alterations"][key] = summary
         changes[key] = np.abs(scores - base)
@@ -141,7 +143,7 @@ def _figure(changes: dict[str, np.ndarray], path: Path) -> str | None:
     return path.name
 
 
-def invariance_lines(result: Json) -> list[str]:
+def invariance_lines(result: InvarianceAudit) -> list[str]:
     """The model card's section."""
     lines = [
         "## Invariance",

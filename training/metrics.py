@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
+from training.results import EstimateJson
+
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
 
@@ -148,7 +150,7 @@ class Estimate:
     splits: int
     samples: int
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> EstimateJson:
         return {
             "value": self.value,
             "low": self.low,

@@ -310,7 +310,7 @@ class UNet(nn.Module):
 
     @property
     def size_multiple(self) -> int:
-        return 2**self.depth
+        return int(2**self.depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips: list[torch.Tensor] = []
@@ -320,7 +320,8 @@ class UNet(nn.Module):
         x = skips.pop()
         for up, decoder in zip(self.ups, self.decoders, strict=True):
             x = decoder(torch.cat([skips.pop(), up(x)], dim=1))
-        return self.out(x)
+        logits: torch.Tensor = self.out(x)
+        return logits
 
 
 class UNetExport(nn.Module):

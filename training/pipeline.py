@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,12 +24,14 @@ from training.cache import Cache, build_cache, cache_key, load_cache, read_cache
 from training.config import ExperimentConfig, expand
 from training.data import LabelMap, Record, read_dataset, subsample
 from training.layout import NO_PREP, NO_SEG, RunPaths
-from training.results import Json, MemberResult
+from training.results import EvaluationReport, ExportResult, ExportSkipped, MemberResult
 from training.splits import SplitPlan, check_no_leakage, make_plan
 from training.torchutil import write_json
 from worker.bundle import sha256_file
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Context:
 
         return pick_device(self.device_name if self.device_name != "auto" else self.cfg.device)
 
-    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+    def timed(self, name: str, fn: Callable[[], T]) -> T:
         start = time.perf_counter()
         try:
             return fn()
@@ -263,7 +265,9 @@ def stage_members(
                 stage_member(ctx, cache, plan, lungs_raw, name, 0, NO_PREP)
 
 
-def stage_evaluate(ctx: Context, cache: Cache, plan: SplitPlan, lungs: np.ndarray) -> Json:
+def stage_evaluate(
+    ctx: Context, cache: Cache, plan: SplitPlan, lungs: np.ndarray
+) -> EvaluationReport:
     from training.evaluate import evaluate_run
 
     return evaluate_run(ctx.cfg, ctx.paths, cache, plan, lungs, ctx.device())
@@ -271,13 +275,13 @@ def stage_evaluate(ctx: Context, cache: Cache, plan: SplitPlan, lungs: np.ndarra
 
 def stage_export(
     ctx: Context, cache: Cache, plan: SplitPlan, out_dir: Path | None = None, replace: bool = False
-) -> Json:
-    from training.publish import export_run
+) -> ExportResult:
+    from training.export_run import export_run
 
     return export_run(ctx.cfg, ctx.paths, cache, plan, out_dir, replace)
 
 
-def run_all(ctx: Context, csv_path: Path | None) -> Json:
+def run_all(ctx: Context, csv_path: Path | None) -> ExportResult | ExportSkipped:
     """Every stage in order; the config goes into the workdir and the bundle manifest."""
     ctx.paths.root.mkdir(parents=True, exist_ok=True)
     write_json(ctx.paths.config, ctx.cfg.model_dump(mode="json"))
@@ -291,7 +295,10 @@ def run_all(ctx: Context, csv_path: Path | None) -> Json:
         # A training-only host (e.g. a GPU machine without hnswlib): finish here; copy the run
         # folder to a machine with the `train` extra and run `cxr-train export -w <run>`.
         log.warning("export skipped: %s not installed", ", ".join(missing))
-        export: Json = {"bundle": None, "skipped": f"{', '.join(missing)} not installed"}
+        export: ExportResult | ExportSkipped = {
+            "bundle": None,
+            "skipped": f"{', '.join(missing)} not installed",
+        }
     else:
         export = ctx.timed("export", lambda: stage_export(ctx, cache, plan, replace=True))
     write_json(ctx.paths.root / "timings.json", ctx.timings)

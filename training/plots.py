@@ -121,14 +121,16 @@ def days(days: np.ndarray, score: np.ndarray, labels: np.ndarray, path: Path) ->
     return _save(fig, path)
 
 
-def bars(values: Mapping[str, tuple[float, float, float]], title: str, path: Path) -> Path:
-    """Value with [low, high] error bars per name."""
+def bars(
+    values: Mapping[str, tuple[float | None, float | None, float | None]], title: str, path: Path
+) -> Path:
+    """Value with [low, high] error bars per name (undefined: NaN or None, drawn as 0)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     names = list(values)
-    v = np.array([values[n][0] for n in names])
-    lo = np.array([values[n][1] for n in names])
-    hi = np.array([values[n][2] for n in names])
+    v = np.array([values[n][0] for n in names], dtype=np.float64)
+    lo = np.array([values[n][1] for n in names], dtype=np.float64)
+    hi = np.array([values[n][2] for n in names], dtype=np.float64)
     err = np.nan_to_num(np.vstack([v - lo, hi - v]), nan=0.0).clip(min=0)
     ax.bar(range(len(names)), np.nan_to_num(v), yerr=err, capsize=4, color="#4c72b0")
     ax.set_xticks(range(len(names)), labels=names, fontsize=7)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from training.export import (
+from training.bundle_writer import (
     ExportReport,
     MemberExport,
     ReferenceItem,

@@ -66,6 +66,7 @@ def _licence(dist: importlib.metadata.Distribution) -> str:
     declared = (meta["License-Expression"] or meta["License"] or "").strip()
     if declared and declared.upper() != "UNKNOWN":
         return declared.splitlines()[0]
+    classifier: str
     for classifier in meta.get_all("Classifier") or []:
         if classifier.startswith("License ::"):
             return classifier.split("::")[-1].strip()

@@ -11,7 +11,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from training.results import Json
+from training.results import (
+    Breakdown,
+    Cases,
+    EstimateJson,
+    EvaluationReport,
+    ExportResult,
+    Headline,
+    SameSource,
+)
 from training.separation import separation_lines
 from worker.markdown import markdown_table
 
@@ -46,7 +54,7 @@ SECTIONS: tuple[str, ...] = (
 )
 
 
-def ci(e: Mapping[str, Any] | None, digits: int = 3) -> str:
+def ci(e: EstimateJson | None, digits: int = 3) -> str:
     """ "value (low-high)" from an Estimate dict; "n/a" when undefined."""
     if not e or e.get("value") is None:
         return "n/a"
@@ -67,13 +75,13 @@ def member_input_text(m: Mapping[str, Any]) -> str:
     return text
 
 
-def _cases_lines(cases: Json) -> list[str]:
-    titles = {
-        "confident_positive": "most confident COVID-19 calls",
-        "confident_negative": "most confident negative calls",
-        "false_positive": "worst false positives",
-        "false_negative": "worst false negatives",
-    }
+def _cases_lines(cases: Cases) -> list[str]:
+    titles = (
+        (cases["confident_positive"], "most confident COVID-19 calls"),
+        (cases["confident_negative"], "most confident negative calls"),
+        (cases["false_positive"], "worst false positives"),
+        (cases["false_negative"], "worst false negatives"),
+    )
     out = [
         "## Test cases to look at",
         "",
@@ -86,8 +94,8 @@ def _cases_lines(cases: Json) -> list[str]:
             ("list", "id", "source", "score"),
             [
                 (title, c["id"], c["source"], _num(c["score"]))
-                for key, title in titles.items()
-                for c in cases[key]
+                for listed, title in titles
+                for c in listed
             ],
         ),
     ]
@@ -106,7 +114,9 @@ def _sci(v: Any) -> str:
     return "n/a" if v is None else f"{v:.1e}"
 
 
-def _metric_rows(rows: Mapping[str, Json], prefix_cols: tuple[str, ...] = ()) -> list[str]:
+def _metric_rows(
+    rows: Mapping[str, Breakdown | Headline | SameSource], prefix_cols: tuple[str, ...] = ()
+) -> list[str]:
     header = ["", *prefix_cols, *METRIC_LABELS.values()]
     return markdown_table(
         header,
@@ -125,7 +135,7 @@ def _figure(name: str | None, alt: str) -> list[str]:
     return [f"![{alt}]({name})", ""] if name else []
 
 
-def _ci_source(headline: Json) -> str:
+def _ci_source(headline: Headline) -> str:
     est = next(iter(headline["estimates"].values()))
     return (
         f"95% CIs: percentile bootstrap over patient groups, {est['samples']} samples x "
@@ -133,7 +143,7 @@ def _ci_source(headline: Json) -> str:
     )
 
 
-def render(report: Json, export: Json | None) -> str:
+def render(report: EvaluationReport, export: ExportResult | None) -> str:
     r = report
     out: list[str] = [
         f"# Evaluation report: {r['name']} {r['version']} ({r['kind']})",

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -28,12 +27,34 @@ from training.metrics import (
     estimates,
     roc_auc,
 )
-from training.results import Json, MaskScores, MemberResult, SegmentationResult
+from training.results import (
+    Breakdown,
+    Case,
+    Cases,
+    Curves,
+    DataSection,
+    DayBin,
+    Days,
+    Embeddings,
+    EstimateJson,
+    Estimates,
+    GroupSections,
+    Headline,
+    MaskScores,
+    MemberResult,
+    MemberSection,
+    Retrieval,
+    SameSource,
+    SegmentationResult,
+    SegmentationSection,
+    SplitCounts,
+)
 from training.scored import ScoredSet
+from training.splits import Split
 from worker.classes import CLASS_MAP
 
 
-def _est(e: dict[str, Estimate]) -> Json:
+def _est(e: dict[str, Estimate]) -> Estimates:
     return {name: e[name].as_dict() for name in e}
 
 
@@ -43,7 +64,7 @@ def _subset_estimates(
     samples: int,
     seed: int,
     member: str | None = None,
-) -> tuple[Json, int, int, int]:
+) -> tuple[Estimates, int, int, int]:
     """Estimates on the rows `keep` selects in every split; (estimates, test images and
     positives summed over the splits, splits)."""
     parts: list[SplitScores] = []
@@ -62,17 +83,32 @@ def _subset_estimates(
 
 
 def section_data(
-    records: Sequence[Record], splits: Sequence[Any], summary: Json, licence_text: str
-) -> Json:
+    records: Sequence[Record],
+    splits: Sequence[Split],
+    info: Mapping[str, object],
+    licence_text: str,
+) -> DataSection:
+    """The data and splits; `info`: the cache's (csv, load summary, skipped images, limit)."""
     by_id = {r.id: r for r in records}
-    counts = []
-    for k, split in enumerate(splits):
-        row: Json = {"split": k}
-        for which in ("train", "val", "test"):
-            ids = split.ids(which)
-            row[which] = dict(sorted(Counter(stratum(by_id[i]) for i in ids).items()))
-            row[f"{which}_groups"] = len({by_id[i].patient_group for i in ids})
-        counts.append(row)
+
+    def strata(ids: Sequence[str]) -> dict[str, int]:
+        return dict(sorted(Counter(stratum(by_id[i]) for i in ids).items()))
+
+    def groups(ids: Sequence[str]) -> int:
+        return len({by_id[i].patient_group for i in ids})
+
+    counts: list[SplitCounts] = [
+        {
+            "split": k,
+            "train": strata(split.train),
+            "train_groups": groups(split.train),
+            "val": strata(split.val),
+            "val_groups": groups(split.val),
+            "test": strata(split.test),
+            "test_groups": groups(split.test),
+        }
+        for k, split in enumerate(splits)
+    ]
     train = [by_id[i] for i in splits[0].train]
     licences = Counter(f"{r.source}: {r.license or 'not stated'}" for r in train)
     return {
@@ -83,11 +119,14 @@ def section_data(
         "splits": counts,
         "train_licences": dict(licences.most_common()),
         "licence_terms": licence_text,
-        **summary,
+        "csv": info.get("csv"),
+        "load_summary": info.get("load_summary"),
+        "skipped": info.get("skipped"),
+        "limit": info.get("limit"),
     }
 
 
-def section_headline(tests: Sequence[ScoredSet], samples: int, seed: int) -> Json:
+def section_headline(tests: Sequence[ScoredSet], samples: int, seed: int) -> Headline:
     parts = [t.split_scores() for t in tests]
     split0 = binary_metrics(tests[0].y, tests[0].score, tests[0].threshold)
     return {
@@ -101,7 +140,7 @@ def section_headline(tests: Sequence[ScoredSet], samples: int, seed: int) -> Jso
 
 def section_same_source(
     tests: Sequence[ScoredSet], mixed: Sequence[str], samples: int, seed: int
-) -> Json:
+) -> SameSource:
     if not mixed:
         return {"sources": [], "note": "no source holds both classes: no same-source contrast"}
     est, n, pos, used = _subset_estimates(
@@ -120,8 +159,8 @@ def section_same_source(
 
 def section_members(
     tests: Sequence[ScoredSet], member_results: dict[str, MemberResult], samples: int, seed: int
-) -> Json:
-    out: Json = {}
+) -> dict[str, MemberSection]:
+    out: dict[str, MemberSection] = {}
     for name in tests[0].members:
         parts = [t.split_scores(name) for t in tests]
         res = member_results.get(name)
@@ -140,7 +179,7 @@ def section_members(
     return out
 
 
-def section_curves(test: ScoredSet, out_dir: Path, with_plots: bool) -> Json:
+def section_curves(test: ScoredSet, out_dir: Path, with_plots: bool) -> Curves:
     y, score = test.y, test.score
     counts = confusion(y, score >= test.threshold)
     figures: dict[str, str] = {}
@@ -170,7 +209,7 @@ def section_embeddings(
     use_tsne: bool,
     max_points: int,
     with_plots: bool,
-) -> Json:
+) -> Embeddings:
     rng = np.random.default_rng(seed)
     emb = np.vstack([train.embedding, test.embedding])
     labels = [f"{r.label.label}" for r in [*train.records, *test.records]]
@@ -197,7 +236,7 @@ def section_embeddings(
 
 def section_retrieval(
     reference: ScoredSet, query: ScoredSet, k: int, samples: int, seed: int
-) -> Json:
+) -> Retrieval:
     """kNN-k on the embedding member: reference = training set, query = test set."""
     result = knn_vote(query.embedding, query.y, reference.embedding, reference.y, k)
     y = query.y
@@ -253,10 +292,10 @@ def _breakdown(
     samples: int,
     seed: int,
     order: Sequence[str] = (),
-) -> Json:
+) -> dict[str, Breakdown]:
     found = {key(r) for t in tests for r in t.records}
     values = [v for v in order if v in found] + sorted(found - set(order))
-    out: Json = {}
+    out: dict[str, Breakdown] = {}
     for value in values:
 
         def keep(t: ScoredSet, v: str = value) -> np.ndarray:
@@ -276,7 +315,7 @@ def age_bands(bands: Sequence[int]) -> list[str]:
 
 def section_groups(
     tests: Sequence[ScoredSet], bands: Sequence[int], samples: int, seed: int
-) -> Json:
+) -> GroupSections:
     return {
         "per_source": _breakdown(tests, lambda r: r.source, samples, seed),
         "per_subgroup": {
@@ -305,7 +344,7 @@ DAY_BINS: tuple[tuple[float, float, str], ...] = (
 )
 
 
-def section_days(tests: Sequence[ScoredSet], out_dir: Path, with_plots: bool) -> Json:
+def section_days(tests: Sequence[ScoredSet], out_dir: Path, with_plots: bool) -> Days:
     """Out-of-sample scores (mean over the splits where the image was in test) vs days."""
     scores: dict[str, list[float]] = {}
     rec: dict[str, Record] = {}
@@ -320,7 +359,7 @@ def section_days(tests: Sequence[ScoredSet], out_dir: Path, with_plots: bool) ->
     days = np.array([rec[i].days_offset for i in ids], dtype=np.float64)
     score = np.array([np.mean(scores[i]) for i in ids])
     labels = np.array([int(rec[i].label) for i in ids])
-    bins = []
+    bins: list[DayBin] = []
     for lo, hi, name in DAY_BINS:
         sel = (days >= lo) & (days < hi)
         bins.append(
@@ -345,12 +384,12 @@ def section_days(tests: Sequence[ScoredSet], out_dir: Path, with_plots: bool) ->
 
 def section_segmentation(
     masks: MaskScores | None, unet: SegmentationResult | None, samples: int, seed: int
-) -> Json:
+) -> SegmentationSection:
     """Dice and IoU on held-out `masks`; `unet` (the training result) describes the model."""
     if masks is None:
         return {"note": "no segmentation result"}
     dice, iou = np.array(masks.dice), np.array(masks.iou)
-    out: Json = {
+    out: SegmentationSection = {
         "architecture": unet.architecture if unet else None,
         "parameters": unet.parameters if unet else None,
         "input_size": unet.input_size if unet else None,
@@ -383,7 +422,7 @@ def section_segmentation(
 
 def auc_estimate(
     y: np.ndarray, score: np.ndarray, groups: np.ndarray, samples: int, seed: int
-) -> Json:
+) -> EstimateJson:
     return estimate_one(
         lambda idx: roc_auc(y[idx], score[idx]), len(y), groups, samples, seed
     ).as_dict()
@@ -391,7 +430,7 @@ def auc_estimate(
 
 def paired_auc_difference(
     y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray, samples: int, seed: int
-) -> Json:
+) -> EstimateJson:
     """AUC(a) - AUC(b) on the same bootstrap resamples."""
     return estimate_one(
         lambda idx: roc_auc(y[idx], a[idx]) - roc_auc(y[idx], b[idx]), len(y), groups, samples, seed
@@ -406,7 +445,7 @@ def probe_auc(
     groups: np.ndarray,
     samples: int,
     seed: int,
-) -> Json | None:
+) -> EstimateJson | None:
     """AUC of a logistic regression predicting a binary target (None when undefined)."""
     if len(np.unique(train_target)) < 2 or len(np.unique(test_target)) < 2:
         return None
@@ -422,9 +461,9 @@ def source_probes(
     groups: np.ndarray,
     samples: int,
     seed: int,
-) -> Json:
+) -> dict[str, EstimateJson]:
     """One-vs-rest source AUC for every source present in both sets."""
-    out: Json = {}
+    out: dict[str, EstimateJson] = {}
     for source in sorted(set(test_sources.tolist()) & set(train_sources.tolist())):
         est = probe_auc(
             train_x,
@@ -443,12 +482,12 @@ def source_probes(
 METRIC_NAMES: tuple[str, ...] = METRICS
 
 
-def section_cases(test: ScoredSet, n: int = 5) -> Json:
+def section_cases(test: ScoredSet, n: int = 5) -> Cases:
     """Test images to look at: the most confident calls of each class and the worst errors
     (split 0, PyTorch scores). Dataset ids, sources and scores only."""
     y, score = test.y, test.score
 
-    def rows(keep: np.ndarray, highest: bool) -> list[Json]:
+    def rows(keep: np.ndarray, highest: bool) -> list[Case]:
         idx = np.flatnonzero(keep)
         order = idx[np.argsort(-score[idx] if highest else score[idx], kind="stable")][:n]
         return [

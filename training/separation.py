@@ -11,15 +11,14 @@ synthetic patterns), through the same preprocessing, U-Net and member as the tes
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import cv2
 import numpy as np
 
 from training.metrics import roc_auc
+from training.results import DistanceSummary, Separation
 from worker.preprocess import PreprocessParams, preprocess
 
-Json = dict[str, Any]
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 #: scikit-image's bundled photographs (CC0 or public domain, per skimage.data).
 SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "horse", "moon")
@@ -71,15 +70,17 @@ def nearest_distances(reference: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
     def unit(a: np.ndarray) -> np.ndarray:
         a = np.asarray(a, dtype=np.float64)
-        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        rows: np.ndarray = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        return rows
 
     if not len(queries):
         return np.zeros(0)
     similarity = unit(queries) @ unit(reference).T
-    return np.clip(1.0 - similarity.max(axis=1), 0.0, 2.0)
+    distance: np.ndarray = np.clip(1.0 - similarity.max(axis=1), 0.0, 2.0)
+    return distance
 
 
-def _summary(d: np.ndarray) -> Json:
+def _summary(d: np.ndarray) -> DistanceSummary:
     return {
         "n": len(d),
         "quantiles": {f"p{round(q * 100)}": float(np.quantile(d, q)) for q in QUANTILES}
@@ -93,7 +94,7 @@ def section_separation(
     test: np.ndarray,
     embed: Callable[[np.ndarray], np.ndarray],
     params: PreprocessParams,
-) -> Json:
+) -> Separation:
     """Nearest-reference cosine distances of the test images and of non-chest images.
 
     `reference`, `test`: embeddings [M,D], [N,D] of the training references and the test
@@ -118,7 +119,7 @@ def section_separation(
     }
 
 
-def separation_lines(section: Json | None) -> list[str]:
+def separation_lines(section: Separation | None) -> list[str]:
     """Markdown lines for report.md and the card."""
     if not section:
         return []
@@ -126,8 +127,7 @@ def separation_lines(section: Json | None) -> list[str]:
         "| nearest-reference cosine distance | n | min | p5 | median | p95 | max |",
         "|---|---|---|---|---|---|---|",
     ]
-    for key, label in (("test", "test images"), ("non_chest", "non-chest images")):
-        s = section[key]
+    for s, label in ((section["test"], "test images"), (section["non_chest"], "non-chest images")):
         q = s.get("quantiles", {})
         cells = " | ".join(f"{q[p]:.4f}" for p in ("p0", "p5", "p50", "p95", "p100") if p in q)
         lines.append(f"| {label} | {s['n']} | {cells} |")

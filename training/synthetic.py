@@ -19,7 +19,8 @@ _CANVAS = 256
 def _smooth_noise(rng: np.random.Generator, side: int, sigma: float) -> np.ndarray:
     white = rng.standard_normal((side, side)).astype(np.float32)
     field = np.asarray(cv2.GaussianBlur(white, (0, 0), sigma), dtype=np.float32)
-    return field / (np.abs(field).max() + 1e-6)
+    scaled: np.ndarray = field / (np.abs(field).max() + 1e-6)
+    return scaled
 
 
 def synthetic_display_image(rng: np.random.Generator, label: CxrClass) -> np.ndarray:
@@ -46,7 +47,8 @@ def synthetic_display_image(rng: np.random.Generator, label: CxrClass) -> np.nda
     margin = int(rng.integers(6, 20))
     img[:margin] = 0.0
     img[-margin:] = 0.0
-    return np.clip(img * 255.0, 0, 255).astype(np.uint8)
+    display: np.ndarray = np.clip(img * 255.0, 0, 255).astype(np.uint8)
+    return display
 
 
 def synthetic_labels(n: int) -> list[CxrClass]:

@@ -176,7 +176,7 @@ def lung_fields(lung: np.ndarray) -> LungFields:
 def _centroid_x(mask: np.ndarray) -> float:
     cols = np.flatnonzero(mask.any(axis=0))
     weights = mask.sum(axis=0)[cols]
-    return float(np.average(cols + 0.5, weights=weights)) / mask.shape[1]
+    return float(np.average(cols + 0.5, weights=weights)) / int(mask.shape[1])
 
 
 def _rows(mask: np.ndarray) -> tuple[int, int]:
@@ -257,7 +257,8 @@ def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -
     # on a busy 2-core machine (its threads wait on each other), this ~1 ms on any
     d = np.asarray(features, dtype=np.float32) - np.asarray(mean, dtype=np.float32)
     sq = np.einsum("nd,de,ne->n", d, np.asarray(precision, dtype=np.float32), d).astype(np.float64)
-    return np.sqrt(np.maximum(sq, 0.0) / features.shape[1])
+    distance: np.ndarray = np.sqrt(np.maximum(sq, 0.0) / features.shape[1])
+    return distance
 
 
 def transform_features(features: np.ndarray) -> np.ndarray:
@@ -275,7 +276,8 @@ def probe(features: np.ndarray, weights: np.ndarray, bias: float) -> np.ndarray:
     """A linear probe's probability per row of [N,D] features."""
     f = np.asarray(features, dtype=np.float64)
     z = np.einsum("nd,d->n", f, np.asarray(weights, dtype=np.float64)) + float(bias)
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
+    probability: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0)))
+    return probability
 
 
 #: probe name -> (stats prefix, reason when it fails)

@@ -104,7 +104,7 @@ class ModelStore:
         self,
         source: Path,
         in_use: Path,
-        smoke_test: Callable[[Bundle], None],
+        smoke_test: Callable[[Bundle], object],
         activate: bool = True,
     ) -> Path:
         """Validate `source` (manifest, checksums, a smoke inference, compatibility with the

@@ -1,8 +1,10 @@
-"""Export trained (or random) networks into a model bundle that `worker.bundle.load_bundle` accepts.
+"""Write trained (or random) networks as a model bundle that `worker.bundle.load_bundle` accepts.
 
 Steps: member and U-Net -> ONNX (checked against PyTorch), reference embeddings -> hnswlib
 index + items file, then manifest.json and model_card.md. The bundle is written into a
-temporary sibling folder and moved into place only after it loads cleanly.
+temporary sibling folder and moved into place only after it loads cleanly. Used by the export
+stage (`training.export_run`, a run's models) and for the random plumbing bundle
+(`training.plumbing`).
 
 The ONNX files come from the TorchScript-based exporter (`dynamo=False`): it needs no
 onnxscript, and these convolutional networks have no control flow that would need the newer

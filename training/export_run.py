@@ -1,8 +1,9 @@
-"""`cxr-train export`: a run's split-0 models -> the model bundle, checked as the worker runs it.
+"""The export stage (`cxr-train export`): a run's split-0 models -> the model bundle and its
+variants, checked as the worker runs them, with export.json and the model card's last section.
 
-The bundle is written by `training.export.write_bundle` (ONNX + parity < 1e-4 in fp32, hnswlib
-index of the training set's embeddings, manifest with checksums, model card). Then it is loaded
-with `worker.bundle.load_bundle` and scored on the split-0 test set by
+The bundle is written by `training.bundle_writer.write_bundle` (ONNX + parity < 1e-4 in fp32,
+hnswlib index of the training set's embeddings, manifest with checksums, model card). Then it
+is loaded with `worker.bundle.load_bundle` and scored on the split-0 test set by
 `worker.inference.Ensemble` - the serving path - and compared with the PyTorch scores.
 
 Variants (optional, beside the bundle in `variants/<kind>/`, each a complete bundle with its
@@ -26,12 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from pydicom.uid import generate_uid
 
-from training.cache import Cache
-from training.card import card_notes
-from training.classify import load_member, read_predictions
-from training.config import ExperimentConfig
-from training.data import Record, same_source_rows
-from training.export import (
+from training.bundle_writer import (
     MODEL_CARD,
     ExportError,
     MemberExport,
@@ -40,12 +36,25 @@ from training.export import (
     torch_embeddings,
     write_bundle,
 )
+from training.cache import Cache
+from training.card import card_notes
+from training.classify import load_member, read_predictions
+from training.config import ExperimentConfig
+from training.data import Record, same_source_rows
 from training.invariance import invariance_lines
 from training.layout import RunPaths
 from training.metrics import roc_auc
 from training.models import count_parameters
 from training.report import EXPORT_JSON, write_report
-from training.results import Json, MemberResult, SegmentationResult
+from training.results import (
+    EvaluationReport,
+    ExportResult,
+    InvarianceAudits,
+    InvarianceNotMeasured,
+    MemberResult,
+    SegmentationResult,
+    VariantResult,
+)
 from training.segment import load_unet
 from training.splits import SplitPlan
 from training.torchutil import read_json, write_json
@@ -159,7 +168,7 @@ def export_run(
     plan: SplitPlan,
     out_dir: Path | None = None,
     replace: bool = False,
-) -> Json:
+) -> ExportResult:
     """Write the bundle (and variants); return export.json's content (also written).
 
     With `replace`, an existing bundle at `out_dir` is swapped for the new one only once the
@@ -177,7 +186,7 @@ def export_run(
     report_path = paths.report / "report.json"
     if not report_path.is_file():
         raise ExportError("no evaluation report: run `cxr-train evaluate` before exporting")
-    report = read_json(report_path)
+    report: EvaluationReport = read_json(report_path)
     split = plan.splits[0]
     unet = load_unet(paths.segmentation)
     seg_result = SegmentationResult.read(paths.segmentation)
@@ -232,8 +241,9 @@ def export_run(
         for k, v in (("val_dice", seg_result.val_dice), ("val_iou", seg_result.val_iou))
         if v is not None
     }
-    if report.get("segmentation", {}).get("dice"):
-        seg_metrics["test_dice"] = float(report["segmentation"]["dice"]["value"])
+    test_dice = report.get("segmentation", {}).get("dice")
+    if test_dice and test_dice["value"] is not None:
+        seg_metrics["test_dice"] = float(test_dice["value"])
     test_rows = cache.rows(split.test)
     threshold = float(report["threshold"]["value"])
     # The node's drift check compares its recent scores with these (dicom_node.learning.drift).
@@ -296,7 +306,8 @@ def export_run(
         [read_predictions(paths.member(0, m.name), split.test).probability for m in cfg.members],
         axis=0,
     )
-    result: Json = {
+    variants: dict[str, VariantResult] = {}
+    result: ExportResult = {
         "bundle": str(out_dir),
         "device_uid": export.bundle.manifest.device_uid,
         "total_mb": total_mb,
@@ -310,7 +321,7 @@ def export_run(
         "onnx_vs_torch_max_score_diff": float(np.max(np.abs(served - torch_scores)))
         if len(served)
         else 0.0,
-        "variants": {},
+        "variants": variants,
     }
     for kind, wanted in (("fp16", cfg.export.fp16), ("int8", cfg.export.int8)):
         if not wanted:
@@ -327,11 +338,11 @@ def export_run(
         except Exception as exc:  # a converter that cannot handle a graph: say so, keep going
             log.warning("%s variant failed: %s", kind, exc)
             shutil.rmtree(target, ignore_errors=True)
-            result["variants"][kind] = {"note": f"skipped: {type(exc).__name__}: {exc}"[:300]}
+            variants[kind] = {"note": f"skipped: {type(exc).__name__}: {exc}"[:300]}
             continue
         auc = roc_auc(y, scores)
         same_auc = roc_auc(y[same_source], scores[same_source])
-        result["variants"][kind] = {
+        variants[kind] = {
             "path": str(target),
             "total_mb": _size_mb(target),
             "auc": auc,
@@ -349,7 +360,7 @@ def export_run(
         records = [cache.records[r] for r in test_rows]
         result["invariance"] = _invariance(out_dir, result, records, paths.report)
     _append_card(out_dir, result)
-    for kind, v in result["variants"].items():
+    for kind, v in variants.items():
         if "path" in v:
             _append_card(Path(v["path"]), result, variant=kind)
     if out_dir != final:
@@ -361,14 +372,16 @@ def export_run(
     return result
 
 
-def _invariance(bundle_dir: Path, result: Json, records: list[Record], report_dir: Path) -> Json:
+def _invariance(
+    bundle_dir: Path, result: ExportResult, records: list[Record], report_dir: Path
+) -> InvarianceAudits | InvarianceNotMeasured:
     """The invariance audit of the bundle and of each variant (each is served as it is)."""
     from training.invariance import invariance_audit
 
     missing = [r.id for r in records if not Path(r.image).is_file()]
     if missing or not records:
         return {"note": f"skipped: {len(missing)} of {len(records)} test images not found"}
-    out: Json = {
+    out: InvarianceAudits = {
         "bundle": invariance_audit(bundle_dir, records, figure=report_dir / "invariance.png")
     }
     for kind, v in result["variants"].items():
@@ -377,7 +390,7 @@ def _invariance(bundle_dir: Path, result: Json, records: list[Record], report_di
     return out
 
 
-def _append_card(bundle_dir: Path, result: Json, variant: str | None = None) -> None:
+def _append_card(bundle_dir: Path, result: ExportResult, variant: str | None = None) -> None:
     """The serving check and variant results, measured after the bundle was written.
 
     model_card.md is not among the manifest's checksummed files: adding to it leaves the
@@ -404,13 +417,12 @@ def _append_card(bundle_dir: Path, result: Json, variant: str | None = None) -> 
         else:
             lines.append(f"- {kind} variant: {v['note']}")
     inv = result.get("invariance", {})
-    mine = inv.get(variant or "bundle")
-    if mine:
+    if "note" in inv:
+        lines += ["", "## Invariance", "", f"Not measured: {inv['note']}."]
+    elif mine := inv.get(variant or "bundle"):
         lines += ["", *invariance_lines(mine)]
         if mine.get("figure"):
             lines += ["", "The distribution: `invariance.png` in the run's report folder."]
-    elif inv.get("note"):
-        lines += ["", "## Invariance", "", f"Not measured: {inv['note']}."]
     card = bundle_dir / MODEL_CARD
     card.write_text(card.read_text(encoding="utf-8") + "\n".join(lines) + "\n", encoding="utf-8")
 

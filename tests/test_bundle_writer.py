@@ -18,8 +18,7 @@ from pydantic import ValidationError  # noqa: E402
 from pydicom.uid import UID  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from training.cli import app  # noqa: E402
-from training.export import (  # noqa: E402
+from training.bundle_writer import (  # noqa: E402
     ExportError,
     MemberExport,
     ReferenceItem,
@@ -31,6 +30,7 @@ from training.export import (  # noqa: E402
     torch_embeddings,
     write_bundle,
 )
+from training.cli import app  # noqa: E402
 from training.models import (  # noqa: E402
     PAPER_HEAD,
     ClassifierExport,
@@ -71,7 +71,8 @@ def unet(images: np.ndarray, params: PreprocessParams) -> UNet:
 
 def _lung(unet: UNet, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return UNetExport(unet).eval()(torch.from_numpy(x)).numpy()
+        lung: np.ndarray = UNetExport(unet).eval()(torch.from_numpy(x)).numpy()
+    return lung
 
 
 @pytest.mark.parametrize(
