@@ -95,9 +95,7 @@ def feature_views(
         dataset.augment = augment_view
         stack.append(pooled_features(model, dataset, device))
     dataset.augment = None
-    out = FeatureViews(
-        plain, np.stack(stack) if stack else np.zeros((0, *plain.shape), np.float32)
-    )
+    out = FeatureViews(plain, np.stack(stack) if stack else np.zeros((0, *plain.shape), np.float32))
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, plain=out.plain, views=out.views)
     tmp.replace(path)
