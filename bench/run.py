@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Run a benchmark by name: `bench/run.py inference --repeats 5` = `python -m bench.inference`.
 
-Names: make_bundle, inference, pipeline, retrieval, ingest, e2e, memory, gpu, rle_decoders.
+Names: make_bundle, inference, pipeline, retrieval, ingest, e2e, burst_profile,
+memory, gpu, rle_decoders.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ NAMES = (
     "retrieval",
     "ingest",
     "e2e",
+    "burst_profile",
     "memory",
     "gpu",
     "rle_decoders",

@@ -62,6 +62,14 @@ def test_e2e_bench_runs() -> None:
 
 
 @pytest.mark.integration
+def test_burst_profile_bench_runs() -> None:
+    require_tool("storescp")
+    require_tool("storescu")
+    out = run_bench("burst_profile", "--bundle", str(PLUMBING_BUNDLE))
+    assert "CPU-s per image" in out and "of the bound" in out
+
+
+@pytest.mark.integration
 def test_memory_bench_runs() -> None:
     require_tool("storescp")
     require_tool("redis-server")
