@@ -113,14 +113,23 @@ def test_concurrent_senders_lose_nothing_and_duplicate_nothing(
     )
 
 
-def test_results_go_out_before_new_work_is_prepared(own_redis: RedisServer, tmp_path: Path) -> None:
-    """On the node queue (Redis), a delivery queued after a burst of preparations is taken
-    first, and a finalize before the preparations: the order a worker's BRPOP gets them."""
+@pytest.mark.parametrize("broker", ["redis", "embedded"])
+def test_results_go_out_before_new_work_is_prepared(
+    broker: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """On the node queue, a delivery queued after a burst of preparations is taken first, and
+    a finalize before the preparations: the order a worker's BRPOP gets them from Redis, and
+    the order of the embedded queue's file names."""
     from dicom_node.jobs.queue import DELIVER, PREPARE, make_celery
     from dicom_node.settings import Settings
     from worker.contracts import FINALIZE
 
-    settings = Settings(data_dir=tmp_path / "node", broker_url=own_redis.url)
+    if broker == "redis":
+        own_redis: RedisServer = request.getfixturevalue("own_redis")
+        settings = Settings(data_dir=tmp_path / "node", broker_url=own_redis.url)
+    else:
+        settings = Settings(data_dir=tmp_path / "node")
+        settings.make_dirs()
     app = make_celery(settings)
     for i in range(3):
         app.send_task(PREPARE, args=[f"p{i}"])

@@ -29,6 +29,12 @@ def _message_bytes(message: Any) -> bytes:
     return _kombu_dumps(message).encode("utf-8")
 
 
+def message_file_name(queue: str, priority: int, monotonic_ns: int) -> str:
+    """The embedded queue's file for one message: '<priority>_<ns, 20 digits>_<uuid>.<queue>.msg'
+    (kombu takes the part after the first dot as the queue's name)."""
+    return f"{priority:d}_{monotonic_ns:020d}_{uuid.uuid4()}.{queue}.msg"
+
+
 class _AtomicChannel(filesystem.Channel):
     def _put(self, queue: Any, message: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Write the message under a name consumers skip, then rename it into place.
@@ -37,8 +43,12 @@ class _AtomicChannel(filesystem.Channel):
         consumer listing the folder in between takes the empty file, and its Celery worker
         stops on the JSON error, the message lost until the recovery sweep (seen in
         bench/e2e.py once the folder was polled every 0.1 s).
+
+        Consumers take a queue's files in sorted name order; the name starts with the
+        message's priority (0 first, as with Redis: `TASK_PRIORITIES`), then the time, so
+        the embedded queue serves priorities too, and in order of arrival within each.
         """
-        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        name = message_file_name(queue, self._get_message_priority(message), time.monotonic_ns())
         tmp = os.path.join(self.data_folder_out, f"partial-{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as fh:
             fh.write(_message_bytes(message))
@@ -73,7 +83,8 @@ TASK_ROLES = {
 #: Message priorities on the node queue (Redis: 0 is served first, then 3, 6, 9). Under a
 #: burst, results already built go out, and analyses finish, before more instances are
 #: prepared: without it the first SR of a burst waits behind the preparation of all of it
-#: (docs/RELIABILITY.md, Load). The embedded queue ignores priorities.
+#: (docs/RELIABILITY.md, Load). The embedded queue orders its files by them
+#: (`message_file_name`).
 TASK_PRIORITIES = {
     DELIVER: 0,
     FINALIZE: 3,
