@@ -87,7 +87,21 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]*$",
         description="prefix of the queue names, for several nodes on one Redis",
     )
-    worker_concurrency: int = Field(default=2, ge=1, description="threads per worker process")
+    worker_concurrency: int = Field(
+        default=2, ge=1, description="task threads per inference worker process"
+    )
+    node_threads: int = Field(
+        default=3,
+        ge=1,
+        description="task threads of the node host's worker (prepare, finalize, deliver; a "
+        "delivery holds its thread while the destination answers)",
+    )
+    infer_process: bool = Field(
+        default=True,
+        description="embedded queue: inference in a worker process of its own beside the node "
+        "host's worker (no Python lock shared with finalize); false: one worker process for "
+        "both queues",
+    )
     onnx_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: auto")
     onnx_spin: bool = Field(
         default=False,

@@ -48,7 +48,8 @@ class _AtomicChannel(filesystem.Channel):
         message's priority (0 first, as with Redis: `TASK_PRIORITIES`), then the time, so
         the embedded queue serves priorities too, and in order of arrival within each.
         """
-        name = message_file_name(queue, self._get_message_priority(message), time.monotonic_ns())
+        priority: int = self._get_message_priority(message)  # type: ignore[no-untyped-call]
+        name = message_file_name(queue, priority, time.monotonic_ns())
         tmp = os.path.join(self.data_folder_out, f"partial-{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as fh:
             fh.write(_message_bytes(message))

@@ -1,8 +1,9 @@
 """`cxr-node serve`: the node host process, and `cxr-node worker`: a Celery worker process.
 
-serve = SCP + producer + recovery sweep + a supervised worker child. With the embedded queue
-the child consumes both queues ("node" and "infer"); with Redis it consumes "node" only, and
-`cxr-node worker` processes (on any host) consume "infer".
+serve = SCP + producer + recovery sweep + supervised worker children. With the embedded queue
+one child consumes "node" and another "infer" (or one both, CXR_INFER_PROCESS=false); with
+Redis the child consumes "node" only, and `cxr-node worker` processes (on any host) consume
+"infer".
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def run_worker(settings: Settings, roles: list[str], name: str) -> None:
         "worker",
         f"--queues={','.join(queues)}",
         "--pool=threads",
-        f"--concurrency={settings.worker_concurrency}",
+        f"--concurrency={worker_threads(settings, roles)}",
         f"--hostname={name}@{socket.gethostname()}",
         f"--loglevel={settings.log_level}",
         "--without-gossip",
@@ -72,6 +73,23 @@ def run_worker(settings: Settings, roles: list[str], name: str) -> None:
         "--without-heartbeat",
     ]
     app.worker_main(argv)
+
+
+def worker_threads(settings: Settings, roles: list[str]) -> int:
+    """Task threads of a worker: the node host's (`node_threads`) when it takes the node
+    queue, otherwise an inference worker's (`worker_concurrency`)."""
+    return settings.node_threads if NODE_QUEUE in roles else settings.worker_concurrency
+
+
+def worker_children(settings: Settings) -> dict[str, list[str]]:
+    """The worker processes `serve` runs and supervises: name -> queue roles. With Redis the
+    node queue only (`cxr-node worker` processes infer); embedded, inference in a process of
+    its own beside it (`infer_process`), or both queues in one."""
+    if not settings.embedded:
+        return {"node": [NODE_QUEUE]}
+    if settings.infer_process:
+        return {"node": [NODE_QUEUE], "infer": [INFER_QUEUE]}
+    return {"node": [NODE_QUEUE, INFER_QUEUE]}
 
 
 def _die_with_parent_hook() -> Callable[[], object] | None:
@@ -141,7 +159,7 @@ class Recovery:
         return count
 
 
-def _spawn_worker(settings: Settings, queues: list[str]) -> subprocess.Popen[bytes]:
+def _spawn_worker(settings: Settings, name: str, roles: list[str]) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["CXR_DATA_DIR"] = str(settings.data_dir.resolve())
     # absolute, not resolved: a bundle reached through a link is looked up again per job
@@ -153,9 +171,9 @@ def _spawn_worker(settings: Settings, queues: list[str]) -> subprocess.Popen[byt
         "dicom_node",
         "worker",
         "--queues",
-        ",".join(queues),
+        ",".join(roles),
         "--name",
-        "node",
+        name,
     ]
     return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent_hook())
 
@@ -192,7 +210,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
 
     recovery = Recovery(settings, ledger, enqueue_prepare, enqueue_deliver)
 
-    queues = [NODE_QUEUE, INFER_QUEUE] if settings.embedded else [NODE_QUEUE]
+    roles = worker_children(settings)
     log.info("queue: %s", "embedded" if settings.embedded else "broker (Celery over Redis)")
     stop = stop or threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -208,13 +226,15 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
             describe_failure(exc),
             settings.recovery_interval_s,
         )
-    child = _spawn_worker(settings, queues)
+    children = {name: _spawn_worker(settings, name, queues) for name, queues in roles.items()}
     http = None
     if settings.http_port:
         http = start_http(
             settings.http_bind,
             settings.http_port,
-            node_app(settings, ledger, bundles, lambda: child.poll() is None),
+            node_app(
+                settings, ledger, bundles, lambda: all(c.poll() is None for c in children.values())
+            ),
         )
     receivers = Receivers(settings) if settings.receiver_processes > 1 else None
     server = (
@@ -226,9 +246,12 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     periodic.start()
     try:
         while not stop.wait(1.0):
-            if child.poll() is not None:
-                log.error("worker process exited with %s; restarting it", child.returncode)
-                child = _spawn_worker(settings, queues)
+            for name, child in list(children.items()):
+                if child.poll() is not None:
+                    log.error(
+                        "%s worker process exited with %s; restarting it", name, child.returncode
+                    )
+                    children[name] = _spawn_worker(settings, name, roles[name])
             if receivers is not None:
                 receivers.check()
     finally:
@@ -240,10 +263,12 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
             receivers.stop()
         if http is not None:
             http.stop()
-        child.terminate()
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        for child in children.values():
+            child.terminate()
+        for child in children.values():
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
         log.info("stopped")
