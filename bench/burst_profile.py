@@ -4,9 +4,10 @@ One fresh `cxr-node serve` (embedded queue unless CXR_BROKER_URL is passed throu
 delivering to a DCMTK storescp, CPU read from /proc for every process of the node's tree:
 - idle: CPU per second of the node with nothing to do (polling, sweeps);
 - singles: CPU seconds per image, one image at a time (gross, and net of the idle rate);
-- bursts: N images in one storescu association: images/minute, the bound (cores x 60 s /
-  CPU-s per image of the singles), the fraction of it reached, time from the first C-STORE
-  response to the first SR, and how busy the node's processes kept the cores;
+- bursts: N images over one storescu association (or `--associations` at once):
+  images/minute, the bound (cores x 60 s / CPU-s per image of the singles), the fraction of
+  it reached, time from the first C-STORE response to the first SR, and how busy the node's
+  processes kept the cores;
 - with `--py-spy PATH`: one more burst while py-spy samples the node's Python threads; the
   share of each job step, the project functions that own the time (with the libraries they
   call), and the hottest leaf functions, per process. Threads py-spy does not see (ONNX
@@ -135,8 +136,15 @@ class Burst:
         return self.srs[0] - self.responses[0]
 
 
-def send_burst(node: Node, destination: Destination, files: list[Path], expected_srs: int) -> Burst:
-    """All `files` in one storescu association; returns when every SR (and SC) is in."""
+def send_burst(
+    node: Node,
+    destination: Destination,
+    files: list[Path],
+    expected_srs: int,
+    associations: int = 1,
+) -> Burst:
+    """All `files` over `associations` storescu associations at once (one process each, the
+    files dealt out in turn); returns when every SR (and SC) is in."""
     root = node.procs[-1].pid
     burst = Burst(images=len(files))
     files_before = sum(1 for _ in destination.folder.iterdir())
@@ -144,24 +152,33 @@ def send_burst(node: Node, destination: Destination, files: list[Path], expected
     pids_before = {pid: _cpu(Path(f"/proc/{pid}/stat")) for pid in tree(root)}
     busy_before = machine_busy()
     burst.start = time.perf_counter()
-    sender = subprocess.Popen(
-        [
-            *("storescu", "-v", "-aet", "BENCH", "-aec", "CXRNODE", "127.0.0.1", str(node.port)),
-            *map(str, files),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    senders = [
+        subprocess.Popen(
+            [
+                *("storescu", "-v", "-aet", "BENCH", "-aec", "CXRNODE"),
+                *("127.0.0.1", str(node.port)),
+                *map(str, files[n::associations]),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for n in range(associations)
+    ]
+    lock = threading.Lock()
 
-    def read_responses() -> None:
+    def read_responses(sender: subprocess.Popen[str]) -> None:
         assert sender.stdout is not None
         for line in sender.stdout:
             if "Received Store Response" in line:
-                burst.responses.append(time.perf_counter())
+                with lock:
+                    burst.responses.append(time.perf_counter())
 
-    reader = threading.Thread(target=read_responses, daemon=True)
-    reader.start()
+    readers = [
+        threading.Thread(target=read_responses, args=(sender,), daemon=True) for sender in senders
+    ]
+    for reader in readers:
+        reader.start()
     seen, last_cpu, last_t = expected_srs - len(files), cpu_before, time.perf_counter()
     deadline = time.monotonic() + 60 + 10 * len(files)
     while seen < expected_srs:
@@ -176,8 +193,10 @@ def send_burst(node: Node, destination: Destination, files: list[Path], expected
             cpu = tree_cpu(root)
             burst.cores_busy.append((cpu - last_cpu) / (now - last_t))
             last_cpu, last_t = cpu, now
-    sender.wait()
-    reader.join(timeout=10)
+    for sender, reader in zip(senders, readers, strict=True):
+        sender.wait()
+        reader.join(timeout=10)
+    burst.responses.sort()
     wait_objects(destination, expected_srs, files_before + 2 * len(files), 120)
     busy_after = machine_busy()
     burst.machine_busy = (busy_after[0] - busy_before[0]) / (time.perf_counter() - burst.start)
@@ -322,7 +341,8 @@ def role(pid: int) -> str:
     if "serve" in words:
         return f"node (serve, {pid})"
     if "worker" in words:
-        return f"node worker ({pid})"
+        name = words[words.index("--name") + 1] if "--name" in words[:-1] else "?"
+        return f"{name} worker ({pid})"
     return f"{Path(words[0]).name} ({pid})"
 
 
@@ -423,7 +443,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 spy = record(args.py_spy, root, path, args.rate, mode)
             files = copies(source, work / f"burst{i}", args.burst)
             expected += len(files)
-            burst = send_burst(node, destination, files, expected)
+            burst = send_burst(node, destination, files, expected, args.associations)
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=120)
@@ -453,7 +473,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         )
     table(
         [
-            "burst (1 association)",
+            f"burst ({args.associations} association{'s' if args.associations > 1 else ''})",
             "images",
             "C-STORE RSPs first..last s",
             "first SR after first RSP s",
@@ -469,6 +489,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
         rows,
     )
     for name, b in bursts:
+        per_process = ", ".join(
+            f"{roles.get(pid, str(pid))} {cpu / b.images * 1000:.0f}"
+            for pid, cpu in sorted(b.processes.items(), key=lambda kv: -kv[1])
+            if cpu > 0
+        )
+        print(f"- {name}: CPU ms per image by process: {per_process}")
         shape = " ".join(f"{c:.1f}" for c in b.cores_busy)
         print(f"- {name}: cores the node used, per 0.5 s: {shape}")
         arrivals = " ".join(f"{t - b.start:.1f}" for t in b.srs[::5])
@@ -490,7 +516,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bundle", type=Path, default=REPO / "models" / "default")
     parser.add_argument("--file", type=Path, default=None, help="default: pydicom-data RG1_UNCI")
     parser.add_argument("--singles", type=int, default=8)
-    parser.add_argument("--burst", type=int, default=50, help="images in one association")
+    parser.add_argument("--burst", type=int, default=50, help="images per burst")
+    parser.add_argument(
+        "--associations", type=int, default=1, help="storescu associations a burst is sent over"
+    )
     parser.add_argument("--bursts", type=int, default=2, help="bursts without the profiler")
     parser.add_argument("--idle-s", type=float, default=10.0, help="idle CPU measured over")
     parser.add_argument("--py-spy", type=Path, default=None, help="py-spy: one more burst")
