@@ -91,16 +91,19 @@ class Settings(BaseSettings):
         default=2, ge=1, description="task threads per inference worker process"
     )
     node_threads: int = Field(
-        default=3,
+        default=2, ge=1, description="task threads of the node host's worker (prepare, finalize)"
+    )
+    delivery_threads: int = Field(
+        default=2,
         ge=1,
-        description="task threads of the node host's worker (prepare, finalize, deliver; a "
-        "delivery holds its thread while the destination answers)",
+        description="task threads of the delivery worker (embedded queue): deliveries under "
+        "way at once, each holding its thread while the destination answers",
     )
     infer_process: bool = Field(
         default=True,
-        description="embedded queue: inference in a worker process of its own beside the node "
-        "host's worker (no Python lock shared with finalize); false: one worker process for "
-        "both queues",
+        description="embedded queue: inference and deliveries each in a worker process of "
+        "their own beside the node host's worker (no Python lock shared with finalize); "
+        "false: one worker process for all three queues",
     )
     onnx_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: auto")
     onnx_spin: bool = Field(

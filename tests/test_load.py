@@ -117,9 +117,9 @@ def test_concurrent_senders_lose_nothing_and_duplicate_nothing(
 def test_results_go_out_before_new_work_is_prepared(
     broker: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """On the node queue, a delivery queued after a burst of preparations is taken first, and
-    a finalize before the preparations: the order a worker's BRPOP gets them from Redis, and
-    the order of the embedded queue's file names."""
+    """On the node queue, a finalize queued after a burst of preparations is taken first (the
+    order a worker's BRPOP gets them from Redis, and the order of the embedded queue's file
+    names); a delivery does not wait behind either: it is on a queue of its own."""
     from dicom_node.jobs.queue import DELIVER, PREPARE, make_celery
     from dicom_node.settings import Settings
     from worker.contracts import FINALIZE
@@ -135,12 +135,17 @@ def test_results_go_out_before_new_work_is_prepared(
         app.send_task(PREPARE, args=[f"p{i}"])
     app.send_task(FINALIZE, args=[{"job_id": "f"}])
     app.send_task(DELIVER, args=["d", "PACS@h:1"])
-    with app.connection_for_read() as conn:
-        queue = conn.SimpleQueue("node")
-        taken = []
-        for _ in range(5):
-            message = queue.get(timeout=10)
-            taken.append(message.headers["task"])
-            message.ack()
-        queue.close()
-    assert taken == [DELIVER, FINALIZE, PREPARE, PREPARE, PREPARE]
+
+    def take(name: str, count: int) -> list[str]:
+        with app.connection_for_read() as conn:
+            queue = conn.SimpleQueue(name)
+            taken = []
+            for _ in range(count):
+                message = queue.get(timeout=10)
+                taken.append(message.headers["task"])
+                message.ack()
+            queue.close()
+        return taken
+
+    assert take("deliver", 1) == [DELIVER]
+    assert take("node", 4) == [FINALIZE, PREPARE, PREPARE, PREPARE]

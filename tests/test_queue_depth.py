@@ -14,7 +14,7 @@ from worker.contracts import INFER
 
 
 def queue_some(settings: Settings) -> None:
-    """Three preparations (priority 6 on Redis), a delivery (priority 0) and an inference."""
+    """Three preparations (priority 6 on Redis), a delivery (its own queue) and an inference."""
     app = make_celery(settings)
     for n in range(3):
         send_prepare(app, f"p{n}")
@@ -25,9 +25,9 @@ def queue_some(settings: Settings) -> None:
 def test_depth_of_the_embedded_queue(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "node")
     settings.make_dirs()
-    assert queue_depths(settings) == {"node": 0, "infer": 0}
+    assert queue_depths(settings) == {"node": 0, "infer": 0, "deliver": 0}
     queue_some(settings)
-    assert queue_depths(settings) == {"node": 4, "infer": 1}
+    assert queue_depths(settings) == {"node": 3, "infer": 1, "deliver": 1}
 
 
 @pytest.mark.integration
@@ -36,11 +36,11 @@ def test_depth_of_a_redis_queue_counts_every_priority(
 ) -> None:
     settings = Settings(data_dir=tmp_path / "node", broker_url=own_redis.url)
     settings.make_dirs()
-    assert queue_depths(settings) == {"node": 0, "infer": 0}  # never declared
+    assert queue_depths(settings) == {"node": 0, "infer": 0, "deliver": 0}  # never declared
     queue_some(settings)
-    assert queue_depths(settings) == {"node": 4, "infer": 1}
+    assert queue_depths(settings) == {"node": 3, "infer": 1, "deliver": 1}
     # a worker takes one off: the count follows
     with make_celery(settings).connection_for_read() as connection:
         message = connection.SimpleQueue("node", no_ack=True).get(timeout=5)
         assert message is not None
-    assert queue_depths(settings) == {"node": 3, "infer": 1}
+    assert queue_depths(settings) == {"node": 2, "infer": 1, "deliver": 1}

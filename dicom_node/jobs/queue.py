@@ -66,6 +66,11 @@ TRANSPORT_ALIASES.setdefault("cxrfs", f"{__name__}:AtomicFilesystemTransport")
 
 NODE_QUEUE = "node"
 INFER_QUEUE = "infer"
+#: Deliveries have a queue of their own: a delivery waits on the destination (and
+#: pynetdicom's threads poll while an association is open), so with the embedded queue they
+#: run in a worker process of their own, off the threads that build results.
+DELIVER_QUEUE = "deliver"
+QUEUE_ROLES = (NODE_QUEUE, INFER_QUEUE, DELIVER_QUEUE)
 
 PREPARE = "cxr.prepare"
 DELIVER = "cxr.deliver"
@@ -75,7 +80,7 @@ TASK_ROLES = {
     PREPARE: NODE_QUEUE,
     INFER: INFER_QUEUE,
     FINALIZE: NODE_QUEUE,
-    DELIVER: NODE_QUEUE,
+    DELIVER: DELIVER_QUEUE,
     ANALYSIS_FAILED: NODE_QUEUE,
     NOT_ANALYSED: NODE_QUEUE,
 }
@@ -120,10 +125,10 @@ def send_deliver(app: Celery, job_id: str, destination: str) -> None:
 
 
 def queue_name(settings: Settings, role: str) -> str:
-    """The broker queue of a role ("node" or "infer"), namespaced by CXR_QUEUE_PREFIX so that
-    several nodes can share one Redis."""
-    if role not in (NODE_QUEUE, INFER_QUEUE):
-        raise ValueError(f"unknown queue role {role!r}: use {NODE_QUEUE!r} or {INFER_QUEUE!r}")
+    """The broker queue of a role ("node", "infer" or "deliver"), namespaced by
+    CXR_QUEUE_PREFIX so that several nodes can share one Redis."""
+    if role not in QUEUE_ROLES:
+        raise ValueError(f"unknown queue role {role!r}: use one of {', '.join(QUEUE_ROLES)}")
     return f"{settings.queue_prefix}{role}"
 
 

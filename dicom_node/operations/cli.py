@@ -47,7 +47,9 @@ def serve() -> None:
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="comma-separated roles: infer, node")] = "infer",
+    queues: Annotated[
+        str, typer.Option(help="comma-separated roles: infer, node, deliver")
+    ] = "infer",
     name: Annotated[str, typer.Option(help="worker name")] = "infer",
 ) -> None:
     """Run a Celery worker (default: inference, queue "infer"; scales out with Redis)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from kombu.exceptions import ChannelError
 
-from dicom_node.jobs.queue import INFER_QUEUE, NODE_QUEUE, make_celery, queue_name
+from dicom_node.jobs.queue import QUEUE_ROLES, make_celery, queue_name
 from dicom_node.records.durable import free_bytes
 from dicom_node.records.ledger import Ledger
 from dicom_node.settings import Settings
@@ -78,7 +78,7 @@ def queue_depths(settings: Settings) -> dict[str, int]:
     transport counts them: a passive declare answers with the message count, on Redis (all
     its priority lists) and on the embedded queue alike. A queue that does not exist yet
     holds nothing."""
-    names = {role: queue_name(settings, role) for role in (NODE_QUEUE, INFER_QUEUE)}
+    names = {role: queue_name(settings, role) for role in QUEUE_ROLES}
     depths = {}
     with make_celery(settings).connection_for_read() as connection:
         connection.ensure_connection(max_retries=1, timeout=_BROKER_TIMEOUT_S)

@@ -1,9 +1,9 @@
 """`cxr-node serve`: the node host process, and `cxr-node worker`: a Celery worker process.
 
 serve = SCP + producer + recovery sweep + supervised worker children. With the embedded queue
-one child consumes "node" and another "infer" (or one both, CXR_INFER_PROCESS=false); with
-Redis the child consumes "node" only, and `cxr-node worker` processes (on any host) consume
-"infer".
+one child consumes "node" (prepare, finalize), one "infer" and one "deliver" (or one child all
+three, CXR_INFER_PROCESS=false); with Redis one child consumes "node" and "deliver", and
+`cxr-node worker` processes (on any host) consume "infer".
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from dicom_node.jobs.model_store import BundleCache, ModelStore
 from dicom_node.jobs.queue import (
+    DELIVER_QUEUE,
     INFER_QUEUE,
     NODE_QUEUE,
     make_celery,
@@ -76,20 +77,26 @@ def run_worker(settings: Settings, roles: list[str], name: str) -> None:
 
 
 def worker_threads(settings: Settings, roles: list[str]) -> int:
-    """Task threads of a worker: the node host's (`node_threads`) when it takes the node
-    queue, otherwise an inference worker's (`worker_concurrency`)."""
-    return settings.node_threads if NODE_QUEUE in roles else settings.worker_concurrency
+    """Task threads of a worker: the node host's (`node_threads`) when it builds results,
+    a delivery worker's (`delivery_threads`), otherwise an inference worker's
+    (`worker_concurrency`)."""
+    if NODE_QUEUE in roles:
+        return settings.node_threads
+    if roles == [DELIVER_QUEUE]:
+        return settings.delivery_threads
+    return settings.worker_concurrency
 
 
 def worker_children(settings: Settings) -> dict[str, list[str]]:
     """The worker processes `serve` runs and supervises: name -> queue roles. With Redis the
-    node queue only (`cxr-node worker` processes infer); embedded, inference in a process of
-    its own beside it (`infer_process`), or both queues in one."""
+    node and delivery queues (`cxr-node worker` processes infer); embedded, inference and
+    deliveries each in a process of their own beside the node worker (`infer_process`), or
+    all three queues in one."""
     if not settings.embedded:
-        return {"node": [NODE_QUEUE]}
+        return {"node": [NODE_QUEUE, DELIVER_QUEUE]}
     if settings.infer_process:
-        return {"node": [NODE_QUEUE], "infer": [INFER_QUEUE]}
-    return {"node": [NODE_QUEUE, INFER_QUEUE]}
+        return {"node": [NODE_QUEUE], "infer": [INFER_QUEUE], "deliver": [DELIVER_QUEUE]}
+    return {"node": [NODE_QUEUE, INFER_QUEUE, DELIVER_QUEUE]}
 
 
 def _die_with_parent_hook() -> Callable[[], object] | None:
