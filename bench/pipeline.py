@@ -161,7 +161,13 @@ def breakdown(node: steps.NodeRuntime, job_id: str, threads: int) -> dict[str, f
     )
     c.lap("finalize: build SR")
     sc = steps.build_summary(
-        source, result, manifest, uids[OutputKind.SC], lungs, settings.summary_width
+        source,
+        result,
+        manifest,
+        uids[OutputKind.SC],
+        lungs,
+        settings.summary_width,
+        syntax=settings.summary_syntax,
     )
     c.lap("finalize: build SC")
     for kind, obj in ((OutputKind.SR, sr), (OutputKind.SC, sc)):

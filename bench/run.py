@@ -2,7 +2,7 @@
 """Run a benchmark by name: `bench/run.py inference --repeats 5` = `python -m bench.inference`.
 
 Names: make_bundle, inference, pipeline, retrieval, ingest, e2e, burst_profile,
-memory, gpu, rle_decoders.
+memory, gpu, rle_decoders, summary_syntax.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ NAMES = (
     "memory",
     "gpu",
     "rle_decoders",
+    "summary_syntax",
 )
 
 

@@ -28,6 +28,10 @@ PLUMBING_BUNDLE = REPO_ROOT / "tests" / "data" / "plumbing-bundle"
 #: Attributes of a similar hospital study that the SR can carry (setting `hospital_fields`).
 HOSPITAL_FIELDS = ("date", "score", "label", "distance")
 
+#: Transfer syntaxes of the summary Secondary Capture (setting `summary_syntax`; the codecs
+#: are in `dicom_node.results.sc.builder.SUMMARY_SYNTAXES`).
+SummarySyntaxName = Literal["uncompressed", "rle", "jpeg2000-lossless", "jpeg-baseline"]
+
 _DEST_RE = re.compile(r"^\s*([^@\s]{1,16})@([^:\s]+):(\d{1,5})\s*$")
 
 
@@ -148,6 +152,14 @@ class Settings(BaseSettings):
     )
     summary_width: int = Field(
         default=1024, ge=512, le=4096, description="width in pixels of the summary image"
+    )
+    summary_syntax: SummarySyntaxName = Field(
+        default="jpeg2000-lossless",
+        description="transfer syntax the summary image is stored and sent in: "
+        "jpeg2000-lossless (0.46 MB for a 1024 px summary), rle (3.5 MB), jpeg-baseline "
+        "(lossy, quality 95, 0.26 MB, marked lossy), uncompressed (3.9 MB); a destination "
+        "that does not accept the compressed syntax gets it uncompressed, same UIDs and "
+        "pixels (docs/BENCHMARKS.md, Summary image compressed)",
     )
     delivery_attempts: int = Field(default=6, ge=1, description="C-STORE tries per destination")
     delivery_backoff_s: float = Field(

@@ -81,6 +81,13 @@ def test_rle_decoders_bench_runs() -> None:
     assert "| pylibjpeg |" in out and "| pydicom |" in out
 
 
+@pytest.mark.integration
+def test_summary_syntax_bench_runs() -> None:
+    require_tool("storescp")
+    out = run_bench("summary_syntax", "--bundle", str(PLUMBING_BUNDLE))
+    assert "jpeg2000-lossless" in out and "SC sent as" in out
+
+
 def test_gpu_bench_says_clearly_when_there_is_no_cuda() -> None:
     import onnxruntime as ort
 

@@ -198,6 +198,8 @@ def test_storescu_to_sr_embedded_queue(
     sc = by_source[str(source.SOPInstanceUID)]
     assert sc.StudyInstanceUID == source.StudyInstanceUID
     assert sc.SeriesInstanceUID not in (source.SeriesInstanceUID, sr.SeriesInstanceUID)
+    # stored as JPEG 2000 lossless; this storescp takes uncompressed only: sent decompressed
+    assert {str(s.file_meta.TransferSyntaxUID) for s in scs} == {ExplicitVRLittleEndian}
     for path in storescp.received():
         assert dciodvfy_errors(path) == [], path
 

@@ -11,6 +11,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
+    JPEG2000Lossless,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
@@ -77,9 +78,9 @@ def test_results_land_in_the_source_study_in_orthanc(
         assert errors == [], f"{name}: {errors}"
     sr = dcmread(tmp_path / "sr.dcm")
     assert sr_summary(sr)["referenced_sop_instance_uids"] == [str(source.SOPInstanceUID)]
-    assert dcmread(tmp_path / "sc.dcm").SourceImageSequence[0].ReferencedSOPInstanceUID == (
-        source.SOPInstanceUID
-    )
+    sc = dcmread(tmp_path / "sc.dcm")
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert sc.file_meta.TransferSyntaxUID == JPEG2000Lossless  # Orthanc took it compressed
 
     # the node logged the forwarded X-ray as received from Orthanc's AE title
     wait_for(lambda: "delivered to" in node.logs(), 30, "delivery logged")

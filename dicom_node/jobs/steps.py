@@ -64,7 +64,7 @@ from dicom_node.results.sr.builder import (
     is_present,
 )
 from dicom_node.results.sr.not_analysed import build_not_analysed_sr
-from dicom_node.settings import Destination, Settings
+from dicom_node.settings import Destination, Settings, SummarySyntaxName
 from worker.bundle import Bundle, Manifest
 from worker.contracts import (
     GateRefusal,
@@ -377,6 +377,8 @@ def build_summary(
     lungs: Lungs,
     width: int,
     similar_cases: str | None = None,
+    *,
+    syntax: SummarySyntaxName,
 ) -> Dataset | None:
     if source.display is None:
         return None
@@ -399,7 +401,12 @@ def build_summary(
     )
     summary = render_summary(source.display, lungs.outlines, facts, width)
     return build_sc(
-        header, summary, manifest, uids.series_instance_uid, uids.sop_instance_uid, ScOptions()
+        header,
+        summary,
+        manifest,
+        uids.series_instance_uid,
+        uids.sop_instance_uid,
+        ScOptions(syntax=syntax),
     )
 
 
@@ -495,6 +502,7 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
                 show_reference=settings.similar_labels,
                 show_hospital=settings.similar_labels and "label" in settings.hospital_fields,
             ),
+            syntax=settings.summary_syntax,
         ),
         OutputKind.SEG: lambda: build_lung_seg(source, manifest, uids[OutputKind.SEG], lungs),
     }

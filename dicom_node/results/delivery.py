@@ -57,17 +57,48 @@ def requested_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]
     syntaxes for files that are not compressed (pynetdicom re-encodes them to whichever is
     accepted), and each compressed (or deflated) file's own transfer syntax in a context of
     its own, so that it is sent as it is: a peer picks one syntax per context, and in a shared
-    one it would pick the uncompressed syntax the compressed file cannot be sent in."""
+    one it would pick the uncompressed syntax the compressed file cannot be sent in.
+
+    A file with compressed pixel data also brings the uncompressed context of its class: a
+    peer that refuses its syntax gets it decompressed (`send_files`)."""
     contexts: dict[tuple[str, str], list[str]] = {}
     for ds in datasets:
         sop_class = str(ds.SOPClassUID)
-        meta = getattr(ds, "file_meta", None)
-        syntax = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
-        if syntax and (syntax.is_encapsulated or syntax.is_deflated):
+        syntax = _syntax(ds)
+        deflated = syntax.is_transfer_syntax and syntax.is_deflated
+        if _compressed(syntax) or deflated:
             contexts.setdefault((sop_class, str(syntax)), [str(syntax)])
-        else:
+        if not deflated:
             contexts.setdefault((sop_class, ""), list(UNCOMPRESSED))
     return [(sop_class, syntaxes) for (sop_class, _), syntaxes in contexts.items()]
+
+
+def _syntax(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    return UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+
+
+def _compressed(syntax: UID) -> bool:
+    """Pixel data encapsulated (compressed), by the file's transfer syntax."""
+    return syntax.is_transfer_syntax and syntax.is_encapsulated
+
+
+def as_accepted(ds: Dataset, accepted: Sequence[tuple[str, str]]) -> Dataset:
+    """`ds` as it can go over an association whose accepted contexts are `accepted`
+    (abstract syntax, transfer syntax): as it is if its own syntax was accepted for its class
+    (or it is not compressed), else decompressed when an uncompressed one was - same SOP
+    Instance UID, same pixels. Raises ValueError when it cannot be decoded."""
+    syntax = _syntax(ds)
+    sop_class = str(ds.SOPClassUID)
+    if not _compressed(syntax) or (sop_class, str(syntax)) in accepted:
+        return ds
+    if not any((sop_class, str(ts)) in accepted for ts in UNCOMPRESSED):
+        return ds  # nothing to gain: send_c_store says that no context fits
+    try:
+        ds.decompress(generate_instance_uid=False)
+    except Exception as exc:  # no decoder, or a corrupt stream: that file alone fails
+        raise ValueError(f"cannot decompress {syntax.name} for the peer: {exc}") from exc
+    return ds
 
 
 def send_files(
@@ -75,8 +106,10 @@ def send_files(
 ) -> list[str | None]:
     """C-STORE several files in one association, in order; per file None (stored) or why not.
 
-    Each file goes in its own transfer syntax when compressed (`requested_contexts`). A file
-    whose SOP class or syntax the peer did not accept fails alone: the others are still sent.
+    Each file goes in its own transfer syntax when compressed (`requested_contexts`), or
+    decompressed to a peer that accepts its class uncompressed only (`as_accepted`). A file
+    whose SOP class the peer did not accept, or that cannot be decompressed for it, fails
+    alone: the others are still sent.
     """
     datasets = [dcmread(path) for path in paths]
     ae = AE(ae_title=calling_ae)
@@ -89,14 +122,30 @@ def send_files(
         return [f"association with {destination} was not established (offered {offered})"] * len(
             paths
         )
+    accepted = [
+        (str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts
+    ]
     outcomes: list[str | None] = []
     try:
         for ds in datasets:
             if not assoc.is_established:
                 outcomes.append(f"association with {destination} ended early")
                 continue
+            syntax = _syntax(ds)
             try:
-                response = assoc.send_c_store(ds)
+                sendable = as_accepted(ds, accepted)
+            except ValueError as exc:
+                outcomes.append(f"{destination} accepts this object uncompressed only: {exc}")
+                continue
+            if _syntax(sendable) != syntax:
+                log.info(
+                    "%s decompressed for %s, which does not accept %s for its class",
+                    ds.SOPInstanceUID,
+                    destination,
+                    syntax.name,
+                )
+            try:
+                response = assoc.send_c_store(sendable)
             except ValueError as exc:  # no accepted presentation context for this class
                 outcomes.append(f"{destination} does not accept this object: {exc}")
                 continue
