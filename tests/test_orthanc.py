@@ -11,7 +11,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
-    JPEG2000Lossless,
+    JPEGBaseline8Bit,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
@@ -80,7 +80,8 @@ def test_results_land_in_the_source_study_in_orthanc(
     assert sr_summary(sr)["referenced_sop_instance_uids"] == [str(source.SOPInstanceUID)]
     sc = dcmread(tmp_path / "sc.dcm")
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert sc.file_meta.TransferSyntaxUID == JPEG2000Lossless  # Orthanc took it compressed
+    assert sc.file_meta.TransferSyntaxUID == JPEGBaseline8Bit  # Orthanc took it compressed
+    assert sc.LossyImageCompression == "01"
 
     # the node logged the forwarded X-ray as received from Orthanc's AE title
     wait_for(lambda: "delivered to" in node.logs(), 30, "delivery logged")

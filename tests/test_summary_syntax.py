@@ -76,7 +76,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_the_setting_names_the_builders_syntaxes() -> None:
     assert set(get_args(SummarySyntaxName)) == set(SUMMARY_SYNTAXES)
-    assert Settings.model_fields["summary_syntax"].default == "jpeg2000-lossless"
+    assert Settings.model_fields["summary_syntax"].default == "jpeg-baseline"
 
 
 @pytest.mark.parametrize("syntax", list(SUMMARY_SYNTAXES))
