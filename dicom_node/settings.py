@@ -139,8 +139,8 @@ class Settings(BaseSettings):
     summary_syntax: SummarySyntaxName = Field(
         default="jpeg2000-lossless",
         description="transfer syntax the summary image is stored and sent in: "
-        "jpeg2000-lossless (0.46 MB for a 1024 px summary), rle (3.5 MB), jpeg-baseline "
-        "(lossy, quality 95, 0.26 MB, marked lossy), uncompressed (3.9 MB); a destination "
+        "jpeg2000-lossless (0.52 MB for a 1024 px summary), rle (3.5 MB), jpeg-baseline "
+        "(lossy, quality 95, 0.28 MB, marked lossy), uncompressed (4.0 MB); a destination "
         "that does not accept the compressed syntax gets it uncompressed, same UIDs and "
         "pixels (docs/BENCHMARKS.md, Summary image compressed)",
     )
