@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     summary_syntax: SummarySyntaxName = Field(
         default="jpeg-baseline",
         description="transfer syntax the summary image is stored and sent in: jpeg-baseline "
-        "(lossy, quality 95, 0.27 MB for a 1024 px summary, marked lossy, 11 ms to encode), "
+        "(lossy, quality 95, 0.28 MB for a 1024 px summary, marked lossy, 11 ms to encode), "
         "jpeg2000-lossless (0.52 MB, 185 ms), rle (3.5 MB, 103 ms), uncompressed (4.0 MB); "
         "a destination "
         "that does not accept the compressed syntax gets it uncompressed, same UIDs and "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import get_args
 
@@ -27,12 +26,13 @@ from dicom_node.results.delivery import UNCOMPRESSED, as_accepted, requested_con
 from dicom_node.results.lungs import lung_outlines
 from dicom_node.results.pixels import decode_display
 from dicom_node.results.sc.builder import SUMMARY_SYNTAXES, ScOptions, build_sc
-from dicom_node.results.sc.render import Summary, SummaryFacts, render_summary
+from dicom_node.results.sc.render import Summary, render_summary
 from dicom_node.settings import Destination, Settings, SummarySyntaxName
 from tests.conftest import Peer, _port_open, free_port, require_tool, wait_for
 from tests.synthetic import synthetic_cr, write
 from tests.test_lungs import two_lungs
 from tests.test_report import make_manifest
+from tests.test_summary import facts
 
 SERIES = "1.2.826.0.1.3680043.8.498.9902"
 SOP = "1.2.826.0.1.3680043.8.498.9902.1"
@@ -47,17 +47,7 @@ def source(chest_cr: Path) -> Dataset:
 @pytest.fixture(scope="module")
 def summary(source: Dataset) -> Summary:
     display = decode_display(source)
-    facts = SummaryFacts(
-        finding_present=True,
-        probability=0.83,
-        threshold=0.5,
-        model_name="cxr-covid-ensemble",
-        model_version="2024.06.1",
-        analysed_at=datetime(2024, 6, 1, 3, 12, tzinfo=UTC),
-        image_date="20040826",
-        plumbing=False,
-    )
-    return render_summary(display, lung_outlines(two_lungs(display.shape)), facts)
+    return render_summary(display, lung_outlines(two_lungs(display.shape)), facts())
 
 
 def summary_file(

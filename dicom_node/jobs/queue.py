@@ -86,13 +86,12 @@ TASK_ROLES = {
 }
 
 
-#: Message priorities on the node queue (Redis: 0 is served first, then 3, 6, 9). Under a
-#: burst, results already built go out, and analyses finish, before more instances are
-#: prepared: without it the first SR of a burst waits behind the preparation of all of it
-#: (docs/RELIABILITY.md, Load). The embedded queue orders its files by them
-#: (`message_file_name`).
+#: Message priorities on the node queue (Redis: 0 is served first, then 3, 6, 9; a task not
+#: named here gets 0). Under a burst, analyses finish before more instances are prepared:
+#: without it the first SR of a burst waits behind the preparation of all of it
+#: (docs/RELIABILITY.md, Load). Deliveries need none: they have a queue of their own. The
+#: embedded queue orders its files by them (`message_file_name`).
 TASK_PRIORITIES = {
-    DELIVER: 0,
     FINALIZE: 3,
     ANALYSIS_FAILED: 3,
     NOT_ANALYSED: 3,

@@ -24,7 +24,7 @@ _kept = threading.local()
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=True)
+    db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA busy_timeout=30000")
