@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from datetime import datetime
 from pathlib import Path
-from typing import TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import pydicom
@@ -16,6 +16,7 @@ from pydicom import Dataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation
 
 from dicom_node.records.ledger import OutputUids
+from dicom_node.results.sr import builder
 from dicom_node.results.sr.builder import ReportOptions, build_sr
 from dicom_node.results.sr.codes import COMPREHENSIVE_SR, NOT_FOR_DIAGNOSTIC_USE, PLUMBING_WARNING
 from tests.sr_reading import sr_summary
@@ -635,3 +636,53 @@ def test_similar_cases_line_counts_labels_as_shown() -> None:
         "similar cases: 2 COVID-19, 1 no COVID-19: other pneumonia"
     )
     assert similar_cases_line(items, False, False) is None
+
+
+def _without_times(ds: Dataset) -> Dataset:
+    """`ds` without its date and time values at any depth (highdicom stamps the creation,
+    content and contribution times from the clock)."""
+    for element in list(ds):
+        if element.VR in ("DA", "TM", "DT"):
+            del ds[element.tag]
+        elif element.VR == "SQ":
+            for item in element.value:
+                _without_times(item)
+    return ds
+
+
+def test_document_equals_what_highdicom_builds_around_the_whole_tree(
+    source: Dataset, manifest: Manifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`comprehensive_sr` hands highdicom's document constructor the root alone and gives the
+    tree back after: the SR must be the one highdicom makes from the whole tree."""
+
+    def whole_tree(evidence, report, manifest, uids, options, contribution, description):  # type: ignore[no-untyped-def]
+        equipment = builder.model_equipment(
+            manifest, options.manufacturer, options.institution, contribution
+        )
+        sr = builder._document(evidence, report, equipment, manifest, uids, options, description)
+        builder._separate(sr)
+        return sr
+
+    fast = build_with_outlines(source, manifest, tmp_path)
+    monkeypatch.setattr(builder, "comprehensive_sr", whole_tree)
+    reference = build_with_outlines(source, manifest, tmp_path)
+    assert len(scoords(fast)) == 2 and fast.CurrentRequestedProcedureEvidenceSequence
+    assert _without_times(fast) == _without_times(reference)
+
+
+def test_a_reference_without_evidence_is_refused(
+    source: Dataset, manifest: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check highdicom's walk made, kept: an instance referenced in the tree must be in
+    the evidence (its evidence sequences list it)."""
+    document = builder.comprehensive_sr
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(builder, "comprehensive_sr", lambda *args: calls.append(args))
+    build_sr(source, make_result(manifest, 0.83), manifest, [], UIDS, ReportOptions())
+    evidence, *rest = calls[0]
+    stranger = copy.deepcopy(source)
+    stranger.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.4242.99"  # not the one referenced
+    with pytest.raises(ValueError, match="no evidence given"):
+        document([stranger], *rest)
+    assert document(evidence, *rest).SOPInstanceUID == UIDS.sop_instance_uid

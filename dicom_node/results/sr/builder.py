@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
+from highdicom import ContributingEquipment
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -267,7 +268,54 @@ def comprehensive_sr(
     """The SR document around `report`: in the evidence's study, its own series, the bundle
     as contributing equipment, unverified and preliminary (see the module's flags)."""
     equipment = model_equipment(manifest, options.manufacturer, options.institution, contribution)
-    sr = ComprehensiveSR(
+    # highdicom's document constructor deep-copies the content tree, parses the copy back into
+    # content items and walks it three times, making a new content item per node each walk
+    # (evidence references, no SCOORD3D): for our ~90 items most of `build_sr` (41 ms p50
+    # with the walks, 15 without: docs/BENCHMARKS.md) and the largest part of a finalize. The
+    # content is highdicom's already, built and checked item by item; the document needs from
+    # it only its root attributes. So the document is built around the root with its first
+    # child only, then given all of it back, after the two checks that the walks made, done
+    # here once on the tree as it is (tests/test_report.py: the result equals highdicom's own).
+    root = report[0]
+    children = root.ContentSequence
+    _check_content(children, evidence)
+    root.ContentSequence = ContentSequence(children[:1])
+    try:
+        sr = _document(evidence, report, equipment, manifest, uids, options, series_description)
+    finally:
+        root.ContentSequence = children
+    sr.ContentSequence = children
+    _separate(sr)
+    return sr
+
+
+def _check_content(children: Sequence[Dataset], evidence: Sequence[Dataset]) -> None:
+    """What highdicom's document constructor checks in a content tree: every referenced
+    instance is in `evidence` (its evidence sequences list those), and no SCOORD3D item (not
+    allowed in a Comprehensive SR). ValueError otherwise."""
+    given = {str(ds.SOPInstanceUID) for ds in evidence}
+    todo = list(children)
+    while todo:
+        item = todo.pop()
+        if item.get("ValueType") == "SCOORD3D":
+            raise ValueError("Comprehensive SR does not support SCOORD3D content items")
+        if item.get("ValueType") in ("IMAGE", "COMPOSITE"):
+            uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            if uid not in given:
+                raise ValueError(f"no evidence given for the referenced instance {uid}")
+        todo.extend(item.get("ContentSequence", []))
+
+
+def _document(
+    evidence: list[Dataset],
+    report: MeasurementReport,
+    equipment: ContributingEquipment,
+    manifest: Manifest,
+    uids: OutputUids,
+    options: ReportOptions,
+    series_description: str,
+) -> Dataset:
+    return ComprehensiveSR(
         evidence=evidence,
         content=report,
         series_instance_uid=uids.series_instance_uid,
@@ -291,8 +339,6 @@ def comprehensive_sr(
             )
         ],
     )
-    _separate(sr)
-    return sr
 
 
 def _separate(node: Dataset) -> None:
