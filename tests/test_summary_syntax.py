@@ -190,8 +190,14 @@ def test_storescp_receives_the_summary_compressed_or_uncompressed(
     assert got.file_meta.TransferSyntaxUID == received_syntax
     for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         assert got[keyword].value == sent[keyword].value
-    assert np.array_equal(got.pixel_array, sent.pixel_array)  # what the sender's decoder sees
     if syntax in LOSSLESS:
+        assert np.array_equal(got.pixel_array, sent.pixel_array)
         assert np.array_equal(got.pixel_array, summary.pixels)
     else:
+        # decoded by the sender (Pillow's libjpeg-turbo) or the receiver (pydicom's choice):
+        # two JPEG decoders, which may differ by rounding
+        difference = np.abs(got.pixel_array.astype(int) - sent.pixel_array.astype(int))
+        assert difference.mean() < 0.5  # measured 0.06 (max 14, at the outline's red edge)
+        quality = psnr(sent.pixel_array, summary.pixels)
+        assert psnr(got.pixel_array, summary.pixels) > quality - 0.5  # 36.8 dB both
         assert got.LossyImageCompression == "01"  # decompressed, still marked lossy

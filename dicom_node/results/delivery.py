@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE
 
 from dicom_node import dimse_status
@@ -50,6 +50,10 @@ def to_outbox(path: Path, outbox: Path, name: str | None = None) -> Path:
 
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+#: pydicom decoding plugins preferred when a file is decompressed for a peer: Pillow's
+#: libjpeg-turbo decodes the summary image's JPEG in 18 ms, pydicom's default (pylibjpeg's
+#: libjpeg) in 38-44 (docs/BENCHMARKS.md). Other syntaxes: pydicom's choice.
+_DECODER = {JPEGBaseline8Bit: "pillow"}
 
 
 def requested_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
@@ -87,7 +91,8 @@ def as_accepted(ds: Dataset, accepted: Sequence[tuple[str, str]]) -> Dataset:
     """`ds` as it can go over an association whose accepted contexts are `accepted`
     (abstract syntax, transfer syntax): as it is if its own syntax was accepted for its class
     (or it is not compressed), else decompressed when an uncompressed one was - same SOP
-    Instance UID, same pixels. Raises ValueError when it cannot be decoded."""
+    Instance UID, same pixels (for a lossy JPEG: as Pillow's decoder gives them). Raises
+    ValueError when it cannot be decoded."""
     syntax = _syntax(ds)
     sop_class = str(ds.SOPClassUID)
     if not _compressed(syntax) or (sop_class, str(syntax)) in accepted:
@@ -95,7 +100,7 @@ def as_accepted(ds: Dataset, accepted: Sequence[tuple[str, str]]) -> Dataset:
     if not any((sop_class, str(ts)) in accepted for ts in UNCOMPRESSED):
         return ds  # nothing to gain: send_c_store says that no context fits
     try:
-        ds.decompress(generate_instance_uid=False)
+        ds.decompress(generate_instance_uid=False, decoding_plugin=_DECODER.get(syntax, ""))
     except Exception as exc:  # no decoder, or a corrupt stream: that file alone fails
         raise ValueError(f"cannot decompress {syntax.name} for the peer: {exc}") from exc
     return ds
