@@ -1,6 +1,6 @@
 """Where the CPU goes in a burst: all the node's processes under load, not stage by stage.
 
-One fresh `cxr-node serve` (embedded queue unless CXR_BROKER_URL is passed through `--env`)
+One fresh `cxr-node serve` (the embedded queue unless `--redis-workers` says otherwise)
 delivering to a DCMTK storescp, CPU read from /proc for every process of the node's tree:
 - idle: CPU per second of the node with nothing to do (polling, sweeps);
 - singles: CPU seconds per image, one image at a time (gross, and net of the idle rate);
@@ -8,6 +8,8 @@ delivering to a DCMTK storescp, CPU read from /proc for every process of the nod
   images/minute, the bound (cores x 60 s / CPU-s per image of the singles), the fraction of
   it reached, time from the first C-STORE response to the first SR, and how busy the node's
   processes kept the cores;
+- with `--redis-workers N`: a Redis broker and N separate inference worker processes (as a
+  site that scales out runs them), all counted with the node;
 - with `--py-spy PATH`: one more burst while py-spy samples the node's Python threads; the
   share of each job step, the project functions that own the time (with the libraries they
   call), and the hottest leaf functions, per process. Threads py-spy does not see (ONNX
@@ -79,8 +81,14 @@ def threads_cpu(pids: list[int]) -> dict[tuple[int, int], float]:
     return out
 
 
-def tree_cpu(root: int) -> float:
-    return sum(_cpu(Path(f"/proc/{pid}/stat")) for pid in tree(root))
+def node_pids(node: Node) -> list[int]:
+    """Every live process of the node: `serve` and its workers, and with Redis the broker and
+    the separate worker processes too."""
+    return [pid for proc in node.procs for pid in tree(proc.pid)]
+
+
+def node_cpu(node: Node) -> float:
+    return sum(_cpu(Path(f"/proc/{pid}/stat")) for pid in node_pids(node))
 
 
 def machine_busy() -> tuple[float, float]:
@@ -90,13 +98,13 @@ def machine_busy() -> tuple[float, float]:
     return (sum(values) - idle) / TICK, sum(values) / TICK
 
 
-def settle(root: int, quiet_cores: float = 0.05, limit_s: float = 15.0) -> None:
-    """Wait until the node's tree uses under `quiet_cores` over half a second."""
+def settle(node: Node, quiet_cores: float = 0.05, limit_s: float = 15.0) -> None:
+    """Wait until the node's processes use under `quiet_cores` over half a second."""
     deadline = time.monotonic() + limit_s
-    before = tree_cpu(root)
+    before = node_cpu(node)
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        now = tree_cpu(root)
+        now = node_cpu(node)
         if now - before < quiet_cores * 0.5:
             return
         before = now
@@ -145,11 +153,10 @@ def send_burst(
 ) -> Burst:
     """All `files` over `associations` storescu associations at once (one process each, the
     files dealt out in turn); returns when every SR (and SC) is in."""
-    root = node.procs[-1].pid
     burst = Burst(images=len(files))
     files_before = sum(1 for _ in destination.folder.iterdir())
-    cpu_before, threads_before = tree_cpu(root), threads_cpu(tree(root))
-    pids_before = {pid: _cpu(Path(f"/proc/{pid}/stat")) for pid in tree(root)}
+    cpu_before, threads_before = node_cpu(node), threads_cpu(node_pids(node))
+    pids_before = {pid: _cpu(Path(f"/proc/{pid}/stat")) for pid in node_pids(node)}
     busy_before = machine_busy()
     burst.start = time.perf_counter()
     senders = [
@@ -190,7 +197,7 @@ def send_burst(
         seen = count
         now = time.perf_counter()
         if now - last_t >= 0.5:
-            cpu = tree_cpu(root)
+            cpu = node_cpu(node)
             burst.cores_busy.append((cpu - last_cpu) / (now - last_t))
             last_cpu, last_t = cpu, now
     for sender, reader in zip(senders, readers, strict=True):
@@ -200,11 +207,11 @@ def send_burst(
     wait_objects(destination, expected_srs, files_before + 2 * len(files), 120)
     busy_after = machine_busy()
     burst.machine_busy = (busy_after[0] - busy_before[0]) / (time.perf_counter() - burst.start)
-    settle(root)
-    burst.cpu_s = tree_cpu(root) - cpu_before
-    after = threads_cpu(tree(root))
+    settle(node)
+    burst.cpu_s = node_cpu(node) - cpu_before
+    after = threads_cpu(node_pids(node))
     burst.processes = {
-        pid: _cpu(Path(f"/proc/{pid}/stat")) - pids_before.get(pid, 0.0) for pid in tree(root)
+        pid: _cpu(Path(f"/proc/{pid}/stat")) - pids_before.get(pid, 0.0) for pid in node_pids(node)
     }
     burst.threads = {k: v - threads_before.get(k, 0.0) for k, v in after.items()}
     return burst
@@ -398,31 +405,32 @@ def run(args: argparse.Namespace, work: Path) -> None:
     destination = Destination(work / "pacs")
     env = {"CXR_HTTP_PORT": str(free_port())}
     env.update(dict(item.split("=", 1) for item in args.env))
-    node = Node(work, args.bundle.resolve(), destination, "embedded", env)
+    queue = f"redis-{args.redis_workers}" if args.redis_workers else "embedded"
+    node = Node(work, args.bundle.resolve(), destination, queue, env)
     try:
-        root = node.procs[-1].pid
+        root = node.procs[1 if args.redis_workers else 0].pid  # `serve` (after redis-server)
         expected = 0
-        for path in copies(source, work / "warm", 2):
+        for path in copies(source, work / "warm", 2 + 2 * args.redis_workers):
             subprocess.run(["storescu", "-aec", "CXRNODE", "127.0.0.1", str(node.port), path])
             expected += 1
         wait_objects(destination, expected, 2 * expected, 600)
-        settle(root)
-        roles = {pid: role(pid) for pid in tree(root)}
+        settle(node)
+        roles = {pid: role(pid) for pid in node_pids(node)}
 
-        start, cpu = time.perf_counter(), tree_cpu(root)
+        start, cpu = time.perf_counter(), node_cpu(node)
         time.sleep(args.idle_s)
-        idle_rate = (tree_cpu(root) - cpu) / (time.perf_counter() - start)
+        idle_rate = (node_cpu(node) - cpu) / (time.perf_counter() - start)
 
         latencies = []
-        start, cpu = time.perf_counter(), tree_cpu(root)
+        start, cpu = time.perf_counter(), node_cpu(node)
         for path in copies(source, work / "single", args.singles):
             sent = time.perf_counter()
             subprocess.run(["storescu", "-aec", "CXRNODE", "127.0.0.1", str(node.port), path])
             expected += 1
             wait_objects(destination, expected, 2 * expected, 120)
             latencies.append(time.perf_counter() - sent)
-            settle(root)
-        single_cpu = (tree_cpu(root) - cpu) / args.singles
+            settle(node)
+        single_cpu = (node_cpu(node) - cpu) / args.singles
         single_net = single_cpu - idle_rate * (time.perf_counter() - start) / args.singles
         cores = os.cpu_count() or 1
         bound = cores * 60.0 / single_cpu
@@ -530,6 +538,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=12, help="rows per profile table")
     parser.add_argument("--out", type=Path, default=None, help="where the profile goes")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the node")
+    parser.add_argument(
+        "--redis-workers",
+        type=int,
+        default=0,
+        help="Redis broker and this many separate inference workers (0: the embedded queue)",
+    )
     parser.add_argument("--smoke", action="store_true", help="1 single, 1 burst of 2")
     args = parser.parse_args(argv)
     if args.smoke:
