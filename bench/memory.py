@@ -1,11 +1,13 @@
 """Memory: RSS of the node's processes and of an inference worker with the bundle loaded.
 
 Starts the node (`cxr-node serve`) with Redis (its own redis-server on a free port) and one
-`cxr-node worker`, and 2 receiver processes, sends a few chest CRs, waits for their SRs at a
-storescp destination, and reads VmRSS (now) and VmHWM (peak) of every process of the node
-from /proc: after start-up (bundle loaded where it is used) and after the images.
+`cxr-node worker`, and 2 receiver processes - or with `--queue embedded`, the node as `make
+run` starts it (its node, inference and delivery worker processes) - sends a few chest CRs,
+waits for their SRs at a storescp destination, and reads VmRSS (now) and VmHWM (peak) of
+every process of the node from /proc: after start-up (bundle loaded where it is used) and
+after the images.
 
-    python -m bench.memory [--bundle var/bench/bundle-cpu] [--images 5]
+    python -m bench.memory [--bundle var/bench/bundle-cpu] [--images 5] [--queue embedded]
     python -m bench.memory --smoke
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from bench.common import DEFAULT_BUNDLE, header, pydicom_test_file, table
 from bench.e2e import Destination, Node, copies, storescu, wait_srs
+from bench.ingest import free_port
 
 
 def status_kb(pid: int, field: str) -> int:
@@ -46,11 +49,12 @@ def describe(pid: int) -> str:
         return f"receiver process {words[-1]}"
     if "worker" in words:
         name = words[words.index("--name") + 1] if "--name" in words else "?"
-        return (
-            "node worker (prepare, finalize, deliver)"
-            if name == "node"
-            else ("inference worker (`cxr-node worker`)")
-        )
+        queues = words[words.index("--queues") + 1] if "--queues" in words else "infer"
+        if name == "node":
+            return f"node worker (queues {queues}: prepare, finalize, ...)"
+        if name == "deliver":
+            return "delivery worker (queue deliver)"
+        return f"inference worker {name} (queue {queues}; the bundle's models)"
     if "serve" in words:
         return "node (`cxr-node serve`: SCP off, ledger, sweep, supervisor)"
     return " ".join(words)[:60]
@@ -58,7 +62,9 @@ def describe(pid: int) -> str:
 
 def snapshot(node: Node) -> dict[str, tuple[int, int]]:
     pids: list[int] = []
-    for proc in node.procs[1:]:  # [0] is redis-server
+    for proc in node.procs:
+        if "redis-server" in str(proc.args):
+            continue
         pids.append(proc.pid)
         pids += children(proc.pid)
     return {describe(pid): (status_kb(pid, "VmRSS"), status_kb(pid, "VmHWM")) for pid in pids}
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--images", type=int, default=5)
+    parser.add_argument("--queue", choices=["redis", "embedded"], default="redis")
     parser.add_argument("--smoke", action="store_true", help="1 image")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -77,9 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         work = Path(tmp)
         destination = Destination(work / "pacs")
-        node = Node(
-            work, args.bundle.resolve(), destination, "redis-1", {"CXR_RECEIVER_PROCESSES": "2"}
-        )
+        env = {"CXR_HTTP_PORT": str(free_port())}
+        if args.queue == "redis":
+            env["CXR_RECEIVER_PROCESSES"] = "2"
+        mode = "redis-1" if args.queue == "redis" else "embedded"
+        node = Node(work, args.bundle.resolve(), destination, mode, env)
         try:
             time.sleep(5)  # the workers load the bundle at their first task, not at start
             started = snapshot(node)
@@ -95,7 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         [name, started.get(name, (0, 0))[0] / 1024, rss / 1024, peak / 1024]
         for name, (rss, peak) in after.items()
     ]
-    print(f"bundle {args.bundle}; {args.images} x {source.name} (1955x1841) sent, SR + SC each\n")
+    print(
+        f"bundle {args.bundle}; {args.queue} queue; {args.images} x {source.name} (1955x1841) "
+        "sent, SR + SC each\n"
+    )
     table(
         ["process", "RSS after start MB", f"RSS after {args.images} images MB", "peak RSS MB"], rows
     )

@@ -44,6 +44,10 @@ from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: How long `serve` waits for its own stop signal after finding a worker process ended, before
+#: restarting it (a worker that crashed is restarted that much later).
+STOP_GRACE_S = 0.5
+
 
 def run_worker(settings: Settings, roles: list[str], name: str) -> None:
     """Run a Celery worker for the queues of `roles` ("node", "infer") until stopped (blocks)."""
@@ -253,12 +257,19 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     periodic.start()
     try:
         while not stop.wait(1.0):
-            for name, child in list(children.items()):
-                if child.poll() is not None:
-                    log.error(
-                        "%s worker process exited with %s; restarting it", name, child.returncode
-                    )
-                    children[name] = _spawn_worker(settings, name, roles[name])
+            ended = [name for name, child in children.items() if child.poll() is not None]
+            # A stop sent to every process of the node at once (a service manager's
+            # control-group kill, Ctrl-C) ends workers before `serve` has run its handler:
+            # give the signal a moment before taking their end for a crash.
+            if ended and stop.wait(STOP_GRACE_S):
+                break
+            for name in ended:
+                log.error(
+                    "%s worker process exited with %s; restarting it",
+                    name,
+                    children[name].returncode,
+                )
+                children[name] = _spawn_worker(settings, name, roles[name])
             if receivers is not None:
                 receivers.check()
     finally:
