@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> None:
             "reduced": runtime(folder / "reduced", args.bundle, True),
         }
         bundle = nodes["full"].bundles.current()
-        print(f"bundle {bundle.manifest.name} {bundle.manifest.version}; SR + SC + SEG\n")
+        print(
+            f"bundle {bundle.manifest.name} {bundle.manifest.version} (threshold "
+            f"{bundle.manifest.threshold:.4f}); SR + SC + SEG\n"
+        )
         step_rows: list[list[object]] = []
         score_rows: list[list[object]] = []
         decode_rows: list[list[object]] = []
@@ -149,9 +152,9 @@ def main(argv: list[str] | None = None) -> None:
                     label,
                     "x".join(str(n) for n in display.image.shape),
                     display.grid.scale,
-                    round(p_full, 4),
-                    round(p_reduced, 4),
-                    abs(p_full - p_reduced),
+                    f"{p_full:.4f}",
+                    f"{p_reduced:.4f}",
+                    f"{abs(p_full - p_reduced):.4f}",
                 ]
             )
             target = steps.display_target(nodes["reduced"].settings, bundle.manifest)
