@@ -25,6 +25,7 @@ from dicom_node.results.reduced_decode import (
     TargetSize,
     _decode_jpeg2000,
     _first_frame,
+    _pillow_j2k_level,
     decode_display_at,
     eligible_codec,
     reduction_level,
@@ -88,6 +89,39 @@ def test_reduced_image_is_the_full_one_downsampled(name: str, chest_cr: Path) ->
     other = SourceGrid(grid.source_shape, grid.scale, 0.5 if grid.offset == 0.0 else 0.0)
     elsewhere = np.abs(display.image - _sample(blurred, other, display.image.shape))
     assert float(elsewhere.mean()) > float(difference.mean())
+
+
+def test_jpeg_at_an_eighth_lies_on_the_block_centres(chest_cr: Path) -> None:
+    """DCT scaling 1/8 (a small target): display pixel u is the mean of source block u, its
+    centre at 8u + 3.5."""
+    ds = jpeg_baseline_copy(chest_cr)
+    display = decode_display_at(ds, TargetSize(min_width=200, min_side=200))
+    grid = display.grid
+    assert (grid.scale, grid.offset) == (8, 3.5) and display.image.shape == (245, 231)
+    blurred = cv2.GaussianBlur(decode_display(ds).astype(np.float32), (0, 0), sigmaX=3.0)
+    right = np.abs(display.image - _sample(blurred, grid, display.image.shape)).mean()
+    wrong = SourceGrid(grid.source_shape, 8, 0.0)
+    assert right < 2.0
+    assert np.abs(display.image - _sample(blurred, wrong, display.image.shape)).mean() > right
+
+
+def test_first_frame_of_a_multi_frame_image(chest_cr_j2k: Path) -> None:
+    ds = dcmread(chest_cr_j2k)
+    single = decode_display_at(ds, TARGET)
+    frame = _first_frame(ds)
+    ds.PixelData = encapsulate([frame, frame[: len(frame) // 2]])  # frame 2 broken: not read
+    ds.NumberOfFrames = 2
+    double = decode_display_at(ds, TARGET)
+    assert double.grid == single.grid
+    np.testing.assert_array_equal(double.image, single.image)
+
+
+def test_jpeg2000_levels_where_pillow_rounds_the_size_differently() -> None:
+    """Pillow sizes a reduced JPEG 2000 image rounded to nearest, OpenJPEG decodes it rounded
+    up: where they differ (a side of 4k + 1 at level 2) Pillow fails, so a lower level."""
+    assert _pillow_j2k_level(1955, 1841, 2) == 1  # 1841 = 4 * 460 + 1
+    assert _pillow_j2k_level(4300, 4300, 2) == 2
+    assert _pillow_j2k_level(4097, 4300, 3) == 1
 
 
 # --------------------------------------------------------------------------- which level
