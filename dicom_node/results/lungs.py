@@ -4,10 +4,10 @@ The worker segments the preprocessed S x S image; the radiologist looks at the i
 received. `lung_map_on_image` undoes the preprocessing geometry (crop, square pad, resize:
 `worker.preprocess.preprocess_geometry`), and the display image's place on the source grid
 when it was decoded at a reduced size (`dicom_node.results.display.SourceGrid`), so the map
-lies on the source pixel grid, and
-`lung_outlines` turns the thresholded map into closed polylines in DICOM image coordinates
-(column, row; (0, 0) is the top left corner of the top left pixel, so a pixel's centre is at
-+0.5), which the SR's SCOORD items, the summary image and the SEG all use.
+lies on the source pixel grid; `lung_outlines` turns the thresholded map into closed
+polylines in DICOM image coordinates (column, row; (0, 0) is the top left corner of the top
+left pixel, so a pixel's centre is at +0.5), which the SR's SCOORD items and the SEG use
+(the summary image maps them onto its display image).
 
 Pure functions: arrays in, arrays out.
 """
