@@ -38,6 +38,7 @@ from bench.common import DEFAULT_BUNDLE, header, interleaved, median, ms, percen
 from dicom_node.jobs import steps
 from dicom_node.records.ledger import Job, OutputKind
 from dicom_node.results.pixels import decode_display
+from dicom_node.results.reduced_decode import decode_display_at
 from dicom_node.settings import Settings
 from worker.contracts import InferRequest, InferResult, decode_png, encode_png
 from worker.inference import (
@@ -111,9 +112,11 @@ def breakdown(node: steps.NodeRuntime, job_id: str, threads: int) -> dict[str, f
     c = Clock()
     ds = dcmread(job.spool_path)
     c.lap("prepare: read")
-    display = decode_display(ds, max_pixels=node.settings.max_pixels)
+    display = decode_display_at(
+        ds, steps.display_target(node.settings, manifest), max_pixels=node.settings.max_pixels
+    )
     c.lap("prepare: decode")
-    image = preprocess(display, manifest.preprocessing)
+    image = preprocess(display.image, manifest.preprocessing)
     c.lap("prepare: preprocess")
     payload = encode_png(image)
     image = decode_png(payload)

@@ -2,7 +2,7 @@
 """Run a benchmark by name: `bench/run.py inference --repeats 5` = `python -m bench.inference`.
 
 Names: make_bundle, inference, pipeline, retrieval, ingest, e2e, burst_profile,
-memory, gpu, rle_decoders, summary_syntax.
+memory, gpu, rle_decoders, summary_syntax, decode_at_size.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ NAMES = (
     "gpu",
     "rle_decoders",
     "summary_syntax",
+    "decode_at_size",
 )
 
 

@@ -295,6 +295,14 @@ class Settings(BaseSettings):
         description="memory for decoded images kept between a job's prepare and finalize "
         "steps (spares a second decode); 0: decode twice",
     )
+    decode_at_size: bool = Field(
+        default=True,
+        description="decode JPEG 2000 and JPEG baseline monochrome images directly at the "
+        "reduced size the outputs need (resolution levels, DCT scaling: at least 0.85 of "
+        "the summary width, shorter side twice the largest model input); the SR's outline, "
+        "the SEG and the input gate's size check stay on the source's pixel grid; false: "
+        "always decode in full",
+    )
     embedded_poll_s: float = Field(
         default=0.02,
         gt=0,

@@ -6,11 +6,13 @@ the same bytes (`mutate(seeds, Random(f"{s}:{i}"))`), so a finding is reproduced
 number alone.
 
 The target does what the node does with received bytes, in the same order:
-parse (pydicom) -> `check_instance` -> `decode_display` -> `preprocess`. Its documented
-outcomes: any exception while parsing or checking (the SCP answers 0xC000), a refusal or a
-not-analysable verdict, `PixelDecodeError` (the job is rejected with the reason), or an
-analysable image. Anything else raised by the decoder or preprocessing is a finding; so is a
-crash of the process, a case that runs past its time limit, or memory past the limit.
+parse (pydicom) -> `check_instance` -> `decode_display_at` -> `preprocess` (with a target
+size the small seeds meet, so that the JPEG 2000 seed goes through the reduced-size decoder
+too). Its documented outcomes: any exception while parsing or checking (the SCP answers
+0xC000), a refusal or a not-analysable verdict, `PixelDecodeError` (the job is rejected with
+the reason), or an analysable image. Anything else raised by the decoder or preprocessing
+is a finding; so is a crash of the process, a case that runs past its time limit, or memory
+past the limit.
 
 `python -m tests.fuzzing SEED FIRST COUNT` runs cases in this process, under an address-space
 limit, printing one line per case (`index outcome peak-rss-kB`); `run_campaign` runs it as a
@@ -42,6 +44,9 @@ from pydicom.uid import (
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_PIXELS = 100_000_000  # the node's default
+#: Reduced-size decoding's target (dicom_node.results.reduced_decode.TargetSize): the 64 px
+#: seeds are decoded at 1/4 where their codec allows it.
+FUZZ_TARGET_SIDE = 16
 MEMORY_LIMIT = 3 * 1024**3  # address space of the process running the cases
 INTERESTING = (b"\x00", b"\xff", b"\x7f", b"\x80", b"\xff\xff\xff\xff", b"\x00\x00\x00\x80")
 
@@ -133,7 +138,8 @@ def mutate(seeds: list[bytes], rng: random.Random, keep_meta: bool = False) -> b
 def target(data: bytes) -> str:
     """The node's path for received bytes; returns the outcome, raises on a finding."""
     from dicom_node.receiving.checks import Verdict, check_instance
-    from dicom_node.results.pixels import PixelDecodeError, decode_display
+    from dicom_node.results.pixels import PixelDecodeError
+    from dicom_node.results.reduced_decode import TargetSize, decode_display_at
     from worker.preprocess import PreprocessParams, preprocess
 
     try:
@@ -146,10 +152,11 @@ def target(data: bytes) -> str:
     if check.verdict is Verdict.NOT_ANALYSABLE:
         return "not-analysable"
     try:
-        display = decode_display(ds, max_pixels=MAX_PIXELS)
+        small = TargetSize(min_width=FUZZ_TARGET_SIDE, min_side=FUZZ_TARGET_SIDE)
+        display = decode_display_at(ds, small, max_pixels=MAX_PIXELS)
     except PixelDecodeError as exc:
         return f"rejected:{exc.reason.value}"
-    preprocess(display, PreprocessParams())
+    preprocess(display.image, PreprocessParams())
     return "analysable"
 
 

@@ -43,6 +43,11 @@ def test_pipeline_bench_runs() -> None:
     assert "finalize: build SR" in out and "speed-up" in out
 
 
+def test_decode_at_size_bench_runs() -> None:
+    out = run_bench("decode_at_size")
+    assert "| reduced |" in out and "p reduced" in out
+
+
 def test_retrieval_bench_runs() -> None:
     assert "recall@4" in run_bench("retrieval")
 

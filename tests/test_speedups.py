@@ -10,6 +10,7 @@ from pydicom import Dataset, dcmread
 from pydicom.pixels import pixel_array
 
 from dicom_node.jobs import steps
+from dicom_node.results.display import Display
 from dicom_node.results.display_cache import DisplayCache
 from dicom_node.results.pixels import _display_lut, _photometric, _to_display, decode_display
 from tests.test_pipeline import make_node, receive
@@ -60,19 +61,20 @@ def test_percentile_voi_keeps_the_per_pixel_path() -> None:
 
 def test_display_cache_gives_each_image_once_and_respects_its_budget() -> None:
     cache = DisplayCache(max_bytes=250)
-    a, b = np.zeros(100, np.uint8), np.ones(100, np.uint8)
+    a, b = Display.full(np.zeros((1, 100), np.uint8)), Display.full(np.ones((1, 100), np.uint8))
     assert cache.put("a", a) and cache.put("b", b)
-    assert not cache.put("c", np.zeros(100, np.uint8))  # full: the older ones stay
+    # full: the older ones stay
+    assert not cache.put("c", Display.full(np.zeros((1, 100), np.uint8)))
     assert cache.take("a") is a
     assert cache.take("a") is None
-    assert cache.put("c", np.zeros(100, np.uint8))
+    assert cache.put("c", Display.full(np.zeros((1, 100), np.uint8)))
     assert cache.nbytes == 200 and len(cache) == 2
 
 
 def test_display_cache_drops_images_nobody_took_when_room_is_needed() -> None:
     cache = DisplayCache(max_bytes=150, ttl_s=0.0)
-    assert cache.put("old", np.zeros(100, np.uint8))
-    assert cache.put("new", np.zeros(100, np.uint8))  # "old" expired
+    assert cache.put("old", Display.full(np.zeros((1, 100), np.uint8)))
+    assert cache.put("new", Display.full(np.zeros((1, 100), np.uint8)))  # "old" expired
     assert cache.take("old") is None
 
 
@@ -91,7 +93,8 @@ def test_finalize_uses_the_image_prepare_decoded(tmp_path: Path, chest_cr: Path)
     assert len(node.display_cache) == 0
     # Without the kept image (another process, a restart) it is decoded again, identically.
     again = steps.load_source(job.spool_path, node.display_cache.take(job_id), 10**8)
-    np.testing.assert_array_equal(again.display, kept)
+    assert again.display is not None
+    np.testing.assert_array_equal(again.display.image, kept.image)
 
 
 def test_display_cache_can_be_turned_off(tmp_path: Path, chest_cr: Path) -> None:

@@ -121,11 +121,15 @@ def high_frequency_share(small: np.ndarray) -> float:
     return float((small - blurred).var()) / total
 
 
-def sanity_signals(image: np.ndarray, t: SanityThresholds) -> list[Signal]:
-    """The sanity signals of a display image (uint8, 2-D)."""
+def sanity_signals(
+    image: np.ndarray, t: SanityThresholds, source_shape: tuple[int, int] | None = None
+) -> list[Signal]:
+    """The sanity signals of a display image (uint8, 2-D). Size and aspect are those of
+    `source_shape` (rows, columns) when given: the received image's, for a display image
+    decoded at a reduced size (`dicom_node.results.reduced_decode`)."""
     if image.ndim != 2 or image.dtype != np.uint8 or image.size == 0:
         raise ValueError(f"expected a 2-D uint8 display image, got {image.dtype} {image.shape}")
-    h, w = image.shape
+    h, w = source_shape or image.shape
     small = _small_copy(image)
     counts = np.bincount(np.rint(small).astype(np.uint8).ravel(), minlength=256)
     cdf = np.cumsum(counts) / counts.sum()

@@ -48,11 +48,13 @@ from dicom_node.results.delivery import (
     send_files,
     to_outbox,
 )
+from dicom_node.results.display import Display
 from dicom_node.results.display_cache import DisplayCache
 from dicom_node.results.hospital_index import HospitalEntry, HospitalIndex
 from dicom_node.results.labels import similar_cases_line
 from dicom_node.results.lungs import lung_map_on_image, lung_mask, lung_outlines
-from dicom_node.results.pixels import PixelDecodeError, decode_display
+from dicom_node.results.pixels import PixelDecodeError
+from dicom_node.results.reduced_decode import TargetSize, decode_display_at
 from dicom_node.results.reference_index import ReferenceIndex
 from dicom_node.results.sc.builder import ScOptions, build_sc
 from dicom_node.results.sc.render import SummaryFacts, render_summary
@@ -161,33 +163,45 @@ def prepare(node: NodeRuntime, job_id: str) -> InferRequest | GateRefusal | None
     if job is None or job.state not in UNFINISHED or not job.spool_path:
         return None
     ds = dcmread(job.spool_path)
+    bundle = node.bundles.current()
+    target = display_target(node.settings, bundle.manifest)
     try:
-        display = decode_display(ds, max_pixels=node.settings.max_pixels)
+        display = decode_display_at(ds, target, max_pixels=node.settings.max_pixels)
     except PixelDecodeError as exc:
         reason = f"pixel data not analysable: {exc}"
         if node.ledger.set_state(job_id, JobState.REJECTED, reason, only_from=UNFINISHED):
             node.metrics.inc("rejected")
         log.warning("job %s: %s", job_id, reason)  # the ledger's reason, word for word
         return None
-    bundle = node.bundles.current()
     refusal = pixel_check(job_id, display, bundle)
     if refusal is not None:
         return refusal
-    request = infer_request(job_id, display, bundle)
+    request = infer_request(job_id, display.image, bundle)
     node.display_cache.put(job_id, display)
     node.ledger.set_state(job_id, JobState.ANALYSING, only_from=UNFINISHED)
     node.metrics.observe("prepare", time.time() - job.received_at, once=job_id)
     return request
 
 
-def pixel_check(job_id: str, display: np.ndarray, bundle: Bundle) -> GateRefusal | None:
+def display_target(settings: Settings, manifest: Manifest) -> TargetSize | None:
+    """The smallest display image the outputs need; None: decode in full (CXR_DECODE_AT_SIZE
+    off)."""
+    if not settings.decode_at_size:
+        return None
+    return TargetSize.for_bundle(manifest, settings.summary_width)
+
+
+def pixel_check(job_id: str, display: Display, bundle: Bundle) -> GateRefusal | None:
     """The input gate's checks of the decoded image itself (size, contrast, noise), which
     need no model; the worker checks the rest (lung fields, view, likeness to the training
-    images). None: go on; also when the bundle has no gate."""
+    images). None: go on; also when the bundle has no gate. Size and aspect are the
+    received image's, whatever size it was decoded at."""
     spec = bundle.manifest.gate
     if spec is None:
         return None
-    verdict = GateVerdict.of(sanity_signals(display, spec.sanity))
+    verdict = GateVerdict.of(
+        sanity_signals(display.image, spec.sanity, source_shape=display.grid.source_shape)
+    )
     if verdict.analyse:
         return None
     manifest = bundle.manifest
@@ -276,7 +290,7 @@ class Source:
     """The received instance, loaded once for finalize."""
 
     header: Dataset  # without pixel data
-    display: np.ndarray | None  # decoded display image; None if it cannot be decoded again
+    display: Display | None  # decoded display image; None if it cannot be decoded again
 
 
 @dataclass(frozen=True)
@@ -287,13 +301,19 @@ class Lungs:
     outlines: list[np.ndarray] = field(default_factory=list)  # closed (col, row) polylines
 
 
-def load_source(spool_path: str, display: np.ndarray | None, max_pixels: int) -> Source:
-    """The header, and the display image: the one prepare kept (`display`), or decoded again."""
+def load_source(
+    spool_path: str,
+    display: Display | None,
+    max_pixels: int,
+    target: TargetSize | None = None,
+) -> Source:
+    """The header, and the display image: the one prepare kept (`display`), or decoded again
+    (at a reduced size `target` allows; None: in full)."""
     if display is not None:
         return Source(header=dcmread(spool_path, stop_before_pixels=True), display=display)
     ds = dcmread(spool_path)
     try:
-        display = decode_display(ds, max_pixels=max_pixels)
+        display = decode_display_at(ds, target, max_pixels=max_pixels)
     except PixelDecodeError as exc:  # prepare decoded it, so this is unexpected
         log.error("source %s cannot be decoded again: %s", spool_path, exc)
         display = None
@@ -305,11 +325,13 @@ def load_source(spool_path: str, display: np.ndarray | None, max_pixels: int) ->
 
 def locate_lungs(source: Source, result: InferResult, preprocessing: PreprocessParams) -> Lungs:
     """Undo the preprocessing geometry (of the bundle that produced `result`) on the worker's
-    lung map."""
+    lung map, and the display image's reduction: the mask and outlines are on the received
+    image's grid (Rows x Columns) whatever size it was decoded at."""
     if source.display is None or not result.lung_mask_png:
         return Lungs()
-    geometry = preprocess_geometry(source.display, preprocessing)
-    mask = lung_mask(lung_map_on_image(decode_png(result.lung_mask_png), geometry))
+    display = source.display
+    geometry = preprocess_geometry(display.image, preprocessing)
+    mask = lung_mask(lung_map_on_image(decode_png(result.lung_mask_png), geometry, display.grid))
     return Lungs(mask=mask, outlines=lung_outlines(mask))
 
 
@@ -399,7 +421,9 @@ def build_summary(
         ),
         similar_cases=similar_cases,
     )
-    summary = render_summary(source.display, lungs.outlines, facts, width)
+    display = source.display
+    outlines = [display.grid.points_to_display(outline) for outline in lungs.outlines]
+    summary = render_summary(display.image, outlines, facts, width)
     return build_sc(
         header,
         summary,
@@ -467,7 +491,12 @@ def finalize(node: NodeRuntime, result: InferResult) -> list[str]:
     manifest = bundle.manifest
     hospital = node.hospital_index_for(bundle) if settings.hospital_index else None
     uids = node.ledger.output_uids(job.job_id)
-    source = load_source(job.spool_path, node.display_cache.take(job.job_id), settings.max_pixels)
+    source = load_source(
+        job.spool_path,
+        node.display_cache.take(job.job_id),
+        settings.max_pixels,
+        display_target(settings, manifest),
+    )
     lungs = _optional_lungs(job.job_id, source, result, manifest.preprocessing)
     similar = find_similar(
         source.header,

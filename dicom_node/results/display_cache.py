@@ -6,6 +6,8 @@ keeping the image in memory spares the second read and decode (a JPEG 2000 radio
 seconds to decode on a small CPU: bench/pipeline.py). Bounded by bytes; when full, new
 images are not kept (a burst's oldest jobs, finalized first, keep theirs), and an image
 not taken within `ttl_s` is dropped. A miss only costs the decode: finalize decodes again.
+Each image is kept with its place on the source's pixel grid (`Display`): it may have been
+decoded at a reduced size.
 """
 
 from __future__ import annotations
@@ -13,20 +15,20 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
+from dicom_node.results.display import Display
 
 
 class DisplayCache:
     def __init__(self, max_bytes: int, ttl_s: float = 600.0) -> None:
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
-        self._items: dict[str, tuple[float, np.ndarray]] = {}
+        self._items: dict[str, tuple[float, Display]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, key: str, image: np.ndarray) -> bool:
-        """Keep `image` (read-only from now on); False when there is no room."""
-        size = int(image.nbytes)
+    def put(self, key: str, display: Display) -> bool:
+        """Keep `display` (its image read-only from now on); False when there is no room."""
+        size = display.nbytes
         with self._lock:
             if key in self._items:
                 self._drop(key)
@@ -34,12 +36,12 @@ class DisplayCache:
                 self._expire(time.monotonic())
             if self._bytes + size > self.max_bytes:
                 return False
-            image.setflags(write=False)
-            self._items[key] = (time.monotonic(), image)
+            display.image.setflags(write=False)
+            self._items[key] = (time.monotonic(), display)
             self._bytes += size
             return True
 
-    def take(self, key: str) -> np.ndarray | None:
+    def take(self, key: str) -> Display | None:
         """The image kept for `key`, removed from the cache; None if not kept."""
         with self._lock:
             item = self._items.get(key)
@@ -56,8 +58,8 @@ class DisplayCache:
         return len(self._items)
 
     def _drop(self, key: str) -> None:
-        _, image = self._items.pop(key)
-        self._bytes -= int(image.nbytes)
+        _, display = self._items.pop(key)
+        self._bytes -= display.nbytes
 
     def _expire(self, now: float) -> None:
         for key in [k for k, (t, _) in self._items.items() if now - t > self.ttl_s]:

@@ -2,10 +2,12 @@
 
 The worker segments the preprocessed S x S image; the radiologist looks at the image as
 received. `lung_map_on_image` undoes the preprocessing geometry (crop, square pad, resize:
-`worker.preprocess.preprocess_geometry`) so the map lies on the source pixel grid, and
-`lung_outlines` turns the thresholded map into closed polylines in DICOM image coordinates
-(column, row; (0, 0) is the top left corner of the top left pixel, so a pixel's centre is at
-+0.5), which the SR's SCOORD items, the summary image and the SEG all use.
+`worker.preprocess.preprocess_geometry`), and the display image's place on the source grid
+when it was decoded at a reduced size (`dicom_node.results.display.SourceGrid`), so the map
+lies on the source pixel grid; `lung_outlines` turns the thresholded map into closed
+polylines in DICOM image coordinates (column, row; (0, 0) is the top left corner of the top
+left pixel, so a pixel's centre is at +0.5), which the SR's SCOORD items and the SEG use
+(the summary image maps them onto its display image).
 
 Pure functions: arrays in, arrays out.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from dicom_node.results.display import SourceGrid
 from worker.model_input import LUNG_THRESHOLD
 from worker.preprocess import Geometry
 
@@ -26,8 +29,12 @@ MAX_REGIONS = 2
 MAX_POINTS = 200
 
 
-def lung_map_on_image(lung_map: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """The S x S lung map (uint8 0..255 or float 0..1) as float32 0..1 on the input grid.
+def lung_map_on_image(
+    lung_map: np.ndarray, geometry: Geometry, grid: SourceGrid | None = None
+) -> np.ndarray:
+    """The S x S lung map (uint8 0..255 or float 0..1) as float32 0..1 on the source grid:
+    preprocessing's input grid, or the source's `grid.source_shape` when preprocessing's input
+    was a display image decoded at a reduced size (one warp, no second resampling).
 
     Outside the region preprocessing kept (cropped borders, padding) the map is 0.
     """
@@ -39,17 +46,27 @@ def lung_map_on_image(lung_map: np.ndarray, geometry: Geometry) -> np.ndarray:
     values = lung_map.astype(np.float32)
     if lung_map.dtype == np.uint8:
         values /= 255.0
-    rows, cols = geometry.input_shape
+    to_input = geometry.output_to_input()
+    r0, r1, c0, c1 = geometry.crop
+    if grid is None:
+        rows, cols = geometry.input_shape
+        matrix = to_input
+    else:  # output -> display -> source
+        rows, cols = grid.source_shape
+        to_source = grid.to_source()
+        matrix = to_source[:, :2] @ to_input
+        matrix[:, 2] += to_source[:, 2]
+        r0, r1 = grid.source_span(r0, r1, axis=0)
+        c0, c1 = grid.source_span(c0, c1, axis=1)
     warped = cv2.warpAffine(
         values,
-        geometry.output_to_input(),
+        matrix,
         (cols, rows),
         flags=cv2.INTER_LINEAR,
         # Input pixels beyond the map's outermost pixel centres take the edge value; what
         # lies outside the region preprocessing kept is cleared next.
         borderMode=cv2.BORDER_REPLICATE,
     )
-    r0, r1, c0, c1 = geometry.crop
     outside = np.ones((rows, cols), dtype=bool)
     outside[r0:r1, c0:c1] = False
     warped[outside] = 0.0

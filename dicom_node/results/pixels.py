@@ -169,7 +169,13 @@ def _decode_display(ds: Dataset, max_pixels: int) -> np.ndarray:
             f"{max_pixels / 1e6:g}",
         )
 
-    frame = _decode_first_frame(ds)
+    return display_from_frame(_decode_first_frame(ds), ds)
+
+
+def display_from_frame(frame: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values of a decoded frame of `ds` (whole or reduced in size) -> uint8 display
+    image, with `ds`'s Modality LUT, VOI and photometric interpretation."""
+    photometric = _photometric(ds)
     if frame.ndim == 2:
         lut = _display_lut(frame, ds, photometric)
         if lut is not None:
