@@ -3,6 +3,7 @@ never as a side effect of importing a module."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -11,13 +12,19 @@ from pydicom import config as pydicom_config
 from pynetdicom import _config
 
 
-def configure_libraries(receive_into: Path | None = None) -> None:
+def configure_libraries(
+    receive_into: Path | None = None, decode_threads: int | None = None
+) -> None:
     """Set what the node needs of pydicom, pynetdicom and highdicom in this process.
 
     receive_into: a receiver process's folder for incoming data sets (see
     `dicom_node.receiving.processes`): pynetdicom then writes each one to a file there as its
     fragments arrive, instead of holding it in memory.
+    decode_threads: threads OpenJPEG decodes one JPEG 2000 image with (its OPJ_NUM_THREADS,
+    which the OpenJPEG in Pillow reads at each decode).
     """
+    if decode_threads is not None:
+        os.environ["OPJ_NUM_THREADS"] = str(decode_threads)
     # Identifiers (which can hold patient data) never go to pynetdicom's log.
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False

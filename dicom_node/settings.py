@@ -303,6 +303,13 @@ class Settings(BaseSettings):
         "the SEG and the input gate's size check stay on the source's pixel grid; false: "
         "always decode in full",
     )
+    decode_threads: int = Field(
+        default=2,
+        ge=1,
+        description="threads that decode one JPEG 2000 image (OpenJPEG's OPJ_NUM_THREADS in "
+        "the worker processes): a 1955 x 1841 lossless CR at level 1 in 76 instead of 142 ms "
+        "on 2 cores, for the same CPU time",
+    )
     embedded_poll_s: float = Field(
         default=0.02,
         gt=0,

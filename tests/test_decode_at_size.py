@@ -3,6 +3,7 @@ the values, the fallback to the full decode, and the geometry mapped back to the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pydicom.uid import RLELossless
 
 from bench.decode_at_size import jpeg_baseline_copy, runtime
 from dicom_node.jobs import steps
+from dicom_node.process_start import configure_libraries
 from dicom_node.records.ledger import OutputKind
 from dicom_node.results.display import Display, SourceGrid
 from dicom_node.results.lungs import lung_map_on_image, lung_mask
@@ -30,7 +32,7 @@ from dicom_node.results.reduced_decode import (
     eligible_codec,
     reduction_level,
 )
-from dicom_node.settings import REPO_ROOT
+from dicom_node.settings import REPO_ROOT, Settings
 from tests.test_pipeline import receive
 from worker.contracts import InferRequest, InferResult
 from worker.inference import get_ensemble, run_infer
@@ -340,3 +342,10 @@ def test_display_full_is_the_identity_grid() -> None:
     display = Display.full(np.zeros((30, 40), np.uint8))
     assert display.grid == SourceGrid((30, 40)) and not display.grid.reduced
     np.testing.assert_array_equal(display.grid.to_source(), [[1, 0, 0], [0, 1, 0]])
+
+
+def test_the_worker_start_sets_openjpeg_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CXR_DECODE_THREADS reaches OpenJPEG through OPJ_NUM_THREADS, set at the process start."""
+    monkeypatch.setenv("OPJ_NUM_THREADS", "1")  # restored after the test
+    configure_libraries(decode_threads=Settings(decode_threads=3).decode_threads)
+    assert os.environ["OPJ_NUM_THREADS"] == "3"

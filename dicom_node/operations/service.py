@@ -52,7 +52,7 @@ STOP_GRACE_S = 0.5
 def run_worker(settings: Settings, roles: list[str], name: str) -> None:
     """Run a Celery worker for the queues of `roles` ("node", "infer") until stopped (blocks)."""
     queues = [queue_name(settings, role) for role in roles]
-    configure_libraries()
+    configure_libraries(decode_threads=settings.decode_threads)
     setup_logging(settings.log_level, settings.log_dir / f"worker-{name}.log", settings.log_format)
     app = make_celery(settings)
     register_tasks(app, settings)
