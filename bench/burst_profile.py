@@ -34,7 +34,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import REPO, header, median, pydicom_test_file, table
+from bench.common import REPO, header, median, percentile, pydicom_test_file, table
 from bench.e2e import Destination, Node, copies
 from bench.ingest import free_port
 
@@ -436,7 +436,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         bound = cores * 60.0 / single_cpu
         print(
             f"- idle: {idle_rate:.4f} CPU-s per second; singles: {single_cpu:.3f} CPU-s per "
-            f"image ({single_net:.3f} net of idle), latency p50 {median(latencies):.2f} s; "
+            f"image ({single_net:.3f} net of idle), latency p50 {median(latencies):.2f} s, p95 {percentile(latencies, 95):.2f} s; "
             f"bound {cores} x 60 / {single_cpu:.3f} = {bound:.0f} images/min\n",
             flush=True,
         )

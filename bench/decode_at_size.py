@@ -30,6 +30,7 @@ from pydicom.uid import JPEGBaseline8Bit
 from bench.common import header, interleaved, median, ms, percentile, pydicom_test_file, table
 from bench.pipeline import new_instance
 from dicom_node.jobs import steps
+from dicom_node.process_start import configure_libraries
 from dicom_node.results.pixels import decode_display
 from dicom_node.results.reduced_decode import decode_display_at
 from dicom_node.settings import REPO_ROOT, Settings
@@ -95,10 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=DEFAULT)
     parser.add_argument("--repeats", type=int, default=20, help="instances per file and mode")
+    parser.add_argument(
+        "--decode-threads",
+        type=int,
+        default=Settings.model_fields["decode_threads"].default,
+        help="OpenJPEG's threads, as CXR_DECODE_THREADS sets them in the node's workers",
+    )
     parser.add_argument("--smoke", action="store_true", help="1 repeat, first file")
     args = parser.parse_args(argv)
     if args.smoke:
         args.repeats = 1
+    configure_libraries(decode_threads=args.decode_threads)
 
     header("Decoding at a reduced size (CXR_DECODE_AT_SIZE)")
     with tempfile.TemporaryDirectory(prefix="bench-decode-at-size-") as tmp:
@@ -115,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         bundle = nodes["full"].bundles.current()
         print(
             f"bundle {bundle.manifest.name} {bundle.manifest.version} (threshold "
-            f"{bundle.manifest.threshold:.4f}); SR + SC + SEG\n"
+            f"{bundle.manifest.threshold:.4f}); SR + SC + SEG; OpenJPEG threads "
+            f"{args.decode_threads}\n"
         )
         step_rows: list[list[object]] = []
         score_rows: list[list[object]] = []
