@@ -436,7 +436,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         bound = cores * 60.0 / single_cpu
         print(
             f"- idle: {idle_rate:.4f} CPU-s per second; singles: {single_cpu:.3f} CPU-s per "
-            f"image ({single_net:.3f} net of idle), latency p50 {median(latencies):.2f} s, p95 {percentile(latencies, 95):.2f} s; "
+            f"image ({single_net:.3f} net of idle), latency p50 {median(latencies):.2f} s, "
+            f"p95 {percentile(latencies, 95):.2f} s; "
             f"bound {cores} x 60 / {single_cpu:.3f} = {bound:.0f} images/min\n",
             flush=True,
         )
