@@ -34,11 +34,24 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit
+
 from bench.common import REPO, header, median, percentile, pydicom_test_file, table
 from bench.e2e import Destination, Node, copies
 from bench.ingest import free_port
 
 TICK = os.sysconf("SC_CLK_TCK")
+
+#: storescu's option to propose a compressed file's own transfer syntax (by default it
+#: proposes uncompressed only, and cannot convert a JPEG 2000 file to it).
+STORESCU_SYNTAX = {JPEG2000Lossless: ["-xv"], JPEG2000: ["-xw"], JPEGBaseline8Bit: ["-xy"]}
+
+
+def storescu_syntax(path: Path) -> list[str]:
+    return STORESCU_SYNTAX.get(
+        dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID, []
+    )
 
 
 def tree(root: int) -> list[int]:
@@ -162,7 +175,7 @@ def send_burst(
     senders = [
         subprocess.Popen(
             [
-                *("storescu", "-v", "-aet", "BENCH", "-aec", "CXRNODE"),
+                *("storescu", "-v", *storescu_syntax(files[0]), "-aet", "BENCH", "-aec", "CXRNODE"),
                 *("127.0.0.1", str(node.port)),
                 *map(str, files[n::associations]),
             ],
@@ -409,9 +422,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
     node = Node(work, args.bundle.resolve(), destination, queue, env)
     try:
         root = node.procs[1 if args.redis_workers else 0].pid  # `serve` (after redis-server)
+        syntax = storescu_syntax(source)
         expected = 0
         for path in copies(source, work / "warm", 2 + 2 * args.redis_workers):
-            subprocess.run(["storescu", "-aec", "CXRNODE", "127.0.0.1", str(node.port), path])
+            subprocess.run(
+                ["storescu", *syntax, "-aec", "CXRNODE", "127.0.0.1", str(node.port), path]
+            )
             expected += 1
         wait_objects(destination, expected, 2 * expected, 600)
         settle(node)
@@ -425,7 +441,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
         start, cpu = time.perf_counter(), node_cpu(node)
         for path in copies(source, work / "single", args.singles):
             sent = time.perf_counter()
-            subprocess.run(["storescu", "-aec", "CXRNODE", "127.0.0.1", str(node.port), path])
+            subprocess.run(
+                ["storescu", *syntax, "-aec", "CXRNODE", "127.0.0.1", str(node.port), path]
+            )
             expected += 1
             wait_objects(destination, expected, 2 * expected, 120)
             latencies.append(time.perf_counter() - sent)
