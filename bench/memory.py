@@ -56,7 +56,9 @@ def describe(pid: int) -> str:
             return "delivery worker (queue deliver)"
         return f"inference worker {name} (queue {queues}; the bundle's models)"
     if "serve" in words:
-        return "node (`cxr-node serve`: SCP off, ledger, sweep, supervisor)"
+        return (
+            "node (`cxr-node serve`: SCP unless in receiver processes, ledger, sweep, supervisor)"
+        )
     return " ".join(words)[:60]
 
 

@@ -105,9 +105,9 @@ class Settings(BaseSettings):
     )
     infer_process: bool = Field(
         default=True,
-        description="embedded queue: inference and deliveries each in a worker process of "
-        "their own beside the node host's worker (no Python lock shared with finalize); "
-        "false: one worker process for all three queues",
+        description="deliveries, and with the embedded queue inference, each in a worker "
+        "process of their own beside the node host's worker (no Python lock shared with "
+        "finalize); false: one worker process for all the node host's queues",
     )
     onnx_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads; 0: auto")
     onnx_spin: bool = Field(

@@ -32,7 +32,9 @@ def test_one_embedded_worker_for_both_queues_when_asked(tmp_path: Path) -> None:
 
 def test_with_redis_the_node_host_runs_its_own_queues_only(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0")
-    assert worker_children(settings) == {"node": ["node", "deliver"]}
+    assert worker_children(settings) == {"node": ["node"], "deliver": ["deliver"]}
+    one = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0", infer_process=False)
+    assert worker_children(one) == {"node": ["node", "deliver"]}
 
 
 @pytest.mark.integration

@@ -92,15 +92,18 @@ def worker_threads(settings: Settings, roles: list[str]) -> int:
 
 
 def worker_children(settings: Settings) -> dict[str, list[str]]:
-    """The worker processes `serve` runs and supervises: name -> queue roles. With Redis the
-    node and delivery queues (`cxr-node worker` processes infer); embedded, inference and
-    deliveries each in a process of their own beside the node worker (`infer_process`), or
-    all three queues in one."""
-    if not settings.embedded:
-        return {"node": [NODE_QUEUE, DELIVER_QUEUE]}
-    if settings.infer_process:
-        return {"node": [NODE_QUEUE], "infer": [INFER_QUEUE], "deliver": [DELIVER_QUEUE]}
-    return {"node": [NODE_QUEUE, INFER_QUEUE, DELIVER_QUEUE]}
+    """The worker processes `serve` runs and supervises: name -> queue roles. The node
+    worker (prepare, finalize) and the deliveries each in a process of their own, and with
+    the embedded queue inference in a third (with Redis `cxr-node worker` processes infer);
+    `infer_process` false: one process for all the node host's queues."""
+    here = (
+        [NODE_QUEUE, INFER_QUEUE, DELIVER_QUEUE]
+        if settings.embedded
+        else [NODE_QUEUE, DELIVER_QUEUE]
+    )
+    if not settings.infer_process:
+        return {"node": here}
+    return {role: [role] for role in here}
 
 
 def _die_with_parent_hook() -> Callable[[], object] | None:
