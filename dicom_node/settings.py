@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     delivery_threads: int = Field(
         default=2,
         ge=1,
-        description="task threads of the delivery worker (embedded queue): deliveries under "
+        description="task threads of the node host's delivery worker: deliveries under "
         "way at once, each holding its thread while the destination answers",
     )
     infer_process: bool = Field(
