@@ -9,6 +9,7 @@ for all of them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,12 +19,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
 
 from dicom_node import dimse_status
 from dicom_node.jobs import steps
+from dicom_node.jobs.queue import INFER_QUEUE
 from dicom_node.records.ledger import DeliveryState, JobState, Ledger, OutputKind
 from tests.conftest import REPO, NodeProcess, free_port, wait_for
 from tests.peers import Pacs, RedisServer, Scp, storescu_statuses
@@ -47,6 +50,19 @@ def test_a_second_delivery_run_finds_the_claim_taken(tmp_path: Path, chest_cr: P
     ledger.release(job_id, "PACS@h:1")
     ledger.record_attempt(job_id, "PACS@h:1", DeliveryState.DELIVERED)
     assert not ledger.claim(job_id, "PACS@h:1", lease_s=300)  # nothing pending
+
+
+def test_claims_of_a_dead_delivery_run_are_freed_when_the_delivery_worker_starts(
+    tmp_path: Path, chest_cr: Path
+) -> None:
+    node = make_node(tmp_path)
+    job_id = receive(node, chest_cr, "PAT1")
+    node.ledger.add_deliveries(job_id, ["PACS@h:1", "PACS@h:2"])
+    assert node.ledger.claim(job_id, "PACS@h:1", lease_s=300)  # then its run died
+    assert node.ledger.release_all_claims() == 1
+    assert node.ledger.claim(job_id, "PACS@h:1", lease_s=300)  # at once, not in 5 min
+    assert node.ledger.release_all_claims() == 1
+    assert node.ledger.release_all_claims() == 0
 
 
 def test_results_that_cannot_be_built_end_in_a_visible_failure(
@@ -130,6 +146,13 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 # --- the faults --------------------------------------------------------------------------------
 
 
+def inference_unacked(redis: Any) -> int:
+    """Tasks of the inference queue taken and not acknowledged (kombu keeps each in the
+    "unacked" hash as [message, exchange, routing key]); the node host's own workers hold
+    prepare, finalize and delivery tasks there too."""
+    return sum(json.loads(raw)[2] == INFER_QUEUE for raw in redis.hvals("unacked"))
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_worker_killed_mid_job_is_redone_and_delivered_once(
@@ -162,9 +185,9 @@ def test_worker_killed_mid_job_is_redone_and_delivered_once(
         # freeze the worker the moment it holds a task, and look again at what it holds
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not held:
-            if redis.hlen("unacked"):
+            if inference_unacked(redis):
                 os.killpg(worker.pid, signal.SIGSTOP)
-                held = int(redis.hlen("unacked"))
+                held = inference_unacked(redis)
                 if not held:
                     os.killpg(worker.pid, signal.SIGCONT)
             else:

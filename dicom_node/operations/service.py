@@ -106,6 +106,16 @@ def worker_children(settings: Settings) -> dict[str, list[str]]:
     return {role: [role] for role in here}
 
 
+def _release_claims(ledger: Ledger, why: str) -> None:
+    """The node's deliveries all run in one worker process, its child (they read the node
+    host's results folder): when that process starts, no delivery run is alive, and the
+    claims a dead one held (a lease of `steps.CLAIM_LEASE_S`, 5 min) would only hold back
+    its deliveries until they lapse."""
+    held = ledger.release_all_claims()
+    if held:
+        log.warning("%d delivery claim(s) of an ended delivery run freed: %s", held, why)
+
+
 def _die_with_parent_hook() -> Callable[[], object] | None:
     """A preexec hook for the worker child: be sent SIGTERM when the node process dies,
     however it dies, so that a killed node leaves no orphan consuming its queue (Linux).
@@ -231,6 +241,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
         if threading.current_thread() is threading.main_thread():
             signal.signal(sig, lambda *_: stop.set())
 
+    _release_claims(ledger, "the node starts")
     try:
         recovery()  # start-up: everything unfinished
     except Exception as exc:  # the node serves all the same: the spool is the source of truth
@@ -272,6 +283,8 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
                     name,
                     children[name].returncode,
                 )
+                if DELIVER_QUEUE in roles[name]:
+                    _release_claims(ledger, f"the {name} worker restarts")
                 children[name] = _spawn_worker(settings, name, roles[name])
             if receivers is not None:
                 receivers.check()

@@ -529,6 +529,15 @@ class Ledger:
             db.execute("COMMIT")
             return cur.rowcount > 0
 
+    def release_all_claims(self) -> int:
+        """Free every delivery claim: for when no delivery run can be alive (the node's
+        delivery worker is starting, its predecessor ended). Returns how many were held."""
+        with self._connect() as db:
+            cur = db.execute(
+                "UPDATE deliveries SET claimed_until = NULL WHERE claimed_until IS NOT NULL"
+            )
+            return int(cur.rowcount)
+
     def release(self, job_id: str, destination: str) -> None:
         with self._connect() as db:
             db.execute(
