@@ -415,7 +415,7 @@ def print_profile(
 
 def run(args: argparse.Namespace, work: Path) -> None:
     source: Path = args.file or pydicom_test_file("RG1_UNCI.dcm")
-    destination = Destination(work / "pacs")
+    destination = Destination(work / "pacs", tuple(args.storescp_options.split()))
     env = {"CXR_HTTP_PORT": str(free_port())}
     env.update(dict(item.split("=", 1) for item in args.env))
     queue = f"redis-{args.redis_workers}" if args.redis_workers else "embedded"
@@ -557,6 +557,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=12, help="rows per profile table")
     parser.add_argument("--out", type=Path, default=None, help="where the profile goes")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the node")
+    parser.add_argument(
+        "--storescp-options",
+        default="",
+        help='the destination storescp\'s options, e.g. "+xa": accepts the JPEG summary as it '
+        "is (by default uncompressed only: the node decompresses it for each delivery)",
+    )
     parser.add_argument(
         "--redis-workers",
         type=int,

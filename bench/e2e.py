@@ -41,12 +41,17 @@ COMPREHENSIVE_SR = ComprehensiveSRStorage
 class Destination:
     """storescp as the PACS; counts the SRs it has completely received."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, options: tuple[str, ...] = ()) -> None:
+        """options: storescp's own, e.g. ("+xa",) to accept compressed transfer syntaxes
+        (by default it accepts uncompressed only)."""
         self.folder = folder
         folder.mkdir(parents=True)
         self.port = free_port()
         self.proc = subprocess.Popen(
-            ["storescp", "--aetitle", "PACS", "--output-directory", str(folder), str(self.port)],
+            [
+                *("storescp", *options, "--aetitle", "PACS"),
+                *("--output-directory", str(folder), str(self.port)),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
