@@ -107,12 +107,15 @@ def expected_srs(node: NodeProcess) -> set[str]:
 
 def wait_delivered(node: NodeProcess, count: int, timeout: float = 300) -> None:
     ledger = ledger_of(node)
-    wait_for(
-        lambda: ledger.counts()["delivered"] == count,
-        timeout,
-        f"{count} jobs delivered (now {ledger.counts()})",
-        interval=1.0,
-    )
+    try:
+        wait_for(
+            lambda: ledger.counts()["delivered"] == count,
+            timeout,
+            f"{count} jobs delivered",
+            interval=1.0,
+        )
+    except AssertionError as exc:  # the states at the time-out, not at the start
+        raise AssertionError(f"{exc} (the ledger: {ledger.counts()})") from None
 
 
 def assert_each_sr_once(node: NodeProcess, pacs: Pacs, count: int) -> None:
