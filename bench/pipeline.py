@@ -202,13 +202,13 @@ def decode_rows(files: list[Path], repeats: int) -> list[list[object]]:
     table mapping (after), interleaved."""
     from pydicom.pixels import pixel_array
 
-    from dicom_node.results.pixels import _photometric, _to_display
+    from dicom_node.results.pixels import _to_display, photometric_of
 
     rows: list[list[object]] = []
     for path in files:
         ds = dcmread(path)
         frame = pixel_array(ds, index=0, correct_unused_bits=True)
-        photometric = _photometric(ds)
+        photometric = photometric_of(ds)
         before = _to_display(frame, ds, photometric)
         assert np.array_equal(before, decode_display(ds)), "table and per-pixel mapping differ"
         times = interleaved(

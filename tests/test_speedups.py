@@ -12,20 +12,20 @@ from pydicom.pixels import pixel_array
 from dicom_node.jobs import steps
 from dicom_node.results.display import Display
 from dicom_node.results.display_cache import DisplayCache
-from dicom_node.results.pixels import _display_lut, _photometric, _to_display, decode_display
+from dicom_node.results.pixels import _display_lut, _to_display, decode_display, photometric_of
 from tests.test_pipeline import make_node, receive
 from tests.test_pixels import make_dataset
 
 
 def per_pixel(ds: Dataset) -> np.ndarray:
     frame = pixel_array(ds, index=0, correct_unused_bits=True)
-    return _to_display(frame, ds, _photometric(ds))
+    return _to_display(frame, ds, photometric_of(ds))
 
 
 def test_table_decode_of_the_chest_cr_equals_the_per_pixel_mapping(chest_cr: Path) -> None:
     ds = dcmread(chest_cr)
     frame = pixel_array(ds, index=0, correct_unused_bits=True)
-    assert _display_lut(frame, ds, _photometric(ds)) is not None  # the table path is taken
+    assert _display_lut(frame, ds, photometric_of(ds)) is not None  # the table path is taken
     np.testing.assert_array_equal(decode_display(ds), per_pixel(ds))
 
 

@@ -151,13 +151,13 @@ def decode_display(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
 def _decode_display(ds: Dataset, max_pixels: int) -> np.ndarray:
     if not any(ds.get(keyword) for keyword in _PIXEL_KEYWORDS):
         raise PixelDecodeError(DecodeFailure.NO_PIXEL_DATA, "the dataset has no pixel data")
-    photometric = _photometric(ds)
+    photometric = photometric_of(ds)
     if photometric not in _MONOCHROME | _COLOUR:
         raise PixelDecodeError(
             DecodeFailure.UNSUPPORTED_PHOTOMETRIC,
             f"photometric interpretation {photometric or '(missing)'!r} is not supported",
         )
-    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    rows, cols = int_attribute(ds, "Rows"), int_attribute(ds, "Columns")
     if rows is None or cols is None or rows <= 0 or cols <= 0:
         raise PixelDecodeError(
             DecodeFailure.BAD_ATTRIBUTES, f"invalid image size: Rows {rows}, Columns {cols}"
@@ -175,7 +175,7 @@ def _decode_display(ds: Dataset, max_pixels: int) -> np.ndarray:
 def display_from_frame(frame: np.ndarray, ds: Dataset) -> np.ndarray:
     """Stored values of a decoded frame of `ds` (whole or reduced in size) -> uint8 display
     image, with `ds`'s Modality LUT, VOI and photometric interpretation."""
-    photometric = _photometric(ds)
+    photometric = photometric_of(ds)
     if frame.ndim == 2:
         lut = _display_lut(frame, ds, photometric)
         if lut is not None:
@@ -223,16 +223,16 @@ def _display_lut(frame: np.ndarray, ds: Dataset, photometric: str) -> tuple[np.n
 
 def describe_pixels(ds: Dataset) -> PixelSummary:
     """Image pixel attributes and the VOI that `decode_display` would use, for logging."""
-    tsyntax = _transfer_syntax(ds)
+    tsyntax = transfer_syntax_of(ds)
     return PixelSummary(
-        rows=_int(ds, "Rows"),
-        cols=_int(ds, "Columns"),
-        frames=_int(ds, "NumberOfFrames"),
-        samples_per_pixel=_int(ds, "SamplesPerPixel"),
-        bits_allocated=_int(ds, "BitsAllocated"),
-        bits_stored=_int(ds, "BitsStored"),
-        pixel_representation=_int(ds, "PixelRepresentation"),
-        photometric=_photometric(ds) or None,
+        rows=int_attribute(ds, "Rows"),
+        cols=int_attribute(ds, "Columns"),
+        frames=int_attribute(ds, "NumberOfFrames"),
+        samples_per_pixel=int_attribute(ds, "SamplesPerPixel"),
+        bits_allocated=int_attribute(ds, "BitsAllocated"),
+        bits_stored=int_attribute(ds, "BitsStored"),
+        pixel_representation=int_attribute(ds, "PixelRepresentation"),
+        photometric=photometric_of(ds) or None,
         transfer_syntax=str(tsyntax) if tsyntax else None,
         transfer_syntax_name=tsyntax.name if tsyntax else None,
         voi=_voi_source(ds),
@@ -240,7 +240,7 @@ def describe_pixels(ds: Dataset) -> PixelSummary:
 
 
 def _decode_first_frame(ds: Dataset) -> np.ndarray:
-    tsyntax = _transfer_syntax(ds)
+    tsyntax = transfer_syntax_of(ds)
     if tsyntax is None:
         raise PixelDecodeError(
             DecodeFailure.BAD_ATTRIBUTES, "the file meta has no Transfer Syntax UID"
@@ -261,7 +261,9 @@ def _apply_modality_lut(frame: np.ndarray, ds: Dataset) -> np.ndarray:
     sequence = ds.get("ModalityLUTSequence")
     if sequence:
         try:
-            lut = _parse_lut(sequence[0], ds, signed_input=_int(ds, "PixelRepresentation") == 1)
+            lut = _parse_lut(
+                sequence[0], ds, signed_input=int_attribute(ds, "PixelRepresentation") == 1
+            )
         except (TypeError, ValueError) as exc:
             raise PixelDecodeError(
                 DecodeFailure.BAD_ATTRIBUTES, f"invalid Modality LUT Sequence: {exc}"
@@ -302,7 +304,7 @@ def _select_voi(ds: Dataset) -> _Lut | _Window | None:
     if sequence:
         # The Modality LUT output, the VOI LUT's input, is signed if it can be negative.
         intercept = _first_float(ds, "RescaleIntercept") or 0.0
-        signed = _int(ds, "PixelRepresentation") == 1 or intercept < 0
+        signed = int_attribute(ds, "PixelRepresentation") == 1 or intercept < 0
         try:
             return _parse_lut(sequence[0], ds, signed_input=signed)
         except (TypeError, ValueError):
@@ -340,7 +342,7 @@ def _parse_lut(item: Dataset, ds: Dataset, signed_input: bool) -> _Lut:
     if data is None:
         raise ValueError("LUT Data is missing")
     if isinstance(data, bytes):  # OW: 16-bit words in the dataset's byte order
-        tsyntax = _transfer_syntax(ds)
+        tsyntax = transfer_syntax_of(ds)
         big_endian = tsyntax is not None and tsyntax.is_little_endian is False
         words = np.frombuffer(data[: len(data) // 2 * 2], dtype=">u2" if big_endian else "<u2")
         if bits == 8 and words.size * 2 == entries:  # 8-bit entries packed two per word
@@ -364,22 +366,22 @@ def _colour_to_unit_gray(frame: np.ndarray, ds: Dataset) -> np.ndarray:
         raise PixelDecodeError(
             DecodeFailure.BAD_ATTRIBUTES, f"cannot make gray from {channels} samples per pixel"
         )
-    bits = _int(ds, "BitsStored") or 8 * frame.dtype.itemsize
+    bits = int_attribute(ds, "BitsStored") or 8 * frame.dtype.itemsize
     unit: np.ndarray = np.clip(gray / (2**bits - 1), 0.0, 1.0)
     return unit
 
 
-def _photometric(ds: Dataset) -> str:
+def photometric_of(ds: Dataset) -> str:
     return str(ds.get("PhotometricInterpretation") or "").strip().upper()
 
 
-def _transfer_syntax(ds: Dataset) -> UID | None:
+def transfer_syntax_of(ds: Dataset) -> UID | None:
     file_meta = getattr(ds, "file_meta", None)
     value = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     return UID(str(value)) if value else None
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def int_attribute(ds: Dataset, keyword: str) -> int | None:
     value = ds.get(keyword)
     if isinstance(value, MultiValue | list):
         value = value[0] if value else None

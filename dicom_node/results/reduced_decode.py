@@ -39,11 +39,11 @@ from dicom_node.logs import describe_failure
 from dicom_node.results.display import Display, SourceGrid
 from dicom_node.results.pixels import (
     DEFAULT_MAX_PIXELS,
-    _int,
-    _photometric,
-    _transfer_syntax,
     decode_display,
     display_from_frame,
+    int_attribute,
+    photometric_of,
+    transfer_syntax_of,
 )
 from worker.bundle import Manifest
 
@@ -142,7 +142,7 @@ def decode_reduced(ds: Dataset, target: TargetSize, max_pixels: int) -> Display:
     if level == 0:
         raise NotReduced(f"{rows} x {cols} is not larger than needed")
     data = _first_frame(ds)
-    bits_stored = _int(ds, "BitsStored") or 0
+    bits_stored = int_attribute(ds, "BitsStored") or 0
     if codec == "jpeg2000":
         frame = _decode_jpeg2000(data, level, (rows, cols), bits_stored)
         offset = 0.0  # the low-pass band sits on the even samples
@@ -158,19 +158,22 @@ def decode_reduced(ds: Dataset, target: TargetSize, max_pixels: int) -> Display:
 
 def eligible_codec(ds: Dataset, max_pixels: int) -> Codec:
     """The codec of a dataset that can be decoded at a reduced size; `NotReduced` if none."""
-    tsyntax = _transfer_syntax(ds)
+    tsyntax = transfer_syntax_of(ds)
     codec = _CODECS.get(str(tsyntax)) if tsyntax is not None else None
     if codec is None:
         raise NotReduced(f"transfer syntax {tsyntax} is not JPEG 2000 or JPEG baseline")
     if "PixelData" not in ds:
         raise NotReduced("no Pixel Data")
-    photometric = _photometric(ds)
+    photometric = photometric_of(ds)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise NotReduced(f"photometric interpretation {photometric or '(missing)'}")
-    samples, representation = _int(ds, "SamplesPerPixel"), _int(ds, "PixelRepresentation")
+    samples, representation = (
+        int_attribute(ds, "SamplesPerPixel"),
+        int_attribute(ds, "PixelRepresentation"),
+    )
     if samples != 1 or representation != 0:
         raise NotReduced(f"samples per pixel {samples}, pixel representation {representation}")
-    allocated, stored = _int(ds, "BitsAllocated"), _int(ds, "BitsStored")
+    allocated, stored = int_attribute(ds, "BitsAllocated"), int_attribute(ds, "BitsStored")
     wanted = (8,) if codec == "jpeg" else (8, 16)
     if (
         allocated is None
@@ -181,7 +184,7 @@ def eligible_codec(ds: Dataset, max_pixels: int) -> Codec:
         raise NotReduced(f"bits allocated {allocated}, bits stored {stored}")
     if codec == "jpeg" and stored != 8:
         raise NotReduced(f"JPEG baseline with bits stored {stored}")
-    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    rows, cols = int_attribute(ds, "Rows"), int_attribute(ds, "Columns")
     if rows is None or cols is None or rows <= 0 or cols <= 0 or rows * cols > max_pixels:
         raise NotReduced("image size out of range")  # decode_display says why
     return codec
@@ -198,7 +201,7 @@ def _pillow_j2k_level(rows: int, cols: int, level: int) -> int:
 
 
 def _first_frame(ds: Dataset) -> bytes:
-    frames = _int(ds, "NumberOfFrames") or 1
+    frames = int_attribute(ds, "NumberOfFrames") or 1
     extended = None
     if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
         extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
