@@ -307,8 +307,8 @@ class Settings(BaseSettings):
         default=2,
         ge=1,
         description="threads that decode one JPEG 2000 image (OpenJPEG's OPJ_NUM_THREADS in "
-        "the worker processes): a 1955 x 1841 lossless CR at level 1 in 76 instead of 142 ms "
-        "on 2 cores, for the same CPU time",
+        "the worker processes): 2 roughly halve a JPEG 2000 CR's decode wait on 2 cores "
+        "(bench/decode_at_size.py --decode-threads)",
     )
     embedded_poll_s: float = Field(
         default=0.02,

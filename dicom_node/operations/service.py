@@ -1,9 +1,9 @@
 """`cxr-node serve`: the node host process, and `cxr-node worker`: a Celery worker process.
 
-serve = SCP + producer + recovery sweep + supervised worker children. With the embedded queue
-one child consumes "node" (prepare, finalize), one "infer" and one "deliver" (or one child all
-three, CXR_INFER_PROCESS=false); with Redis one child consumes "node" and "deliver", and
-`cxr-node worker` processes (on any host) consume "infer".
+serve = SCP + producer + recovery sweep + supervised worker children (`worker_children`): one
+consumes "node" (prepare, finalize), one "deliver" and, with the embedded queue, one "infer"
+(CXR_INFER_PROCESS=false: one child for all of them); with Redis `cxr-node worker` processes
+(on any host) consume "infer".
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ STOP_GRACE_S = 0.5
 
 
 def run_worker(settings: Settings, roles: list[str], name: str) -> None:
-    """Run a Celery worker for the queues of `roles` ("node", "infer") until stopped (blocks)."""
+    """Run a Celery worker for the queues of `roles` ("node", "infer", "deliver") until
+    stopped (blocks)."""
     queues = [queue_name(settings, role) for role in roles]
     configure_libraries(decode_threads=settings.decode_threads)
     setup_logging(settings.log_level, settings.log_dir / f"worker-{name}.log", settings.log_format)

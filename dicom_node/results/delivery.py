@@ -51,8 +51,8 @@ def to_outbox(path: Path, outbox: Path, name: str | None = None) -> Path:
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 #: pydicom decoding plugins preferred when a file is decompressed for a peer: Pillow's
-#: libjpeg-turbo decodes the summary image's JPEG in 18 ms, pydicom's default (pylibjpeg's
-#: libjpeg) in 38-44 (docs/BENCHMARKS.md). Other syntaxes: pydicom's choice.
+#: libjpeg-turbo takes about half the time of pydicom's default (pylibjpeg's libjpeg) on the
+#: summary image's JPEG (docs/BENCHMARKS.md). Other syntaxes: pydicom's choice.
 _DECODER = {JPEGBaseline8Bit: "pillow"}
 
 

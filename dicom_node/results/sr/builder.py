@@ -270,8 +270,8 @@ def comprehensive_sr(
     equipment = model_equipment(manifest, options.manufacturer, options.institution, contribution)
     # highdicom's document constructor deep-copies the content tree, parses the copy back into
     # content items and walks it three times, making a new content item per node each walk
-    # (evidence references, no SCOORD3D): for our ~90 items most of `build_sr` (41 ms p50
-    # with the walks, 15 without: docs/BENCHMARKS.md) and the largest part of a finalize. The
+    # (evidence references, no SCOORD3D): for our ~90 items most of `build_sr` and the
+    # largest part of a finalize (docs/BENCHMARKS.md, "Throughput to the bound, after"). The
     # content is highdicom's already, built and checked item by item; the document needs from
     # it only its root attributes. So the document is built around the root with its first
     # child only, then given all of it back, after the two checks that the walks made, done
